@@ -1,0 +1,261 @@
+"""Greedy decoding over a weighted sum of causal LMs (offset unlearning).
+
+Offset unlearning never materialises an unlearned model: next-token logits are
+``z_L + alpha * (z_S - z_S0)``, i.e. a weighted sum of three models' logits.
+Composed offsets generalise this to ``z_L + sum_i alpha_i * (z_S_i - z_S0)``.
+Both are expressed here as a list of ``(component, weight)`` pairs.
+
+Every component keeps its OWN key/value cache. Sharing one cache between the
+models (as a public re-implementation does) makes each model attend to the
+keys/values written by the others, which corrupts generations silently when
+the architectures happen to match and crashes when they do not.
+
+Callers are responsible for putting the models in eval mode (dropout would
+otherwise make "greedy" decoding stochastic); nothing here flips train/eval
+because the trainable small model is usually shared with a training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+__all__ = [
+    "CausalLMComponent",
+    "ComponentFn",
+    "LogitsComponent",
+    "OffsetCausalLM",
+    "combine_logits",
+    "greedy_generate",
+    "offset_components",
+    "position_ids_from_mask",
+]
+
+ComponentFn = Callable[[Tensor, Tensor, Tensor, DynamicCache | None], Tensor]
+"""``(input_ids, attention_mask, position_ids, past_key_values) -> logits [B, T, V]``.
+
+``attention_mask`` covers the cached tokens plus ``input_ids``; when
+``past_key_values`` is given the callable must append to it (``use_cache=True``).
+"""
+
+Component = tuple[nn.Module | ComponentFn, float]
+
+
+class LogitsComponent(nn.Module):
+    """Base class for custom components (e.g. a LoRA model with its adapter disabled).
+
+    Subclass and override :meth:`forward`; :meth:`new_cache` may be overridden
+    when the cache needs the model config (sliding-window layers, offloading).
+    """
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        past_key_values: DynamicCache | None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+
+class CausalLMComponent(LogitsComponent):
+    """Adapts a Hugging Face causal LM (``model(...).logits``) to :data:`ComponentFn`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        past_key_values: DynamicCache | None,
+    ) -> Tensor:
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        ).logits
+
+    def new_cache(self) -> DynamicCache:
+        config = getattr(self.model, "config", None)
+        return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+def as_component(model: nn.Module | ComponentFn) -> LogitsComponent | ComponentFn:
+    """Plain ``nn.Module``s are taken to be HF causal LMs; everything else is used as is."""
+    if isinstance(model, LogitsComponent) or not isinstance(model, nn.Module):
+        return model
+    return CausalLMComponent(model)
+
+
+def _new_cache(fn: LogitsComponent | ComponentFn) -> DynamicCache:
+    return fn.new_cache() if isinstance(fn, LogitsComponent) else DynamicCache()
+
+
+def offset_components(
+    large: nn.Module | ComponentFn,
+    reference: nn.Module | ComponentFn,
+    offsets: Sequence[tuple[nn.Module | ComponentFn, float]],
+) -> list[Component]:
+    """``z_L + sum_i alpha_i (z_S_i - z_S0)`` as components, calling the reference once.
+
+    The reference terms are merged into a single weight ``-sum_i alpha_i`` so the
+    (frozen) reference model runs once per step however many offsets are composed.
+    """
+    total = sum(float(alpha) for _, alpha in offsets)
+    return [(large, 1.0), *((small, float(alpha)) for small, alpha in offsets), (reference, -total)]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, so a padded prompt sees the same RoPE phases as unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def combine_logits(logits: Sequence[Tensor], weights: Sequence[float], vocab_size: int | None) -> Tensor:
+    """``sum_k w_k * logits_k[..., :vocab_size]`` in float32.
+
+    Families pad their embedding matrices to different sizes (multiples of 64,
+    128, ...), so the rows past the shared tokenizer vocab are meaningless and
+    must be dropped before summing. Without an explicit ``vocab_size`` the widths
+    must agree: silently truncating to the smallest could hide mismatched
+    tokenizers. Summation is in float32 because the offset ``z_S - z_S0`` is a
+    small difference of large numbers and bf16 would round most of it away.
+    """
+    widths = {t.shape[-1] for t in logits}
+    if vocab_size is None:
+        if len(widths) != 1:
+            raise ValueError(f"components have different vocab sizes {sorted(widths)}; pass vocab_size")
+        vocab_size = widths.pop()
+    elif vocab_size > min(widths):
+        raise ValueError(f"vocab_size={vocab_size} exceeds a component's logits width {min(widths)}")
+    total: Tensor | None = None
+    for z, w in zip(logits, weights, strict=True):
+        term = z[..., :vocab_size].float() * w
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("at least one component is required")
+    return total
+
+
+def _eos_tensor(eos_token_id: int | Sequence[int], device: torch.device) -> Tensor:
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def greedy_generate(
+    components: Sequence[Component],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Greedy decoding of ``argmax sum_k w_k z_k``; returns only the new tokens.
+
+    ``input_ids``/``attention_mask`` are a LEFT-padded batch ``[B, T]`` (the last
+    column must be a real token for every row, otherwise the next-token logits
+    would be read off a pad). Each component is called with its own
+    ``DynamicCache``. A sequence stops at its first EOS (kept in the output);
+    later positions hold ``pad_token_id``. The result is ``[B, n]`` with
+    ``n <= max_new_tokens``: the loop ends once every sequence has finished.
+    Models must already be in eval mode.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError("input_ids and attention_mask must both be [batch, seq_len]")
+    if not bool(attention_mask[:, -1].bool().all()):
+        raise ValueError("greedy_generate expects LEFT padding (attention_mask[:, -1] must be 1)")
+    fns = [as_component(model) for model, _ in components]
+    weights = [float(w) for _, w in components]
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    eos = _eos_tensor(eos_token_id, device)
+    new_tokens: list[Tensor] = []
+    with torch.inference_mode():
+        caches = [_new_cache(fn) for fn in fns]
+        mask = attention_mask.long()
+        step_ids = input_ids
+        step_pos = position_ids_from_mask(mask)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            last = [fn(step_ids, mask, step_pos, cache)[:, -1, :] for fn, cache in zip(fns, caches)]
+            token = combine_logits(last, weights, vocab_size).argmax(dim=-1)
+            token = token.masked_fill(finished, pad_token_id)
+            new_tokens.append(token)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            step_pos = step_pos[:, -1:] + 1
+            step_ids = token[:, None]
+    if not new_tokens:
+        return input_ids.new_empty(batch, 0)
+    return torch.stack(new_tokens, dim=1)
+
+
+class OffsetCausalLM(nn.Module):
+    """A weighted sum of causal LMs usable where one model is expected.
+
+    The components are registered as submodules so ``.to()``/``.eval()`` reach
+    them; freezing (``requires_grad_(False)`` on the large and reference models)
+    is left to the caller, as is eval mode before :meth:`generate`.
+    """
+
+    def __init__(self, components: Sequence[Component], vocab_size: int | None = None) -> None:
+        super().__init__()
+        if not components:
+            raise ValueError("at least one component is required")
+        fns = [as_component(model) for model, _ in components]
+        self.components = nn.ModuleList(fn for fn in fns if isinstance(fn, nn.Module))
+        self._fns: list[LogitsComponent | ComponentFn] = fns
+        self.weights: list[float] = [float(w) for _, w in components]
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def offset(
+        cls,
+        large: nn.Module | ComponentFn,
+        small: nn.Module | ComponentFn,
+        reference: nn.Module | ComponentFn,
+        alpha: float = 1.0,
+        vocab_size: int | None = None,
+    ) -> OffsetCausalLM:
+        """``z_L + alpha * (z_S - z_S0)``."""
+        return cls([(large, 1.0), (small, alpha), (reference, -alpha)], vocab_size=vocab_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Teacher-forced combined logits ``[B, T, V]`` in float32 (gradients flow)."""
+        position_ids = position_ids_from_mask(attention_mask)
+        logits = [fn(input_ids, attention_mask, position_ids, None) for fn in self._fns]
+        return combine_logits(logits, self.weights, self.vocab_size)
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int],
+        pad_token_id: int,
+    ) -> Tensor:
+        """New tokens only; see :func:`greedy_generate`."""
+        return greedy_generate(
+            list(zip(self._fns, self.weights)),
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            vocab_size=self.vocab_size,
+        )
