@@ -1,0 +1,102 @@
+"""Loading causal LMs and tokenizers by Hugging Face id or local directory.
+
+Everything that touches weights goes through here, so the offline rule (a local folder never hits the
+network) and the dtype handling live in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map a config string to a torch dtype, with an error that lists the valid names."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {name!r}: use one of {sorted(_DTYPES)}.") from None
+
+
+def _local_only(name_or_path: str) -> bool:
+    return os.path.isdir(name_or_path)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and give it a pad token.
+
+    Many causal-LM tokenizers (Llama among them) have no pad token; padding positions are always masked
+    here, so reusing EOS as the pad id is safe and keeps the vocabulary unchanged.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, local_files_only=_local_only(name_or_path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"Could not load a tokenizer from {name_or_path!r}: give a local directory saved with "
+            f"save_pretrained() or a Hugging Face hub id reachable from this machine. ({err})"
+        ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer {name_or_path!r} has neither a pad nor an EOS token; add one of them.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM in the given dtype, offline when ``name_or_path`` is a local directory."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=resolve_dtype(dtype),
+            local_files_only=_local_only(name_or_path),
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"Could not load a causal LM from {name_or_path!r}: give a local directory saved with "
+            f"save_pretrained() or a Hugging Face hub id reachable from this machine. ({err})"
+        ) from err
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a model in eval mode with no parameter requiring a gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_same_tokenizer(
+    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, first_name: str, second_name: str
+) -> None:
+    """Refuse two tokenizers that map any token to different ids.
+
+    Offset logits add vectors index by index, so equal vocabulary *sizes* are not enough: the ids have to
+    mean the same tokens.
+    """
+    vocab_a, vocab_b = first.get_vocab(), second.get_vocab()
+    if vocab_a == vocab_b:
+        return
+    only_a = sorted(set(vocab_a) - set(vocab_b))[:5]
+    only_b = sorted(set(vocab_b) - set(vocab_a))[:5]
+    moved = sorted(t for t in set(vocab_a) & set(vocab_b) if vocab_a[t] != vocab_b[t])[:5]
+    raise ValueError(
+        f"The tokenizers of {first_name!r} ({len(vocab_a)} tokens) and {second_name!r} ({len(vocab_b)} tokens) "
+        f"differ, so their logits cannot be combined. Tokens only in the first: {only_a}; only in the second: "
+        f"{only_b}; same token, different id: {moved}. Use a large and a small model of the same family that "
+        "share one tokenizer."
+    )
