@@ -1,0 +1,106 @@
+"""Map-style datasets over question/answer records, and the sampler that pairs forget with retain.
+
+A training item is one forget example with the parts a loss needs: a random retain example (GD, KL,
+NPO+retain...), a random refusal as the preferred answer (IdkDPO). The randomness comes from a number
+drawn by the sampler per item and epoch, so the pairing changes every epoch, is the same on every
+run with the same seed, and survives DDP and resumption (the sampler is the only state).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from .formatting import Encoded, PromptFormatter
+from .sources import Record
+
+PARTS = ("forget", "retain", "forget_idk")
+
+
+class PairedDataset(Dataset):
+    """Items ``{part: Encoded}`` built from one forget record and the random draws of its index."""
+
+    def __init__(
+        self,
+        forget: Sequence[Record],
+        retain: Sequence[Record],
+        formatter: PromptFormatter,
+        parts: Sequence[str],
+        refusals: Sequence[str] = (),
+        question_key: str = "question",
+        answer_key: str = "answer",
+    ) -> None:
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"Unknown data parts {sorted(unknown)}; known parts are {PARTS}.")
+        if "retain" in parts and not retain:
+            raise ValueError("This loss needs retain data but the retain split is empty or unset: set data.retain_split.")
+        if "forget_idk" in parts and not refusals:
+            raise ValueError("This loss needs refusal answers (idontknow.jsonl) but none were loaded.")
+        self.forget, self.retain, self.refusals = forget, retain, refusals
+        self.formatter, self.parts = formatter, tuple(parts)
+        self.q, self.a = question_key, answer_key
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, index: tuple[int, int] | int) -> dict[str, Encoded]:
+        forget_index, draw = index if isinstance(index, tuple) else (index, index)
+        rng = random.Random(draw)
+        record = self.forget[forget_index]
+        item: dict[str, Encoded] = {}
+        for part in self.parts:
+            if part == "forget":
+                item[part] = self.formatter.encode(record[self.q], record[self.a])
+            elif part == "retain":
+                other = self.retain[rng.randrange(len(self.retain))]
+                item[part] = self.formatter.encode(other[self.q], other[self.a])
+            else:
+                item[part] = self.formatter.encode(record[self.q], self.refusals[rng.randrange(len(self.refusals))])
+        return item
+
+
+class RecordDataset(Dataset):
+    """Plain items ``{name: Encoded}`` over one split, for validation losses."""
+
+    def __init__(
+        self, records: Sequence[Record], formatter: PromptFormatter, name: str, question_key: str = "question",
+        answer_key: str = "answer",
+    ) -> None:
+        self.records, self.formatter, self.name = records, formatter, name
+        self.q, self.a = question_key, answer_key
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Encoded]:
+        record = self.records[index]
+        return {self.name: self.formatter.encode(record[self.q], record[self.a])}
+
+
+class PairingSampler(DistributedSampler):
+    """Yields ``(forget_index, draw)`` pairs: a shuffled pass over the forget set, one random draw each.
+
+    It is a ``DistributedSampler`` so Lightning keeps it under DDP (instead of wrapping it) and calls
+    ``set_epoch``; each rank takes every ``num_replicas``-th pair of the same global order, padded by
+    wrapping around, like the stock sampler.
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        n = len(self.dataset)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        draws = torch.randint(0, 2**62, (n,), generator=generator)
+        pairs = list(zip(order.tolist(), draws.tolist()))
+        total = math.ceil(n / self.num_replicas) * self.num_replicas
+        pairs += pairs[: total - n]
+        return iter(pairs[self.rank : total : self.num_replicas])
