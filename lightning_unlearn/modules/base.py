@@ -1,0 +1,256 @@
+"""The LightningModule every unlearning method derives from: three models, offset logits, one loss hook."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from ..losses.functional import kl_on_labelled, nll_mean
+from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+
+RetainLoss = Literal["none", "nll", "kl"]
+FROZEN_PREFIXES = ("large.", "reference.")
+
+
+@dataclass
+class PartOutput:
+    """Logits of the model being unlearned on one data part, the reference logits, and the labels."""
+
+    logits: Tensor
+    ref_logits: Tensor | None
+    labels: Tensor
+
+
+class UnlearnModule(L.LightningModule):
+    """Offset unlearning (and its white-box baseline) with the loss left to subclasses.
+
+    Holds a frozen large model ``L``, a frozen small reference ``S0`` and a trainable copy ``S`` of
+    ``S0``; :meth:`forward` returns ``z_L + alpha * (z_S - z_S0)``, so at initialisation the combined
+    model *is* ``L`` and training moves only the small offset. With ``large_model: null`` the same
+    losses unlearn ``S`` directly (the usual white-box baseline) and ``S0`` serves as the reference.
+
+    Reference logits for KL/NPO/DPO come for free in offset mode: they are ``z_L``, already computed
+    for the offset. In direct mode the frozen copy is run only when the loss needs it.
+
+    Subclasses implement :meth:`forget_loss`; the total is
+    ``gamma * forget_loss + retain_weight * retain_term``.
+
+    Args:
+        small_model: Hugging Face id or directory of the small model (``S0`` and the start of ``S``).
+        large_model: id or directory of the frozen large model; ``null`` for direct unlearning.
+        tokenizer: tokenizer id or directory; ``null`` takes the small model's.
+        alpha: offset strength; can be changed at test time without retraining.
+        gamma: weight of the forget loss.
+        retain_weight: weight of the retain term.
+        large_dtype: dtype of the frozen large model.
+        small_dtype: dtype of the small pair (trained in it: keep float32 unless memory forces otherwise).
+        optimizer: optimizer over the trainable parameters only.
+        lr_scheduler: learning-rate schedule after warmup.
+        warmup_steps: optimizer steps of linear warmup.
+        gradient_checkpointing: trade compute for memory in the trainable model.
+        trust_remote_code: allow models whose code lives on the hub.
+    """
+
+    needs_reference: ClassVar[bool] = False
+    extra_parts: ClassVar[tuple[str, ...]] = ()
+    retain_loss: RetainLoss = "none"
+
+    def __init__(
+        self,
+        small_model: str,
+        large_model: str | None = None,
+        tokenizer: str | None = None,
+        alpha: float = 1.0,
+        gamma: float = 1.0,
+        retain_weight: float = 1.0,
+        large_dtype: DType = "bfloat16",
+        small_dtype: DType = "float32",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Literal["constant", "linear", "cosine"] = "constant",
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.alpha = alpha
+        self.large: PreTrainedModel | None = None
+        self.reference: PreTrainedModel | None = None
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.strict_loading = False
+
+    @property
+    def offset_mode(self) -> bool:
+        return self.hparams.large_model is not None
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss reads reference logits (the frozen copy is loaded in direct mode only then)."""
+        return self.needs_reference or self.retain_loss == "kl"
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Data parts each training item must carry for this loss."""
+        return ("forget",) + (("retain",) if self.retain_loss != "none" else ()) + self.extra_parts
+
+    # --- building -----------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Load and check the tokenizers (cheap), then hand the tokenizer and parts to the data module."""
+        if self.tokenizer is None:
+            h = self.hparams
+            self.tokenizer = load_tokenizer(h.tokenizer or h.small_model, h.trust_remote_code)
+            if h.large_model is not None:
+                large_tok = load_tokenizer(h.large_model, h.trust_remote_code)
+                check_same_tokenizer(large_tok, self.tokenizer, h.large_model, h.tokenizer or h.small_model)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            datamodule.connect(self.tokenizer, self.parts)
+
+    def configure_model(self) -> None:
+        """Build the models once, on the right device, after the strategy is set up."""
+        if self.model is not None:
+            return
+        h = self.hparams
+        small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code)
+        if self.offset_mode or self.uses_reference:
+            self.reference = freeze(copy.deepcopy(small))
+        if self.offset_mode:
+            self.large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
+        small.train()
+        if h.gradient_checkpointing:
+            small.gradient_checkpointing_enable()
+        self.model = small
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        return [m for m in (self.large, self.reference) if m is not None]
+
+    def train(self, mode: bool = True) -> UnlearnModule:
+        """Switch modes but keep the frozen models in eval mode (no dropout in ``z_L`` or ``z_S0``)."""
+        super().train(mode)
+        for model in self.frozen_models():
+            model.eval()
+        return self
+
+    # --- logits -------------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the shared tokenizer vocabulary; logits are sliced to it (embeddings may be padded)."""
+        assert self.tokenizer is not None, "setup() loads the tokenizer before any forward pass"
+        return len(self.tokenizer)
+
+    def _logits(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[..., : self.vocab_size].float()
+
+    @torch.no_grad()
+    def _frozen_logits(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._logits(model, input_ids, attention_mask)
+
+    def logits_and_reference(
+        self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits of the model being unlearned and, if asked, of the reference; each model runs once."""
+        assert self.model is not None, "configure_model() builds the models"
+        z_small = self._logits(self.model, input_ids, attention_mask)
+        if self.large is None:
+            ref = self._frozen_logits(self.reference, input_ids, attention_mask) if with_reference else None
+            return z_small, ref
+        z_large = self._frozen_logits(self.large, input_ids, attention_mask)
+        z_ref = self._frozen_logits(self.reference, input_ids, attention_mask)
+        return z_large + self.alpha * (z_small - z_ref), z_large
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Offset logits ``z_L + alpha * (z_S - z_S0)`` (or ``z_S`` in direct mode), float32, shared vocab."""
+        return self.logits_and_reference(input_ids, attention_mask)[0]
+
+    def run_parts(self, batch: dict[str, dict[str, Tensor]], with_reference: bool) -> dict[str, PartOutput]:
+        """Run every part of the batch through each model in one forward pass and split the results."""
+        names = list(batch)
+        sizes = [batch[n]["input_ids"].shape[0] for n in names]
+        input_ids = torch.cat([batch[n]["input_ids"] for n in names])
+        attention_mask = torch.cat([batch[n]["attention_mask"] for n in names])
+        logits, ref = self.logits_and_reference(input_ids, attention_mask, with_reference)
+        logit_parts = logits.split(sizes)
+        ref_parts = ref.split(sizes) if ref is not None else [None] * len(names)
+        return {
+            n: PartOutput(lg, rf, batch[n]["labels"]) for n, lg, rf in zip(names, logit_parts, ref_parts)
+        }
+
+    # --- losses -------------------------------------------------------------------------------------------
+
+    def forget_loss(self, out: dict[str, PartOutput]) -> Tensor:
+        """The method's forget term on ``out["forget"]`` (and any extra parts it asked for)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forget_loss().")
+
+    def retain_term(self, out: dict[str, PartOutput]) -> Tensor:
+        """NLL on retain data, KL from the reference on retain data, or nothing."""
+        if self.retain_loss == "none":
+            return torch.zeros((), device=self.device)
+        retain = out["retain"]
+        if self.retain_loss == "nll":
+            return nll_mean(retain.logits, retain.labels)
+        return kl_on_labelled(retain.ref_logits, retain.logits, retain.labels)
+
+    def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        out = self.run_parts(batch, with_reference=self.uses_reference)
+        forget, retain = self.forget_loss(out), self.retain_term(out)
+        total = self.hparams.gamma * forget + self.hparams.retain_weight * retain
+        return {"loss": total, "forget_loss": forget, "retain_loss": retain}
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        size = batch["forget"]["input_ids"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=size)
+        return losses["loss"]
+
+    def _eval_step(self, batch: dict[str, dict[str, Tensor]], stage: str) -> None:
+        (name, part), = batch.items()
+        logits = self(part["input_ids"], part["attention_mask"])
+        self.log(
+            f"{stage}/{name}_nll", nll_mean(logits, part["labels"]), add_dataloader_idx=False,
+            batch_size=part["input_ids"].shape[0], sync_dist=True,
+        )
+
+    def validation_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    # --- optimisation and checkpoints ---------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Optimise only what requires a gradient: the frozen models never reach the optimizer."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        scheduler = get_scheduler(
+            self.hparams.lr_scheduler if self.hparams.lr_scheduler != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=self.hparams.warmup_steps,
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the frozen models out of checkpoints: they are reloaded from their ids, unchanged."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint that lacks trainable weights, since loading is not strict."""
+        missing = [k for k, p in self.state_dict().items() if k.startswith("model.") and k not in checkpoint["state_dict"]]
+        if missing and self.model is not None:
+            raise KeyError(f"The checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}: is it from "
+                           "another model?")
