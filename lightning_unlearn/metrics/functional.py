@@ -1,0 +1,289 @@
+"""Pure functions for the TOFU evaluation metrics (docs/UNLEARNING.md, section 4).
+
+Definitions follow the open-unlearning project so that numbers compare. Token-level functions
+take Hugging Face aligned tensors: ``logits[:, t]`` predicts ``labels[:, t + 1]`` and labels are
+``-100`` on prompt and padding, so a single forward pass over ``prompt + answer`` feeds every score.
+Per-sample values that are undefined for a sample without answer tokens are NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from rouge_score import rouge_scorer
+from scipy import stats
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+MODEL_UTILITY_KEYS: tuple[str, ...] = (
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "ra_Q_A_Prob_normalised",
+    "ra_Q_A_ROUGE",
+    "ra_Truth_Ratio",
+    "wf_Q_A_Prob_normalised",
+    "wf_Q_A_ROUGE",
+    "wf_Truth_Ratio",
+)
+
+
+@dataclass(frozen=True)
+class AnswerTokenStats:
+    """Per-sample answer statistics from one forward pass.
+
+    ``token_logprobs`` and ``mask`` are next-token aligned, shape [B, T-1]: entry t is
+    ``log p(labels[:, t+1] | prefix)``, and ``mask`` marks the answer tokens.
+    """
+
+    sum_nll: Tensor
+    n_tokens: Tensor
+    mean_nll: Tensor
+    token_logprobs: Tensor
+    mask: Tensor
+
+
+def _shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Align logits with the tokens they predict; returns (logits, targets, mask).
+
+    Targets at ignored positions are replaced by 0 so they can index a gather; ``mask`` says which
+    entries are real answer tokens.
+    """
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    shifted_logits = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return shifted_logits, targets.masked_fill(~mask, 0), mask
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Half-precision log-probs are too coarse for ratios of probabilities; keep float64 as is."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def answer_token_stats(logits: Tensor, labels: Tensor) -> AnswerTokenStats:
+    """Summed and mean answer NLL, plus token log-probs, for each sample.
+
+    ``mean_nll = sum_t CE_t / n_tokens`` is the per-sample loss behind Q_A_Prob
+    (``exp(-mean_nll)``), the truth ratio and the LOSS attack; the token log-probs feed Min-K%.
+    """
+    shifted, targets, mask = _shift(logits, labels)
+    logprobs = torch.log_softmax(_at_least_float32(shifted), dim=-1)
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    token_logprobs = token_logprobs.masked_fill(~mask, 0.0)
+    sum_nll = -token_logprobs.sum(dim=-1)
+    n_tokens = mask.sum(dim=-1)
+    return AnswerTokenStats(
+        sum_nll=sum_nll,
+        n_tokens=n_tokens,
+        mean_nll=sum_nll / n_tokens,
+        token_logprobs=token_logprobs,
+        mask=mask,
+    )
+
+
+def drop_last_answer_token(labels: Tensor) -> Tensor:
+    """Copy of ``labels`` with each sample's final answer token set to -100.
+
+    open-unlearning leaves the final labelled token (the EOS it appends to every answer) out of
+    exact memorization, extraction strength, Min-K% and Min-K%++, but keeps it for probabilities
+    and truth ratios. Pass the result of this function to reproduce that exactly.
+    """
+    labelled = labels != IGNORE_INDEX
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    last = torch.where(labelled, positions, -1).max(dim=-1).values
+    out = labels.clone()
+    rows = torch.nonzero(last >= 0).squeeze(-1)
+    out[rows, last[rows]] = IGNORE_INDEX
+    return out
+
+
+def exact_memorization(logits: Tensor, labels: Tensor) -> Tensor:
+    """EM = mean over answer tokens of ``[argmax_v z_t(v) == y_t]`` (teacher forced), shape [B].
+
+    Measures how much of the answer the model would reproduce token by token given the true prefix.
+    """
+    shifted, targets, mask = _shift(logits, labels)
+    correct = (shifted.argmax(dim=-1) == targets) & mask
+    return correct.sum(dim=-1) / mask.sum(dim=-1)
+
+
+def extraction_strength(logits: Tensor, labels: Tensor) -> Tensor:
+    """ES = 1 - k/|y|, k the smallest index from which every teacher-forced argmax is right, [B].
+
+    Rewards a correct suffix: how little of the answer an attacker must supply before the model
+    completes the rest. All right gives 1; a wrong final token gives k = |y|, hence 0.
+    (open-unlearning's loop stops at k = |y| - 1 in that case and reports 1/|y|.)
+    """
+    shifted, targets, mask = _shift(logits, labels)
+    wrong = (shifted.argmax(dim=-1) != targets) & mask
+    rank = torch.cumsum(mask, dim=-1)
+    k = torch.where(wrong, rank, 0).max(dim=-1).values
+    return 1.0 - k / mask.sum(dim=-1)
+
+
+def _mean_of_lowest(values: Tensor, mask: Tensor, k: float) -> Tensor:
+    """Mean of the ``max(1, floor(k * n))`` smallest masked entries of each row (n = row count)."""
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    n = mask.sum(dim=-1)
+    n_low = torch.clamp(torch.floor(n.double() * k), min=1).to(n.dtype)
+    ordered = values.masked_fill(~mask, math.inf).sort(dim=-1).values
+    take = torch.arange(values.shape[-1], device=values.device) < n_low.unsqueeze(-1)
+    total = torch.where(take, ordered, 0.0).sum(dim=-1)
+    return torch.where(n > 0, total / n_low, math.nan)
+
+
+def min_k_score(token_logprobs: Tensor, mask: Tensor, k: float = 0.4) -> Tensor:
+    """Min-K% = -mean of the lowest ``max(1, floor(k|y|))`` token log-probs, shape [B].
+
+    Loss-like (higher = less likely a member): members rarely contain very unlikely tokens, so
+    the average over the worst tokens separates them better than the plain mean loss.
+    """
+    return -_mean_of_lowest(_at_least_float32(token_logprobs), mask, k)
+
+
+def min_k_plus_plus_score(logits: Tensor, labels: Tensor, k: float = 0.4) -> Tensor:
+    """Min-K%++: Min-K% over token log-probs standardised by the model's own prediction, [B].
+
+    At each position, with p the next-token distribution, ``mu = sum_v p log p`` and
+    ``sigma = sqrt(sum_v p (log p)^2 - mu^2)`` (variance floored at 1e-6 as open-unlearning);
+    the score of the answer token is ``(log p(y_t) - mu) / sigma``. Training data sit near local
+    maxima of the likelihood, so their tokens score high relative to the distribution they were
+    drawn from. Returned as ``-mean`` of the lowest k-fraction: loss-like like the others.
+    """
+    shifted, targets, mask = _shift(logits, labels)
+    logprobs = torch.log_softmax(_at_least_float32(shifted), dim=-1)
+    probs = logprobs.exp()
+    mu = (probs * logprobs).sum(dim=-1)
+    var = (probs * logprobs.square()).sum(dim=-1) - mu.square()
+    sigma = var.clamp(min=1e-6).sqrt()
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return -_mean_of_lowest((token_logprobs - mu) / sigma, mask, k)
+
+
+def zlib_score(mean_nll: Tensor, texts: Sequence[str]) -> Tensor:
+    """ZLib = mean NLL / len(zlib.compress(text as UTF-8)), shape [B].
+
+    Dividing by the compressed size discounts answers that are likely merely because they are
+    repetitive or generic, which a plain loss would mistake for memorised ones.
+    """
+    if len(texts) != mean_nll.shape[0]:
+        raise ValueError(f"{len(texts)} texts for {mean_nll.shape[0]} losses")
+    sizes = [len(zlib.compress(text.encode("utf-8"))) for text in texts]
+    return mean_nll / torch.tensor(sizes, dtype=mean_nll.dtype, device=mean_nll.device)
+
+
+def truth_ratio(correct_mean_nll: Tensor, perturbed_mean_nll: Tensor) -> Tensor:
+    """R = exp(-mean_k L_pert_k) / exp(-L_correct) = exp(L_correct - mean_k L_pert_k), shape [B].
+
+    The perturbed answers are averaged in log space (a geometric mean of their probabilities).
+    R < 1 means the model prefers the correct answer; R near 1 means it cannot tell them apart.
+    Computed as one exponential of a difference so tiny probabilities do not underflow to 0/0.
+    """
+    if perturbed_mean_nll.dim() != 2 or perturbed_mean_nll.shape[0] != correct_mean_nll.shape[0]:
+        raise ValueError(
+            f"expected correct [B] and perturbed [B, K], got {tuple(correct_mean_nll.shape)} and "
+            f"{tuple(perturbed_mean_nll.shape)}"
+        )
+    return torch.exp(correct_mean_nll - perturbed_mean_nll.mean(dim=-1))
+
+
+def truth_ratio_forget(ratios: Tensor) -> Tensor:
+    """mean(min(R, 1/R)): 1 when correct and perturbed answers are equally likely (forgotten)."""
+    return torch.minimum(ratios, 1.0 / ratios).mean()
+
+
+def truth_ratio_true_better(ratios: Tensor) -> Tensor:
+    """mean(max(0, 1 - R)): high when the model clearly prefers the correct answer (kept)."""
+    return torch.clamp(1.0 - ratios, min=0.0).mean()
+
+
+def normalised_probability(p_true: Tensor, p_perturbed: Tensor) -> Tensor:
+    """p_true / (p_true + sum_k p_perturbed_k + 1e-10), shape [B].
+
+    Turns an absolute probability into a choice among the options, which is comparable across
+    questions of different length. The 1e-10 matches open-unlearning and keeps 0/0 at 0.
+    """
+    return p_true / (p_true + p_perturbed.sum(dim=-1) + 1e-10)
+
+
+def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L recall (stemmed) of each generation against its reference answer.
+
+    Recall, not F1: it asks how much of the answer the generation reproduces, and does not
+    penalise a model for saying more.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
+
+
+def forget_quality(
+    truth_ratios: Tensor | Sequence[float], reference_truth_ratios: Tensor | Sequence[float]
+) -> float:
+    """p-value of the two-sample KS test: forget truth ratios of the model vs the retain model's.
+
+    High (near 1) when the unlearned model's truth ratios cannot be told apart from those of a
+    model that never saw the forget set.
+    """
+    sample = torch.as_tensor(truth_ratios, dtype=torch.float64).cpu().numpy()
+    reference = torch.as_tensor(reference_truth_ratios, dtype=torch.float64).cpu().numpy()
+    return float(stats.ks_2samp(sample, reference).pvalue)
+
+
+def model_utility(values: Mapping[str, float]) -> float:
+    """Harmonic mean of the nine utility numbers named in ``MODEL_UTILITY_KEYS``.
+
+    The harmonic mean is dominated by the worst component, so a model cannot hide a collapsed
+    ability behind good ones; any zero gives 0. Other keys in ``values`` are ignored.
+    """
+    missing = [key for key in MODEL_UTILITY_KEYS if key not in values]
+    if missing:
+        raise ValueError(f"model_utility is missing {', '.join(missing)}")
+    numbers = [float(values[key]) for key in MODEL_UTILITY_KEYS]
+    bad = [key for key, x in zip(MODEL_UTILITY_KEYS, numbers) if not x >= 0.0]
+    if bad:
+        raise ValueError(f"model_utility needs non-negative numbers, got {', '.join(bad)}")
+    if any(x == 0.0 for x in numbers):
+        return 0.0
+    return len(numbers) / sum(1.0 / x for x in numbers)
+
+
+def mia_auc(
+    forget_scores: Tensor | Sequence[float], holdout_scores: Tensor | Sequence[float]
+) -> float:
+    """ROC AUC of loss-like scores with forget labelled 0 and holdout labelled 1.
+
+    Equals P(holdout score > forget score) + 0.5 P(tie) (Mann-Whitney U / (n0 n1)), the same as
+    ``roc_auc_score`` in open-unlearning. 0.5: members look like non-members; near 0: the forget
+    set is still recognisably more likely than unseen data.
+    """
+    forget = torch.as_tensor(forget_scores, dtype=torch.float64).flatten().cpu()
+    holdout = torch.as_tensor(holdout_scores, dtype=torch.float64).flatten().cpu()
+    if forget.numel() == 0 or holdout.numel() == 0:
+        raise ValueError("mia_auc needs at least one forget and one holdout score")
+    ranks = stats.rankdata(torch.cat([forget, holdout]).numpy())
+    n0, n1 = forget.numel(), holdout.numel()
+    u = ranks[n0:].sum() - n1 * (n1 + 1) / 2
+    return float(u / (n0 * n1))
+
+
+def privleak(auc: float, auc_ref: float) -> float:
+    """Relative gap, in percent, between the model's and the retain model's (1 - AUC).
+
+    ``((1 - auc) - (1 - auc_ref)) / (1 - auc_ref) * 100``, 0 when the model leaks as little as
+    a model that never saw the forget set. The denominator has open-unlearning's +1e-10.
+    """
+    score, ref = 1.0 - auc, 1.0 - auc_ref
+    return (score - ref) / (ref + 1e-10) * 100.0
