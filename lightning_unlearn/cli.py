@@ -35,8 +35,8 @@ def _commented_print_config(args: list[str]) -> list[str]:
     return ["--print_config=comments" if a == "--print_config" else a for a in args]
 
 
-def main(args: list[str] | dict[str, Any] | None = None) -> UnlearnCLI:
-    """Entry point; ``args`` lets tests drive the CLI in-process."""
+def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> UnlearnCLI:
+    """Entry point; ``args`` lets tests drive the CLI in-process, ``run=False`` only builds the objects."""
     _share_cores()
     if args is None:
         args = sys.argv[1:]
@@ -50,6 +50,7 @@ def main(args: list[str] | dict[str, Any] | None = None) -> UnlearnCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
 
 

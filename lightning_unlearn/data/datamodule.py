@@ -90,8 +90,6 @@ class UnlearnDataModule(L.LightningDataModule):
         if h.retain_split and not self.retain:
             self.retain = load_split(h.dataset, h.retain_split)
             require_fields(self.retain, keys, f"retain split {h.retain_split!r}")
-        if "forget_idk" in self.parts and not self.refusals:
-            self.refusals = load_refusals(h.dataset)
         if h.tokenizer is not None and self.formatter is None:
             self._set_formatter(load_tokenizer(h.tokenizer))
 
@@ -116,6 +114,8 @@ class UnlearnDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
+        if "forget_idk" in self.parts and not self.refusals:
+            self.refusals = load_refusals(h.dataset)
         dataset = PairedDataset(
             self.forget, self.retain, self._formatter(), self.parts, self.refusals, h.question_key, h.answer_key
         )
