@@ -93,3 +93,43 @@ def build_tiny_llama(
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def make_tiny_pair(
+    out_dir: str | Path, vocab_size: int = 2048, large: tuple[int, int] = (128, 4), small: tuple[int, int] = (64, 2),
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Train a tokenizer on the bundled TOFU text and save a ``large`` and a ``small`` model sharing it.
+
+    ``large`` and ``small`` are (hidden size, layers). Returns the three directories.
+    """
+    from ..data.sources import load_split
+
+    out = Path(out_dir)
+    rows = load_split("bundled", "full") + load_split("bundled", "real_authors") + load_split("bundled", "world_facts")
+    tokenizer = train_tokenizer((f"{r['question']} {r['answer']}" for r in rows), vocab_size, out / "tokenizer")
+    paths = {"tokenizer": out / "tokenizer"}
+    for offset, (name, (hidden, layers)) in enumerate((("large", large), ("small", small))):
+        build_tiny_llama(tokenizer, out / name, seed=seed + offset, hidden_size=hidden, num_layers=layers,
+                         num_heads=max(1, hidden // 32))
+        paths[name] = out / name
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lightning_unlearn.models.tiny OUT_DIR``: make a tokenizer and two tiny model folders."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir", help="folder to create tokenizer/, large/ and small/ in")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--large", type=int, nargs=2, default=(128, 4), metavar=("HIDDEN", "LAYERS"))
+    parser.add_argument("--small", type=int, nargs=2, default=(64, 2), metavar=("HIDDEN", "LAYERS"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, path in make_tiny_pair(args.out_dir, args.vocab_size, tuple(args.large), tuple(args.small), args.seed).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
