@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from ..evaluation.data import EvalCollection, EvalDataset, EvalSetSpec, collate_collection, tofu_eval_specs
 from ..models.loading import load_tokenizer
 from .datasets import PairedDataset, PairingSampler, RecordDataset
 from .formatting import DEFAULT_TEMPLATE, PromptFormatter, collate_parts
@@ -35,7 +37,13 @@ class UnlearnDataModule(L.LightningDataModule):
         answer_key: field holding the answer.
         template: plain prompt template, used when the tokenizer has no chat template.
         use_chat_template: ``null`` uses the tokenizer's chat template when it has one.
-        val_size: forget and retain examples used for the validation losses (``null``: all).
+        evaluation: what validation and ``test`` run: ``tofu`` (the full TOFU evaluation on the
+            ``*_perturbed`` sets, real authors, world facts and holdout) or ``loss`` (forget and retain NLL only,
+            for data without TOFU's evaluation files).
+        eval_forget_split: forget evaluation split; ``null`` means ``<forget_split>_perturbed``.
+        eval_holdout_split: holdout split for membership inference; ``null`` means ``holdoutXX`` matching
+            the forget split's number.
+        eval_subset: evaluate only the first N samples of each set, for speed (``null``: all).
         num_workers: DataLoader workers.
         seed: seed of the shuffling and of the forget/retain pairing.
     """
@@ -53,7 +61,10 @@ class UnlearnDataModule(L.LightningDataModule):
         answer_key: str = "answer",
         template: str = DEFAULT_TEMPLATE,
         use_chat_template: bool | None = None,
-        val_size: int | None = 64,
+        evaluation: Literal["tofu", "loss"] = "tofu",
+        eval_forget_split: str | None = None,
+        eval_holdout_split: str | None = None,
+        eval_subset: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -124,14 +135,29 @@ class UnlearnDataModule(L.LightningDataModule):
         sampler = PairingSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=h.seed)
         return self._loader(dataset, h.batch_size, sampler)
 
+    def eval_specs(self) -> list[EvalSetSpec]:
+        """The TOFU evaluation sets this data module serves (empty in ``loss`` mode)."""
+        h = self.hparams
+        if h.evaluation != "tofu":
+            return []
+        return tofu_eval_specs(h.forget_split, h.eval_forget_split, h.eval_holdout_split)
+
     def _eval_loaders(self) -> list[DataLoader]:
         h = self.hparams
         size = h.eval_batch_size or h.batch_size
+        formatter = self._formatter()
+        if h.evaluation == "tofu":
+            collection = EvalCollection([
+                EvalDataset.load(spec, h.dataset, formatter, h.eval_subset, h.question_key, h.answer_key)
+                for spec in self.eval_specs()
+            ])
+            collate = partial(collate_collection, pad_token_id=formatter.tokenizer.pad_token_id)
+            return [DataLoader(collection, batch_size=size, num_workers=h.num_workers, collate_fn=collate)]
         loaders = []
         for name, records in (("forget", self.forget), ("retain", self.retain)):
             if records:
-                subset = records[: h.val_size] if h.val_size else records
-                dataset = RecordDataset(subset, self._formatter(), name, h.question_key, h.answer_key)
+                subset = records[: h.eval_subset] if h.eval_subset else records
+                dataset = RecordDataset(subset, formatter, name, h.question_key, h.answer_key)
                 loaders.append(self._loader(dataset, size))
         return loaders
 

@@ -6,7 +6,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
@@ -14,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from ..losses.functional import kl_on_labelled, nll_mean
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from .evaluation import EvaluationHooks
 
 RetainLoss = Literal["none", "nll", "kl"]
 FROZEN_PREFIXES = ("large.", "reference.")
@@ -28,7 +28,7 @@ class PartOutput:
     labels: Tensor
 
 
-class UnlearnModule(L.LightningModule):
+class UnlearnModule(EvaluationHooks):
     """Offset unlearning (and its white-box baseline) with the loss left to subclasses.
 
     Holds a frozen large model ``L``, a frozen small reference ``S0`` and a trainable copy ``S`` of
@@ -56,6 +56,9 @@ class UnlearnModule(L.LightningModule):
         warmup_steps: optimizer steps of linear warmup.
         gradient_checkpointing: trade compute for memory in the trainable model.
         trust_remote_code: allow models whose code lives on the hub.
+        retain_reference: ``TOFU_EVAL.json`` of a model trained on retain data only; forget quality and
+            privleak are computed against it (reported as missing without it).
+        max_new_tokens: longest greedy generation scored by ROUGE; 0 skips generation.
     """
 
     needs_reference: ClassVar[bool] = False
@@ -77,6 +80,8 @@ class UnlearnModule(L.LightningModule):
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        retain_reference: str | None = None,
+        max_new_tokens: int = 200,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -86,6 +91,8 @@ class UnlearnModule(L.LightningModule):
         self.reference: PreTrainedModel | None = None
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.evaluation = None
+        self.history: list[dict[str, Any]] = []
         self.strict_loading = False
 
     @property
@@ -115,6 +122,7 @@ class UnlearnModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "connect"):
             datamodule.connect(self.tokenizer, self.parts)
+            self.build_evaluation([spec.name for spec in datamodule.eval_specs()])
 
     def configure_model(self) -> None:
         """Build the models once, on the right device, after the strategy is set up."""
@@ -213,20 +221,6 @@ class UnlearnModule(L.LightningModule):
         size = batch["forget"]["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=size)
         return losses["loss"]
-
-    def _eval_step(self, batch: dict[str, dict[str, Tensor]], stage: str) -> None:
-        (name, part), = batch.items()
-        logits = self(part["input_ids"], part["attention_mask"])
-        self.log(
-            f"{stage}/{name}_nll", nll_mean(logits, part["labels"]), add_dataloader_idx=False,
-            batch_size=part["input_ids"].shape[0], sync_dist=True,
-        )
-
-    def validation_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test")
 
     # --- optimisation and checkpoints ---------------------------------------------------------------------
 

@@ -1,0 +1,212 @@
+"""The TOFU evaluation: metric objects per set, fed from shared forward passes, and their report.
+
+Metric names and the layout of the per-sample report (``agg_value`` and ``value_by_index``) follow the
+open-unlearning project, so numbers compare across papers and a retain model's ``TOFU_EVAL.json`` from
+either project can serve as the reference for forget quality and privleak.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
+
+from ..metrics import functional as F
+from ..metrics.tofu import (
+    AnswerProbability,
+    ExactMemorization,
+    ExtractionStrength,
+    MembershipInferenceAUC,
+    NormalisedAnswerProbability,
+    RougeLRecall,
+    TruthRatio,
+)
+
+LogitsFn = Callable[[Tensor, Tensor], Tensor]
+GenerateFn = Callable[[Tensor, Tensor], list[str]]
+
+PROB_NAME = {"forget": "forget_Q_A_Prob", "retain": "retain_Q_A_Prob", "ra": "ra_Q_A_Prob", "wf": "wf_Q_A_Prob"}
+TRUTH_NAME = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Ratio", "ra": "ra_Truth_Ratio",
+              "wf": "wf_Truth_Ratio"}
+MIA_NAMES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
+HEADLINE = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio",
+            "retain_Q_A_ROUGE", "retain_Q_A_Prob", "privleak", "extraction_strength")
+
+
+@dataclass(frozen=True)
+class RetainReference:
+    """What forget quality and privleak need from the retain model's evaluation."""
+
+    forget_truth_ratios: Tensor
+    mia_min_k: float | None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RetainReference:
+        """Read a ``TOFU_EVAL.json`` (this project's or open-unlearning's) of a retain-only model."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"retain_reference {path} does not exist: give the TOFU_EVAL.json written by "
+                                    "`main.py test` on the retain model.")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            by_index = data["forget_truth_ratio"]["value_by_index"]
+            ratios = [v["score"] for v in by_index.values() if v.get("score") is not None]
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path} has no forget_truth_ratio.value_by_index scores: is it a TOFU_EVAL.json?") from None
+        mia = data.get("mia_min_k", {}).get("agg_value")
+        return cls(torch.tensor(ratios, dtype=torch.float64), mia)
+
+
+def _gather_objects(values: list[Any]) -> list[Any]:
+    """Concatenate python lists rank by rank (the order torchmetrics uses for ``cat`` states)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, values)
+    return [v for part in gathered for v in part]
+
+
+class TofuEvaluation(nn.Module):
+    """Accumulates every TOFU metric over the evaluation sets present and reports them.
+
+    One teacher-forced pass per answer variant feeds probability, truth ratio, exact memorization,
+    extraction strength and the four membership-inference scores together; one generation per prompt
+    feeds ROUGE. Being torchmetrics, the states gather across DDP ranks.
+    """
+
+    def __init__(self, sets: list[str], reference: RetainReference | None = None, min_k: float = 0.4) -> None:
+        super().__init__()
+        self.sets, self.reference, self.min_k = list(sets), reference, min_k
+        metrics: dict[str, nn.ModuleDict] = {}
+        for name in self.sets:
+            m: dict[str, nn.Module] = {"index": CatMetric()}
+            if name != "holdout":
+                m["prob"] = AnswerProbability()
+                m["truth"] = TruthRatio("forget" if name == "forget" else "true_better")
+                m["rouge"] = RougeLRecall()
+            if name in ("ra", "wf"):
+                m["prob_norm"] = NormalisedAnswerProbability()
+            if name == "forget":
+                m["em"], m["es"] = ExactMemorization(), ExtractionStrength()
+            metrics[name] = nn.ModuleDict(m)
+        self.metrics = nn.ModuleDict(metrics)
+        self.mia = nn.ModuleDict({n: MembershipInferenceAUC() for n in MIA_NAMES}) if {"forget", "holdout"} <= set(
+            sets) else nn.ModuleDict()
+        self.texts: dict[str, list[tuple[str, str, str]]] = {name: [] for name in self.sets}
+
+    # --- accumulation ---------------------------------------------------------------------------------------
+
+    def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> Tensor:
+        """Score one batch; returns the per-sample answer NLL (for the loss logged beside the metrics)."""
+        name, m = batch["set"], self.metrics[batch["set"]]
+        answer = batch["answer"]
+        logits = logits_fn(answer["input_ids"], answer["attention_mask"])
+        stats = F.answer_token_stats(logits, answer["labels"])
+        m["index"].update(batch["index"])
+        if "prob" in m:
+            m["prob"].update(stats.mean_nll)
+        if name == "forget":
+            trimmed = F.drop_last_answer_token(answer["labels"])
+            m["em"].update(F.exact_memorization(logits, trimmed))
+            m["es"].update(F.extraction_strength(logits, trimmed))
+        if name in ("forget", "holdout") and self.mia:
+            self._update_mia(logits, answer["labels"], stats, batch["answer_texts"], is_holdout=name == "holdout")
+        if "truth" in m:
+            correct = stats.mean_nll
+            if "correct" in batch:
+                c = batch["correct"]
+                correct = F.answer_token_stats(logits_fn(c["input_ids"], c["attention_mask"]), c["labels"]).mean_nll
+            p = batch["perturbed"]
+            wrong = F.answer_token_stats(logits_fn(p["input_ids"], p["attention_mask"]), p["labels"]).mean_nll
+            wrong = wrong.view(len(batch["index"]), batch["num_perturbed"])
+            m["truth"].update(correct, wrong)
+            if "prob_norm" in m:
+                m["prob_norm"].update(stats.mean_nll, wrong)
+        if "rouge" in m and generate_fn is not None:
+            generations = generate_fn(batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"])
+            m["rouge"].update(generations, batch["answer_texts"])
+            self.texts[name].extend(zip(batch["questions"], batch["answer_texts"], generations))
+        return stats.mean_nll
+
+    def _update_mia(self, logits: Tensor, labels: Tensor, stats: F.AnswerTokenStats, texts: list[str],
+                    is_holdout: bool) -> None:
+        trimmed = F.drop_last_answer_token(labels)
+        trimmed_stats = F.answer_token_stats(logits, trimmed)
+        scores = {
+            "mia_loss": stats.mean_nll,
+            "mia_zlib": F.zlib_score(stats.mean_nll, texts),
+            "mia_min_k": F.min_k_score(trimmed_stats.token_logprobs, trimmed_stats.mask, self.min_k),
+            "mia_min_k_plus_plus": F.min_k_plus_plus_score(logits, trimmed, self.min_k),
+        }
+        label = torch.full_like(stats.mean_nll, float(is_holdout))
+        for key, value in scores.items():
+            self.mia[key].update(value.to(label.device), label)
+
+    def reset(self) -> None:
+        for group in list(self.metrics.values()) + [self.mia]:
+            for metric in group.values():
+                metric.reset()
+        self.texts = {name: [] for name in self.sets}
+
+    # --- results --------------------------------------------------------------------------------------------
+
+    def _has(self, name: str) -> bool:
+        """Whether a set received samples (a set can be configured yet skipped, e.g. by limit_val_batches)."""
+        return name in self.metrics and bool(self.metrics[name]["index"].value)
+
+    def compute(self) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """Return the summary (one number per metric, ``None`` when it cannot be computed) and the report."""
+        summary: dict[str, float | None] = {}
+        report: dict[str, Any] = {}
+        for name in self.sets:
+            if not self._has(name):
+                continue
+            m = self.metrics[name]
+            index = [str(int(i)) for i in m["index"].compute().flatten().tolist()]
+            if "prob" in m:
+                self._record(summary, report, PROB_NAME[name], m["prob"], index, "prob")
+                self._record(summary, report, TRUTH_NAME[name], m["truth"], index, "score")
+            if "prob_norm" in m:
+                self._record(summary, report, f"{name}_Q_A_Prob_normalised", m["prob_norm"], index, "prob")
+            if "rouge" in m and m["rouge"].values:
+                texts = _gather_objects(self.texts[name])
+                key = self._record(summary, report, f"{name}_Q_A_ROUGE", m["rouge"], index, "rougeL_recall")
+                for idx, (question, truth, generation) in zip(index, texts):
+                    report[key]["value_by_index"][idx].update(input=question, ground_truth=truth, generation=generation)
+            if name == "forget":
+                self._record(summary, report, "exact_memorization", m["em"], index, "score")
+                self._record(summary, report, "extraction_strength", m["es"], index, "score")
+        if self.mia and self._has("forget") and self._has("holdout"):
+            for key, metric in self.mia.items():
+                summary[key] = float(metric.compute())
+                report[key] = {"agg_value": summary[key]}
+        self._add_derived(summary, report)
+        return summary, report
+
+    def _record(self, summary: dict, report: dict, key: str, metric: nn.Module, index: list[str], field: str) -> str:
+        summary[key] = float(metric.compute())
+        values = metric.per_sample().tolist()
+        report[key] = {"agg_value": summary[key], "value_by_index": {i: {field: v} for i, v in zip(index, values)}}
+        return key
+
+    def _add_derived(self, summary: dict[str, float | None], report: dict[str, Any]) -> None:
+        """Forget quality and privleak need the retain model's results; model utility needs all nine parts."""
+        summary["forget_quality"] = summary["privleak"] = None
+        if self.reference is not None and "forget_truth_ratio" in summary:
+            ratios = self.metrics["forget"]["truth"].per_sample()
+            summary["forget_quality"] = F.forget_quality(ratios.cpu(), self.reference.forget_truth_ratios)
+        if self.reference is not None and self.reference.mia_min_k is not None and "mia_min_k" in summary:
+            summary["privleak"] = F.privleak(summary["mia_min_k"], self.reference.mia_min_k)
+        try:
+            summary["model_utility"] = F.model_utility({k: summary[k] for k in F.MODEL_UTILITY_KEYS})
+        except (KeyError, ValueError):
+            summary["model_utility"] = None
+        for key in ("forget_quality", "privleak", "model_utility"):
+            report[key] = {"agg_value": summary[key]}

@@ -1,0 +1,124 @@
+"""Validation and test for unlearning modules: the TOFU evaluation, generation, and result files.
+
+Kept apart from the training logic in ``base.py``; the module mixes it in. Validation runs the same
+evaluation as ``test`` (on ``data.eval_subset`` samples if set) every ``trainer.check_val_every_n_epoch``
+epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json``, which is what a
+checkpoint callback monitoring ``val/forget_quality`` and the per-epoch plot read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from ..evaluation.report import atomic_write_json, plot_tradeoff, print_table, summary_table
+from ..evaluation.tofu import HEADLINE, RetainReference, TofuEvaluation
+from ..losses.functional import nll_mean
+from ..models.generation import greedy_generate, offset_components
+
+Batch = dict[str, Any]
+
+
+class EvaluationHooks(L.LightningModule):
+    """Validation/test steps, offset-aware greedy generation, and the TOFU report files."""
+
+    evaluation: TofuEvaluation | None
+    history: list[dict[str, Any]]
+
+    def build_evaluation(self, set_names: list[str]) -> None:
+        """Create the metric objects once the data module has said which sets it serves."""
+        if self.evaluation is None and set_names:
+            ref = self.hparams.retain_reference
+            self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy new tokens for a left-padded batch: one KV cache per model in offset mode."""
+        tok = self.tokenizer
+        if self.large is None:
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
+                max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )
+            return out[:, input_ids.shape[1]:]
+        components = offset_components(self.large, self.reference, [(self.model, self.alpha)])
+        return greedy_generate(
+            components, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, vocab_size=self.vocab_size,
+        )
+
+    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
+        new = self.generate(input_ids, attention_mask, self.hparams.max_new_tokens)
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    # --- steps ----------------------------------------------------------------------------------------------
+
+    def _eval_step(self, batch: Batch, stage: str) -> None:
+        if "parts" in batch:
+            generate = self.generate_texts if self.hparams.max_new_tokens > 0 else None
+            for part in batch["parts"]:
+                nll = self.evaluation.update(part, self, generate)
+                name, size = part["set"], len(part["index"])
+                if name in ("forget", "retain"):
+                    self.log(f"{stage}/{name}_nll", nll.mean(), add_dataloader_idx=False, batch_size=size,
+                             sync_dist=True)
+            return
+        (name, part), = batch.items()
+        logits = self(part["input_ids"], part["attention_mask"])
+        self.log(
+            f"{stage}/{name}_nll", nll_mean(logits, part["labels"]), add_dataloader_idx=False,
+            batch_size=part["input_ids"].shape[0], sync_dist=True,
+        )
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def _finish(self, stage: str) -> dict[str, float | None] | None:
+        if self.evaluation is None:
+            return None
+        summary, report = self.evaluation.compute()
+        self.evaluation.reset()
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in summary.items() if v is not None}, sync_dist=False)
+        self._last_report = report
+        return summary
+
+    def on_validation_epoch_end(self) -> None:
+        summary = self._finish("val")
+        if summary is None or self.trainer.sanity_checking:
+            return
+        self.history.append({"epoch": self.current_epoch, "step": self.global_step, **summary})
+        self._write_history()
+
+    def on_test_epoch_end(self) -> None:
+        summary = self._finish("test")
+        if summary is not None:
+            self._write_test_results(summary)
+
+    # --- files ----------------------------------------------------------------------------------------------
+
+    def output_dir(self) -> Path:
+        """The run's log directory (the logger's version folder, else ``default_root_dir``)."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @rank_zero_only
+    def _write_history(self) -> None:
+        out = self.output_dir()
+        atomic_write_json(out / "TOFU_HISTORY.json", self.history)
+        plot_tradeoff(self.history, "epoch", out / "tradeoff_by_epoch.png", "forget quality vs model utility by epoch")
+
+    @rank_zero_only
+    def _write_test_results(self, summary: dict[str, float | None]) -> None:
+        out = self.output_dir()
+        summary = {"alpha": self.alpha if self.large is not None else None, **summary}
+        atomic_write_json(out / "TOFU_SUMMARY.json", summary)
+        atomic_write_json(out / "TOFU_EVAL.json", self._last_report)
+        print_table(summary_table({type(self).__name__: summary}, HEADLINE, "TOFU evaluation"))
+        print(f"TOFU_SUMMARY.json and TOFU_EVAL.json written to {out}")
