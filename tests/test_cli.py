@@ -59,7 +59,8 @@ def test_unknown_loss_is_refused(capsys: pytest.CaptureFixture) -> None:
 def test_every_config_parses_and_instantiates(config: Path, tiny_world: dict, tmp_cwd: Path) -> None:
     """Each YAML under configs/ builds its trainer, model and data objects (no weights are loaded)."""
     text = yaml.safe_load((ROOT / config).read_text())
-    extra = [] if "model" in text else ["--model", "GA", "--model.small_model", tiny_world["small"]]
+    complete = "class_path" in text.get("model", {})
+    extra = [] if complete else ["--model", "GA", "--model.small_model", tiny_world["small"]]
     cli = main(["--config", str(ROOT / config), *extra], run=False)
     assert isinstance(cli.model, UnlearnModule) and cli.model.model is None
     assert isinstance(cli.datamodule, UnlearnDataModule)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -77,8 +76,7 @@ def plot_tradeoff(points: Sequence[Mapping[str, float | None]], label_key: str, 
     ax.set_ylabel("forget quality (KS p-value)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    low = min(ys)
-    ax.set_ylim(bottom=10 ** math.floor(math.log10(low)) if low > 0 else 1e-10, top=2)
+    ax.set_ylim(bottom=min(min(ys) / 10, 0.1), top=2)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

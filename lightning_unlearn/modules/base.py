@@ -17,6 +17,9 @@ from .evaluation import EvaluationHooks
 
 RetainLoss = Literal["none", "nll", "kl"]
 FROZEN_PREFIXES = ("large.", "reference.")
+# Test-time knobs: kept out of checkpoint hyperparameters, which LightningCLI would otherwise let override
+# the command line when --ckpt_path is given (``--model.alpha 0.5`` must win at test time).
+TEST_TIME_HPARAMS = ("alpha", "retain_reference", "max_new_tokens")
 
 
 @dataclass
@@ -241,6 +244,8 @@ class UnlearnModule(EvaluationHooks):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
+        for key in TEST_TIME_HPARAMS:
+            checkpoint.get("hyper_parameters", {}).pop(key, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that lacks trainable weights, since loading is not strict."""

@@ -32,9 +32,23 @@ class EvaluationHooks(L.LightningModule):
 
     def build_evaluation(self, set_names: list[str]) -> None:
         """Create the metric objects once the data module has said which sets it serves."""
+        self._check_monitors()
         if self.evaluation is None and set_names:
             ref = self.hparams.retain_reference
             self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None)
+
+    def _check_monitors(self) -> None:
+        """Fail before training, not after the first epoch, when a callback monitors a metric needing a reference."""
+        if self._trainer is None or self.hparams.retain_reference:
+            return
+        for callback in self.trainer.callbacks:
+            monitor = getattr(callback, "monitor", None) or ""
+            if monitor.endswith(("forget_quality", "privleak")):
+                raise ValueError(
+                    f"{type(callback).__name__} monitors {monitor!r}, which needs the retain model's evaluation: set "
+                    "model.retain_reference to its TOFU_EVAL.json (from `main.py test` on the retain model), or "
+                    "monitor another metric such as val/forget_Q_A_ROUGE."
+                )
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:

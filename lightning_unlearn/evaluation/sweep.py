@@ -1,0 +1,50 @@
+"""Sweep the offset strength alpha at test time: forget quality against model utility, no retraining.
+
+``python -m lightning_unlearn.evaluation.sweep --config CONFIG --ckpt_path CKPT --alphas 0 0.5 1 1.5 2``
+runs ``main.py test`` once per alpha (any further ``--key value`` arguments are passed to each run), then
+writes ``ALPHA_SWEEP.json``, ``alpha_sweep.png`` and prints a table. alpha = 0 is the large model alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..cli import main as cli_main
+from .report import atomic_write_json, plot_tradeoff, print_table, summary_table
+from .tofu import HEADLINE
+
+
+def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str | None = None,
+          extra: list[str] | None = None) -> list[dict]:
+    """Evaluate the offset model at each alpha; return one summary per alpha (with its ``alpha``)."""
+    out = Path(out_dir)
+    results = []
+    for alpha in alphas:
+        run_dir = out / f"alpha_{alpha:g}"
+        args = ["test", "--config", config, "--model.alpha", str(alpha), "--trainer.logger", "false",
+                "--trainer.default_root_dir", str(run_dir), *(extra or [])]
+        if ckpt_path:
+            args += ["--ckpt_path", ckpt_path]
+        cli_main(args)
+        summary = json.loads((run_dir / "TOFU_SUMMARY.json").read_text(encoding="utf-8"))
+        results.append({**summary, "alpha": alpha})
+    atomic_write_json(out / "ALPHA_SWEEP.json", results)
+    plot_tradeoff(results, "alpha", out / "alpha_sweep.png", "offset strength: forget quality vs model utility")
+    print_table(summary_table({f"alpha={r['alpha']:g}": r for r in results}, HEADLINE, "alpha sweep"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="config of the unlearning run (as for main.py test)")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained offset")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
+    parser.add_argument("--out", default="runs/alpha_sweep", help="folder for the per-alpha runs and the plot")
+    args, extra = parser.parse_known_args(argv)
+    sweep(args.config, args.alphas, args.out, args.ckpt_path, extra)
+
+
+if __name__ == "__main__":
+    main()

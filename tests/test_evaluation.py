@@ -1,0 +1,169 @@
+"""The TOFU evaluation pipeline: evaluation data, report files, reference handling, generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_unlearn.cli import main
+from lightning_unlearn.data.formatting import PromptFormatter
+from lightning_unlearn.evaluation.data import (
+    EvalCollection,
+    EvalDataset,
+    collate_collection,
+    collate_eval,
+    tofu_eval_specs,
+)
+from lightning_unlearn.evaluation.sweep import sweep
+from lightning_unlearn.evaluation.tofu import RetainReference
+from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.modules import NPO, GA
+
+ROOT = Path(__file__).resolve().parents[1]
+TOFU_EVAL = str(ROOT / "configs" / "tests" / "tofu_eval.yaml")
+SUMMARY_KEYS = {
+    "forget_quality", "model_utility", "privleak", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio",
+    "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE",
+    "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio", "exact_memorization",
+    "extraction_strength", "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus",
+}
+
+
+@pytest.fixture(scope="module")
+def formatter(tiny_world: dict) -> PromptFormatter:
+    return PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), max_length=256)
+
+
+def test_specs_follow_the_forget_split() -> None:
+    specs = {s.name: s.split for s in tofu_eval_specs("forget05", None, None)}
+    assert specs == {"forget": "forget05_perturbed", "retain": "retain_perturbed", "ra": "real_authors_perturbed",
+                     "wf": "world_facts_perturbed", "holdout": "holdout05"}
+    assert "holdout" not in {s.name for s in tofu_eval_specs("mine", "mine_perturbed", None)}
+
+
+def test_forget_batch_holds_every_answer_variant(formatter: PromptFormatter) -> None:
+    spec = tofu_eval_specs("forget01", None, None)[0]
+    dataset = EvalDataset.load(spec, "bundled", formatter, subset=3)
+    batch = collate_eval([dataset[i] for i in range(3)], "forget", formatter.tokenizer.pad_token_id)
+    assert batch["index"].tolist() == [0, 1, 2] and batch["num_perturbed"] == 5
+    assert batch["perturbed"]["input_ids"].shape[0] == 15
+    assert batch["correct"]["input_ids"].shape[0] == 3
+    prompt = batch["prompt"]
+    assert (prompt["attention_mask"][:, -1] == 1).all(), "prompts are left-padded for generation"
+    first = dataset[0]
+    n = len(first["prompt"])
+    assert prompt["input_ids"][0, -n:].tolist() == first["prompt"]
+
+
+def test_real_authors_use_the_answer_as_the_correct_variant(formatter: PromptFormatter) -> None:
+    spec = next(s for s in tofu_eval_specs("forget01", None, None) if s.name == "ra")
+    batch = collate_eval([EvalDataset.load(spec, "bundled", formatter)[0]], "ra", formatter.tokenizer.pad_token_id)
+    assert "correct" not in batch and batch["num_perturbed"] == 3
+
+
+def test_collection_regroups_mixed_batches_by_set(formatter: PromptFormatter) -> None:
+    specs = tofu_eval_specs("forget01", None, None)
+    collection = EvalCollection([EvalDataset.load(s, "bundled", formatter, subset=2) for s in specs])
+    assert len(collection) == 10
+    batch = collate_collection([collection[i] for i in (1, 2, 3, 9)], formatter.tokenizer.pad_token_id)
+    assert [(p["set"], p["index"].tolist()) for p in batch["parts"]] == [
+        ("forget", [1]), ("retain", [0, 1]), ("holdout", [1])]
+
+
+def test_missing_evaluation_split_says_what_to_set(formatter: PromptFormatter, tmp_path: Path) -> None:
+    (tmp_path / "mine.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    spec = tofu_eval_specs("mine", None, None)[0]
+    with pytest.raises(FileNotFoundError, match="data.evaluation: loss"):
+        EvalDataset.load(spec, str(tmp_path), formatter)
+
+
+def test_missing_reference_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="retain_reference"):
+        RetainReference.from_file(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="forget_truth_ratio"):
+        RetainReference.from_file(tmp_path / "bad.json")
+
+
+def test_offset_generation_at_initialisation_is_the_large_models_greedy_output(tiny_world: dict) -> None:
+    module = NPO(small_model=tiny_world["small"], large_model=tiny_world["large"], large_dtype="float32")
+    module.setup("test")
+    module.configure_model()
+    module.eval()
+    tok = module.tokenizer
+    tok.padding_side = "left"
+    enc = tok(["Question: Who is Basil?\nAnswer:", "Question: Where?\nAnswer:"], return_tensors="pt", padding=True)
+    ours = module.generate(enc["input_ids"], enc["attention_mask"], 12)
+    large = load_causal_lm(tiny_world["large"]).eval()
+    theirs = large.generate(**enc, do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    assert torch.equal(ours, theirs)
+    direct = GA(small_model=tiny_world["small"])
+    direct.setup("test")
+    direct.configure_model()
+    assert direct.generate(enc["input_ids"], enc["attention_mask"], 5).shape == (2, 5)
+
+
+def run_test(world: dict, cwd: Path, *extra: str) -> Path:
+    cli = main(["test", "--config", TOFU_EVAL, "--model", "NPO", "--model.small_model", world["small"],
+                "--model.large_model", world["large"], "--trainer.callbacks", "null", *extra])
+    return Path(cli.trainer.log_dir)
+
+
+def test_test_writes_summary_and_per_sample_report(tiny_world: dict, tmp_cwd: Path) -> None:
+    out = run_test(tiny_world, tmp_cwd)
+    summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["forget_quality"] is None and summary["privleak"] is None, "no reference: missing, not a number"
+    report = json.loads((out / "TOFU_EVAL.json").read_text())
+    rouge = report["forget_Q_A_ROUGE"]["value_by_index"]
+    assert set(rouge) == {"0", "1", "2"}
+    assert {"rougeL_recall", "generation", "ground_truth", "input"} <= set(rouge["0"])
+    assert set(report["forget_truth_ratio"]["value_by_index"]["2"]) == {"score"}
+    assert report["forget_Q_A_Prob"]["agg_value"] == pytest.approx(summary["forget_Q_A_Prob"])
+    assert not list(out.glob(".*.tmp")), "atomic writes leave no temporary file"
+
+
+def test_reference_gives_forget_quality_and_privleak(tiny_world: dict, tmp_cwd: Path) -> None:
+    first = run_test(tiny_world, tmp_cwd)
+    second = run_test(tiny_world, tmp_cwd, "--model.retain_reference", str(first / "TOFU_EVAL.json"))
+    summary = json.loads((second / "TOFU_SUMMARY.json").read_text())
+    assert summary["forget_quality"] == pytest.approx(1.0)
+    assert summary["privleak"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alpha_rescales_the_offset_at_test_time(tiny_world: dict, tmp_cwd: Path) -> None:
+    out = run_test(tiny_world, tmp_cwd, "--model.alpha", "0.5")
+    assert json.loads((out / "TOFU_SUMMARY.json").read_text())["alpha"] == 0.5
+
+
+def test_fit_evaluates_every_epoch_and_keeps_the_best_checkpoint(tiny_world: dict, tmp_cwd: Path) -> None:
+    reference = run_test(tiny_world, tmp_cwd) / "TOFU_EVAL.json"
+    cli = main(["fit", "--config", TOFU_EVAL, "--model", "NPO", "--model.small_model", tiny_world["small"],
+                "--model.large_model", tiny_world["large"], "--model.retain_reference", str(reference)])
+    out = Path(cli.trainer.log_dir)
+    history = json.loads((out / "TOFU_HISTORY.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert all(h["forget_quality"] is not None for h in history)
+    assert (out / "tradeoff_by_epoch.png").is_file()
+    best = cli.trainer.checkpoint_callback
+    assert best.monitor == "val/forget_quality" and Path(best.best_model_path).is_file()
+    assert best.best_model_score == pytest.approx(max(h["forget_quality"] for h in history))
+
+    results = sweep(TOFU_EVAL, [0.0, 1.0], tmp_cwd / "sweep", str(out / "checkpoints" / "last.ckpt"), [
+        "--model", "NPO", "--model.small_model", tiny_world["small"], "--model.large_model", tiny_world["large"],
+        "--model.retain_reference", str(reference), "--trainer.callbacks", "null"])
+    untrained = json.loads((reference.parent / "TOFU_SUMMARY.json").read_text())
+    assert [r["alpha"] for r in results] == [0.0, 1.0]
+    assert results[0]["forget_Q_A_Prob"] == pytest.approx(untrained["forget_Q_A_Prob"]), "alpha 0 is the large model"
+    assert results[1]["forget_Q_A_Prob"] != pytest.approx(untrained["forget_Q_A_Prob"])
+    assert (tmp_cwd / "sweep" / "ALPHA_SWEEP.json").is_file() and (tmp_cwd / "sweep" / "alpha_sweep.png").is_file()
+
+
+def test_monitoring_forget_quality_without_reference_fails_before_training(tiny_world: dict, tmp_cwd: Path) -> None:
+    with pytest.raises(ValueError, match="set model.retain_reference"):
+        main(["fit", "--config", TOFU_EVAL, "--model", "NPO", "--model.small_model", tiny_world["small"],
+              "--model.large_model", tiny_world["large"]])
