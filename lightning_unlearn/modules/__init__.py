@@ -1,6 +1,7 @@
-"""LightningModules: the offset/direct unlearning base and one class per loss."""
+"""LightningModules: the offset/direct unlearning base, one class per loss, and EUL's unlearning layers."""
 
 from .base import PartOutput, UnlearnModule
+from .eul import EUL
 from .losses import DPO, GA, GD, KL, NPO, SimNPO
 
-__all__ = ["DPO", "GA", "GD", "KL", "NPO", "PartOutput", "SimNPO", "UnlearnModule"]
+__all__ = ["DPO", "EUL", "GA", "GD", "KL", "NPO", "PartOutput", "SimNPO", "UnlearnModule"]
