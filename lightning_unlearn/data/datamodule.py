@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -25,7 +27,8 @@ class UnlearnDataModule(L.LightningDataModule):
     through :meth:`connect`, so both always use the same one.
 
     Args:
-        forget_split: split to forget, e.g. ``forget01``, ``forget05``, ``forget10``.
+        forget_split: split to forget, e.g. ``forget01``, ``forget05``, ``forget10``; a list is concatenated
+            (for fine-tuning, where this is the training data); ``name[a:b]`` takes rows a to b.
         retain_split: split to keep, e.g. ``retain99`` (goes with ``forget01``); ``null`` for none.
         dataset: ``bundled`` (the TOFU files shipped with the package), a local folder of
             ``<split>.jsonl`` files, or a Hugging Face hub dataset id such as ``locuslab/TOFU``.
@@ -50,7 +53,7 @@ class UnlearnDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        forget_split: str = "forget10",
+        forget_split: str | list[str] = "forget10",
         retain_split: str | None = "retain90",
         dataset: str = BUNDLED,
         tokenizer: str | None = None,
@@ -77,6 +80,8 @@ class UnlearnDataModule(L.LightningDataModule):
         self.forget: list[Record] = []
         self.retain: list[Record] = []
         self.refusals: list[str] = []
+        self.sampler: PairingSampler | None = None
+        self._resume: tuple[int, int] | None = None
 
     def connect(self, tokenizer: PreTrainedTokenizerBase | None = None, parts: Sequence[str] | None = None) -> None:
         """Receive the run's tokenizer and the data parts the loss needs; called by the model's ``setup``."""
@@ -94,7 +99,8 @@ class UnlearnDataModule(L.LightningDataModule):
         h = self.hparams
         keys = (h.question_key, h.answer_key)
         if not self.forget:
-            self.forget = load_split(h.dataset, h.forget_split)
+            splits = [h.forget_split] if isinstance(h.forget_split, str) else list(h.forget_split)
+            self.forget = [row for split in splits for row in load_split(h.dataset, split)]
             if not self.forget:
                 raise ValueError(f"The forget split {h.forget_split!r} of {h.dataset!r} is empty: nothing to unlearn.")
             require_fields(self.forget, keys, f"forget split {h.forget_split!r}")
@@ -121,7 +127,13 @@ class UnlearnDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             collate_fn=partial(collate_parts, pad_token_id=formatter.tokenizer.pad_token_id),
             persistent_workers=self.hparams.num_workers > 0,
+            generator=self._generator(),
         )
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator: creating an iterator then draws no number from the global RNG, so the
+        global RNG (dropout) does not depend on when loaders are iterated, which differs after resumption."""
+        return torch.Generator().manual_seed(self.hparams.seed)
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -132,15 +144,49 @@ class UnlearnDataModule(L.LightningDataModule):
         )
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = PairingSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=h.seed)
-        return self._loader(dataset, h.batch_size, sampler)
+        self.sampler = PairingSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=h.seed)
+        self._apply_resume()
+        return self._loader(dataset, h.batch_size, self.sampler)
+
+    # --- resumption: Lightning saves and restores these with the checkpoint ---------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and the batches of it already trained, for an exact mid-epoch resumption.
+
+        Lightning restores its loop counters but gives a resumed run a fresh iterator (our plain DataLoader
+        is not a stateful loader); without this the run would replay the epoch's first batches.
+        """
+        trainer = self.trainer
+        if self.sampler is None or trainer is None:
+            return {}
+        epoch, done = self.sampler.epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        return {"train_epoch": epoch, "train_batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next training pass start where the checkpointed run stopped (once)."""
+        if "train_epoch" in state_dict:
+            self._resume = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
+            self._apply_resume()
+            # Lightning warns that a plain DataLoader cannot resume mid-epoch; this data module does.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+    def _apply_resume(self) -> None:
+        if self._resume is not None and self.sampler is not None:
+            epoch, done = self._resume
+            self.sampler.resume_at(epoch, done * self.hparams.batch_size)
+            self._resume = None
 
     def eval_specs(self) -> list[EvalSetSpec]:
         """The TOFU evaluation sets this data module serves (empty in ``loss`` mode)."""
         h = self.hparams
         if h.evaluation != "tofu":
             return []
-        return tofu_eval_specs(h.forget_split, h.eval_forget_split, h.eval_holdout_split)
+        if not isinstance(h.forget_split, str) and h.eval_forget_split is None:
+            raise ValueError("With several training splits, name the forget evaluation split: data.eval_forget_split.")
+        forget = h.forget_split if isinstance(h.forget_split, str) else h.eval_forget_split
+        return tofu_eval_specs(forget, h.eval_forget_split, h.eval_holdout_split)
 
     def _eval_loaders(self) -> list[DataLoader]:
         h = self.hparams
@@ -152,7 +198,8 @@ class UnlearnDataModule(L.LightningDataModule):
                 for spec in self.eval_specs()
             ])
             collate = partial(collate_collection, pad_token_id=formatter.tokenizer.pad_token_id)
-            return [DataLoader(collection, batch_size=size, num_workers=h.num_workers, collate_fn=collate)]
+            return [DataLoader(collection, batch_size=size, num_workers=h.num_workers, collate_fn=collate,
+                               generator=self._generator())]
         loaders = []
         for name, records in (("forget", self.forget), ("retain", self.retain)):
             if records:

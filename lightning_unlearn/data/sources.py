@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,19 @@ def _read_hub(dataset_id: str, split: str) -> list[Record]:
     return [dict(row) for row in dataset]
 
 
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
 def load_split(dataset: str, split: str) -> list[Record]:
-    """Load ``split`` from ``dataset``: ``"bundled"``, a local folder, or a hub dataset id."""
+    """Load ``split`` from ``dataset``: ``"bundled"``, a local folder, or a hub dataset id.
+
+    ``name[a:b]`` takes rows a to b of a split (``retain_perturbed[:120]``: the first six authors).
+    """
+    sliced = _SLICE.match(split)
+    if sliced:
+        rows = load_split(dataset, sliced["name"])
+        start, stop = sliced["start"], sliced["stop"]
+        return rows[int(start) if start else None : int(stop) if stop else None]
     if dataset == BUNDLED:
         return _read_local(bundled_dir(), split)
     if os.path.isdir(dataset):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -62,6 +67,9 @@ class UnlearnModule(EvaluationHooks):
         retain_reference: ``TOFU_EVAL.json`` of a model trained on retain data only; forget quality and
             privleak are computed against it (reported as missing without it).
         max_new_tokens: longest greedy generation scored by ROUGE; 0 skips generation.
+        export_dir: at the end of ``fit``, save the trained model there as a Hugging Face directory (with
+            the tokenizer, and in offset mode an ``offset.json`` naming the large model, the reference and
+            alpha), for the next stage of a pipeline or for use outside training.
     """
 
     needs_reference: ClassVar[bool] = False
@@ -85,6 +93,7 @@ class UnlearnModule(EvaluationHooks):
         trust_remote_code: bool = False,
         retain_reference: str | None = None,
         max_new_tokens: int = 200,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -246,6 +255,26 @@ class UnlearnModule(EvaluationHooks):
             del state[key]
         for key in TEST_TIME_HPARAMS:
             checkpoint.get("hyper_parameters", {}).pop(key, None)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.export(self.hparams.export_dir)
+
+    def export(self, directory: str | Path) -> Path:
+        """Save the trainable model (and the offset manifest) to ``directory``, replacing it atomically."""
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        if self.offset_mode:
+            manifest = {"large_model": self.hparams.large_model, "reference_model": self.hparams.small_model,
+                        "alpha": self.alpha, "method": type(self).__name__}
+            (staging / "offset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return target
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that lacks trainable weights, since loading is not strict."""
