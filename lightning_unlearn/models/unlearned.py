@@ -1,0 +1,231 @@
+"""An exported unlearned model, loaded back as one object for use outside training.
+
+Training ends with a Hugging Face directory per run (``model.export_dir``). In offset mode that directory
+is not a usable model by itself: the unlearned model is ``z_L + alpha (z_S - z_S0)``, three models whose
+logits are summed at every step. :class:`UnlearnedModel` loads the three (or, for several composed
+deletion requests, ``L``, ``S0`` and every ``S_i``), and answers the questions one asks of a language
+model -- logits, log-probabilities of answers, greedy generations -- with the prompts formatted exactly
+as during training (:class:`~lightning_unlearn.data.formatting.PromptFormatter`), so that what the model
+forgot in training is what it has forgotten here.
+
+Generation keeps one KV cache per model (:func:`~lightning_unlearn.models.generation.greedy_generate`):
+a shared cache would make each model attend to the others' keys and values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data.formatting import DEFAULT_TEMPLATE, PromptFormatter, pad_batch
+from ..evaluation.data import left_pad
+from ..losses.functional import sequence_logp, token_nll
+from .generation import OffsetCausalLM, offset_components
+from .loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from .manifest import Composition, PathLike, compose
+
+__all__ = ["UnlearnedModel"]
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}.")
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class UnlearnedModel(nn.Module):
+    """The unlearned model of one or several exports: ``z_L + sum_i alpha_i (z_S_i - z_S0)``, or ``z_S``.
+
+    Build it with :meth:`from_export`. Every model is frozen and in eval mode; logits are float32 and
+    sliced to the tokenizer's vocabulary, as in training.
+
+    Attributes:
+        composition: what was loaded (paths, alphas, large and reference model); ``save_manifest``
+            writes it so the same composed model can be reloaded from one path.
+        tokenizer: the shared tokenizer (saved in every export).
+        formatter: turns questions into the prompts used in training.
+    """
+
+    def __init__(
+        self,
+        composition: Composition,
+        tokenizer: PreTrainedTokenizerBase,
+        offsets: Sequence[PreTrainedModel],
+        large: PreTrainedModel | None = None,
+        reference: PreTrainedModel | None = None,
+        formatter: PromptFormatter | None = None,
+    ) -> None:
+        super().__init__()
+        if (large is None) != composition.is_direct or (large is None) != (reference is None):
+            raise ValueError("An offset composition needs both a large and a reference model; a direct one neither.")
+        if len(offsets) != len(composition.offsets):
+            raise ValueError(f"{len(offsets)} models for {len(composition.offsets)} composition entries.")
+        self.composition = composition
+        self.tokenizer = tokenizer
+        self.formatter = formatter or PromptFormatter(tokenizer)
+        self.large = large
+        self.reference = reference
+        self.offsets = nn.ModuleList(offsets)
+        self._set_combined()
+
+    def _set_combined(self) -> None:
+        # The weighted sum only refers to the models registered above; registering it too would list
+        # every model twice (in repr, named_modules) for nothing. ``.to()`` moves parameters in place,
+        # so it still reaches the models through their registration.
+        object.__setattr__(self, "combined", self._combine())
+
+    def _combine(self) -> OffsetCausalLM:
+        vocab = len(self.tokenizer)
+        if self.composition.is_direct:
+            return OffsetCausalLM([(self.offsets[0], 1.0)], vocab_size=vocab)
+        pairs = list(zip(self.offsets, self.composition.alphas))
+        return OffsetCausalLM(offset_components(self.large, self.reference, pairs), vocab_size=vocab)
+
+    # --- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_export(
+        cls,
+        exports: PathLike | Sequence[PathLike],
+        alphas: Sequence[float] | None = None,
+        *,
+        large_model: str | None = None,
+        reference_model: str | None = None,
+        large_dtype: DType = "bfloat16",
+        small_dtype: DType = "float32",
+        device: str | torch.device = "cpu",
+        template: str = DEFAULT_TEMPLATE,
+        use_chat_template: bool | None = None,
+        max_length: int = 2048,
+        trust_remote_code: bool = False,
+    ) -> UnlearnedModel:
+        """Load one export, several offset exports to compose, or a ``composition.json``.
+
+        Args:
+            exports: export directories (``model.export_dir`` of ``fit``) or composition manifests.
+            alphas: one strength per offset, replacing those recorded at training time.
+            large_model: where the large model is now, if it moved since training (the manifests keep
+                the path or id used then).
+            reference_model: likewise for the frozen small reference.
+            large_dtype: dtype of the large model; the default matches training's.
+            small_dtype: dtype of the small models (reference and offsets); the default matches training's.
+            device: where to put every model.
+            template: the plain prompt template used in training (``data.template``), for tokenizers
+                without a chat template.
+            use_chat_template: as ``data.use_chat_template``; ``None`` uses the chat template if any.
+            max_length: longest prompt + answer scored by :meth:`log_probs` (longer answers are truncated
+                with a warning).
+            trust_remote_code: allow models whose code lives on the hub.
+        """
+        composition = compose(exports, alphas).with_models(large_model, reference_model)
+        paths = [o.path for o in composition.offsets]
+        tokenizer = load_tokenizer(paths[0], trust_remote_code)
+        for path in paths[1:]:
+            check_same_tokenizer(tokenizer, load_tokenizer(path, trust_remote_code), paths[0], path)
+        large = reference = None
+        if not composition.is_direct:
+            check_same_tokenizer(load_tokenizer(composition.large_model, trust_remote_code), tokenizer,
+                                 composition.large_model, paths[0])
+            large = freeze(load_causal_lm(composition.large_model, large_dtype, trust_remote_code))
+            reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code))
+        offsets = [freeze(load_causal_lm(p, small_dtype, trust_remote_code)) for p in paths]
+        formatter = PromptFormatter(tokenizer, max_length=max_length, template=template,
+                                    use_chat_template=use_chat_template)
+        return cls(composition, tokenizer, offsets, large, reference, formatter).to(device)
+
+    def set_alphas(self, alphas: Sequence[float]) -> None:
+        """Change the offsets' strengths without reloading (``alpha = 0`` is the large model alone)."""
+        self.composition = self.composition.with_alphas(alphas)
+        self._set_combined()
+
+    def save_manifest(self, path: PathLike) -> Path:
+        """Write ``composition.json`` listing the offsets and alphas; :meth:`from_export` reloads it."""
+        if self.composition.is_direct:
+            raise ValueError("A direct export is already one directory; it needs no composition manifest.")
+        return self.composition.save(path)
+
+    def train(self, mode: bool = True) -> UnlearnedModel:
+        """Stay in eval mode: dropout would make scores noisy and greedy decoding stochastic."""
+        return super().train(False)
+
+    # --- scoring --------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Combined next-token logits ``[B, T, V]``, float32.
+
+        Position ids skip left padding, so a prompt scores the same padded or not; on a right-padded
+        batch (as in training) every unpadded position equals the training module's ``forward``.
+        """
+        return self.combined(input_ids.to(self.device), attention_mask.to(self.device))
+
+    forward = logits
+
+    def encode(self, prompts: Sequence[str], answers: Sequence[str]) -> dict[str, Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (answer + EOS) as in training."""
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers.")
+        examples = [self.formatter.encode(q, a) for q, a in zip(prompts, answers)]
+        return pad_batch(examples, self.tokenizer.pad_token_id)
+
+    def log_probs(self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> Tensor:
+        """``log p(answer + EOS | prompt)`` per pair ``[N]``, summed over tokens (divide by the token count
+        from :meth:`token_log_probs` for a per-token mean, ``exp(-mean)`` for perplexity)."""
+        out = []
+        for part in _batches(len(prompts), batch_size):
+            batch = self.encode(prompts[part], answers[part])
+            logits = self.logits(batch["input_ids"], batch["attention_mask"])
+            out.append(sequence_logp(logits, batch["labels"].to(self.device))[0])
+        return torch.cat(out)
+
+    def token_log_probs(self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> list[Tensor]:
+        """Log-probability of each answer token (EOS last), one 1-D tensor per pair."""
+        out: list[Tensor] = []
+        for part in _batches(len(prompts), batch_size):
+            batch = self.encode(prompts[part], answers[part])
+            logits = self.logits(batch["input_ids"], batch["attention_mask"])
+            nll, mask = token_nll(logits, batch["labels"].to(self.device))
+            out.extend(-row[keep] for row, keep in zip(nll, mask))
+        return out
+
+    # --- generation -----------------------------------------------------------------------------------------
+
+    def prompt_batch(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids and mask, formatted as in training."""
+        batch = left_pad([self.formatter.prompt_ids(q) for q in prompts], self.tokenizer.pad_token_id)
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 200) -> Tensor:
+        """Greedy new tokens ``[B, n]`` for a LEFT-padded batch; finished rows are padded after their EOS."""
+        tok = self.tokenizer
+        return self.combined.generate(input_ids.to(self.device), attention_mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 200, batch_size: int = 8) -> list[str]:
+        """Greedy answers to questions, decoded without special tokens and stripped (as TOFU scores them)."""
+        texts: list[str] = []
+        for part in _batches(len(prompts), batch_size):
+            new = self.generate_ids(*self.prompt_batch(prompts[part]), max_new_tokens=max_new_tokens)
+            texts.extend(t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return texts
+
+    def extra_repr(self) -> str:
+        c = self.composition
+        if c.is_direct:
+            return f"direct={c.offsets[0].path!r}"
+        parts = ", ".join(f"{o.alpha:g}*{os.path.basename(o.path.rstrip('/')) or o.path}" for o in c.offsets)
+        return f"large={c.large_model!r}, reference={c.reference_model!r}, offsets=[{parts}]"
