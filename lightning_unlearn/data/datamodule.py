@@ -23,8 +23,8 @@ class UnlearnDataModule(L.LightningDataModule):
     """Forget and retain question/answer data, from TOFU or any folder of JSON Lines files.
 
     An epoch is one pass over the forget set; each forget example comes with the parts the loss asks
-    for (a random retain example, a random refusal). The tokenizer normally arrives from the model
-    through :meth:`connect`, so both always use the same one.
+    for (a random retain example, a random refusal, random answers). The tokenizer normally arrives
+    from the model through :meth:`connect`, so both always use the same one.
 
     Args:
         forget_split: split to forget, e.g. ``forget01``, ``forget05``, ``forget10``; a list is concatenated
@@ -47,6 +47,8 @@ class UnlearnDataModule(L.LightningDataModule):
         eval_holdout_split: holdout split for membership inference; ``null`` means ``holdoutXX`` matching
             the forget split's number.
         eval_subset: evaluate only the first N samples of each set, for speed (``null``: all).
+        answer_pool_split: split whose answers LLMU pairs with the forget questions as random answers
+            (``null``: the retain split's answers).
         num_workers: DataLoader workers.
         seed: seed of the shuffling and of the forget/retain pairing.
     """
@@ -68,6 +70,7 @@ class UnlearnDataModule(L.LightningDataModule):
         eval_forget_split: str | None = None,
         eval_holdout_split: str | None = None,
         eval_subset: int | None = None,
+        answer_pool_split: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -80,13 +83,24 @@ class UnlearnDataModule(L.LightningDataModule):
         self.forget: list[Record] = []
         self.retain: list[Record] = []
         self.refusals: list[str] = []
+        self.answer_pool: list[str] = []
+        self.num_random_answers = 5
         self.sampler: PairingSampler | None = None
         self._resume: tuple[int, int] | None = None
 
-    def connect(self, tokenizer: PreTrainedTokenizerBase | None = None, parts: Sequence[str] | None = None) -> None:
-        """Receive the run's tokenizer and the data parts the loss needs; called by the model's ``setup``."""
+    def connect(
+        self, tokenizer: PreTrainedTokenizerBase | None = None, parts: Sequence[str] | None = None,
+        num_random_answers: int | None = None,
+    ) -> None:
+        """Receive the run's tokenizer and the data parts the loss needs; called by the model's ``setup``.
+
+        ``num_random_answers`` is how many random answers the ``forget_random`` part carries per forget
+        question: the loss's hyper-parameter (LLMU's K), hence set by the model rather than in ``data``.
+        """
         if parts is not None:
             self.parts = tuple(parts)
+        if num_random_answers is not None:
+            self.num_random_answers = num_random_answers
         if tokenizer is not None and self.hparams.tokenizer is None:
             self._set_formatter(tokenizer)
 
@@ -139,8 +153,13 @@ class UnlearnDataModule(L.LightningDataModule):
         h = self.hparams
         if "forget_idk" in self.parts and not self.refusals:
             self.refusals = load_refusals(h.dataset)
+        if "forget_random" in self.parts and not self.answer_pool:
+            pool = load_split(h.dataset, h.answer_pool_split) if h.answer_pool_split else self.retain
+            require_fields(pool, (h.answer_key,), f"answer pool split {h.answer_pool_split or h.retain_split!r}")
+            self.answer_pool = [row[h.answer_key] for row in pool]
         dataset = PairedDataset(
-            self.forget, self.retain, self._formatter(), self.parts, self.refusals, h.question_key, h.answer_key
+            self.forget, self.retain, self._formatter(), self.parts, self.refusals, h.question_key, h.answer_key,
+            self.answer_pool, self.num_random_answers,
         )
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

@@ -1,7 +1,8 @@
 """Map-style datasets over question/answer records, and the sampler that pairs forget with retain.
 
 A training item is one forget example with the parts a loss needs: a random retain example (GD, KL,
-NPO+retain...), a random refusal as the preferred answer (IdkDPO). The randomness comes from a number
+NPO+retain...), a random refusal as the preferred answer (IdkDPO), the forget question with K random
+answers from a pool of normal answers (LLMU). The randomness comes from a number
 drawn by the sampler per item and epoch, so the pairing changes every epoch, is the same on every
 run with the same seed, and survives DDP and resumption (the sampler is the only state).
 """
@@ -18,11 +19,15 @@ from torch.utils.data import Dataset, DistributedSampler
 from .formatting import Encoded, PromptFormatter
 from .sources import Record
 
-PARTS = ("forget", "retain", "forget_idk")
+PARTS = ("forget", "retain", "forget_idk", "forget_random")
 
 
 class PairedDataset(Dataset):
-    """Items ``{part: Encoded}`` built from one forget record and the random draws of its index."""
+    """Items ``{part: Encoded}`` built from one forget record and the random draws of its index.
+
+    ``forget_random`` is a list of ``num_random_answers`` examples (the forget question with distinct
+    answers drawn from ``answer_pool``), flattened by :func:`~.formatting.collate_parts`.
+    """
 
     def __init__(
         self,
@@ -33,6 +38,8 @@ class PairedDataset(Dataset):
         refusals: Sequence[str] = (),
         question_key: str = "question",
         answer_key: str = "answer",
+        answer_pool: Sequence[str] = (),
+        num_random_answers: int = 5,
     ) -> None:
         unknown = set(parts) - set(PARTS)
         if unknown:
@@ -41,24 +48,33 @@ class PairedDataset(Dataset):
             raise ValueError("This loss needs retain data but the retain split is empty or unset: set data.retain_split.")
         if "forget_idk" in parts and not refusals:
             raise ValueError("This loss needs refusal answers (idontknow.jsonl) but none were loaded.")
+        if "forget_random" in parts and len(answer_pool) < num_random_answers:
+            raise ValueError(
+                f"This loss pairs each forget question with {num_random_answers} distinct random answers but the "
+                f"answer pool holds {len(answer_pool)}: set data.retain_split or data.answer_pool_split."
+            )
         self.forget, self.retain, self.refusals = forget, retain, refusals
+        self.answer_pool, self.num_random_answers = answer_pool, num_random_answers
         self.formatter, self.parts = formatter, tuple(parts)
         self.q, self.a = question_key, answer_key
 
     def __len__(self) -> int:
         return len(self.forget)
 
-    def __getitem__(self, index: tuple[int, int] | int) -> dict[str, Encoded]:
+    def __getitem__(self, index: tuple[int, int] | int) -> dict[str, Encoded | list[Encoded]]:
         forget_index, draw = index if isinstance(index, tuple) else (index, index)
         rng = random.Random(draw)
         record = self.forget[forget_index]
-        item: dict[str, Encoded] = {}
+        item: dict[str, Encoded | list[Encoded]] = {}
         for part in self.parts:
             if part == "forget":
                 item[part] = self.formatter.encode(record[self.q], record[self.a])
             elif part == "retain":
                 other = self.retain[rng.randrange(len(self.retain))]
                 item[part] = self.formatter.encode(other[self.q], other[self.a])
+            elif part == "forget_random":
+                picks = rng.sample(range(len(self.answer_pool)), self.num_random_answers)
+                item[part] = [self.formatter.encode(record[self.q], self.answer_pool[i]) for i in picks]
             else:
                 item[part] = self.formatter.encode(record[self.q], self.refusals[rng.randrange(len(self.refusals))])
         return item

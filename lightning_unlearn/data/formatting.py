@@ -104,12 +104,15 @@ def pad_batch(examples: list[Encoded], pad_token_id: int, length: int | None = N
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_parts(items: list[dict[str, Encoded]], pad_token_id: int) -> dict[str, Any]:
+def collate_parts(items: list[dict[str, Encoded | list[Encoded]]], pad_token_id: int) -> dict[str, Any]:
     """Collate items made of named parts (``forget``, ``retain``, ...) padded to one common length.
 
     One length for every part lets the module run forget and retain examples through each model in a
-    single batched forward pass.
+    single batched forward pass. A part may hold a list of examples per item (LLMU's K random answers of
+    one question): the lists are flattened in item order, so that part has ``B * K`` rows, item ``b``'s
+    at rows ``b*K`` to ``b*K + K - 1``.
     """
     parts = list(items[0])
-    length = max(len(item[p].input_ids) for item in items for p in parts)
-    return {p: pad_batch([item[p] for item in items], pad_token_id, length) for p in parts}
+    rows = {p: [e for item in items for e in (item[p] if isinstance(item[p], list) else [item[p]])] for p in parts}
+    length = max(len(e.input_ids) for examples in rows.values() for e in examples)
+    return {p: pad_batch(rows[p], pad_token_id, length) for p in parts}

@@ -3,6 +3,7 @@
 from .base import PartOutput, UnlearnModule
 from .eul import EUL
 from .finetune import SFT
+from .llmu import LLMU
 from .losses import DPO, GA, GD, KL, NPO, SimNPO
 
-__all__ = ["DPO", "EUL", "GA", "GD", "KL", "NPO", "PartOutput", "SFT", "SimNPO", "UnlearnModule"]
+__all__ = ["DPO", "EUL", "GA", "GD", "KL", "LLMU", "NPO", "PartOutput", "SFT", "SimNPO", "UnlearnModule"]

@@ -121,6 +121,12 @@ class UnlearnModule(EvaluationHooks):
         """Data parts each training item must carry for this loss."""
         return ("forget",) + (("retain",) if self.retain_loss != "none" else ()) + self.extra_parts
 
+    @property
+    def data_options(self) -> dict[str, Any]:
+        """Keyword options for the data module's ``connect`` beyond tokenizer and parts: settings of the
+        data that are the loss's hyper-parameters (LLMU's random answers per question), none by default."""
+        return {}
+
     # --- building -----------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
@@ -133,7 +139,7 @@ class UnlearnModule(EvaluationHooks):
                 check_same_tokenizer(large_tok, self.tokenizer, h.large_model, h.tokenizer or h.small_model)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "connect"):
-            datamodule.connect(self.tokenizer, self.parts)
+            datamodule.connect(self.tokenizer, self.parts, **self.data_options)
             self.build_evaluation([spec.name for spec in datamodule.eval_specs()])
 
     def configure_model(self) -> None:
