@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 # Each test process gets its share of the cores (see docs: oversubscription makes tiny models 10-25x slower).
 THREADS ?= 2
 
+# Unlearning loss of the demo: make demo METHOD=GD
+METHOD ?= NPO
+DEMO_ARGS ?=
+
 .PHONY: install test test-fast demo clean
 
 $(STAMP): setup.cfg pyproject.toml
@@ -24,5 +28,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest
 
+demo: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m lightning_unlearn.demo --method $(METHOD) $(DEMO_ARGS)
+
 clean:
-	rm -rf $(VENV) lightning_logs
+	rm -rf $(VENV) lightning_logs runs

@@ -1,0 +1,168 @@
+"""The offline demo: a tiny TOFU world fine-tuned, unlearned and evaluated on a CPU (``make demo``).
+
+Every stage is an ordinary command (printed before it runs) that works the same on real models:
+
+1. a byte-level BPE tokenizer trained on TOFU text and two tiny Llama models built from config;
+2. both fine-tuned on a TOFU subset (``configs/demo/finetune.yaml``), and a retain-only large model;
+3. the retain model and the fine-tuned model evaluated (``configs/demo/eval.yaml``);
+4. offset unlearning of the fine-tuned pair (``configs/demo/unlearn.yaml``, NPO unless ``--method``),
+   evaluated every epoch, then the final model evaluated;
+5. a before/after table and the per-epoch forget quality vs model utility plot.
+
+A stage whose outputs exist and whose command, configs and inputs are unchanged is skipped, so a second
+run only redoes what changed; ``--force`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cli import main as cli_main
+from .evaluation.report import atomic_write_json, print_table, summary_table
+from .models.tiny import make_tiny_pair
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE", "model_utility",
+              "forget_quality", "privleak", "extraction_strength")
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline: a ``main.py`` command (or the model builder) and what it produces."""
+
+    name: str
+    args: list[str]
+    output: Path
+    depends: list[str] = field(default_factory=list)
+
+    def key(self, upstream: dict[str, str]) -> str:
+        """Hash of the command, the config files it reads and the keys of the stages it depends on."""
+        digest = hashlib.sha256(json.dumps([self.args, [upstream[d] for d in self.depends]]).encode())
+        for arg in self.args:
+            if arg.endswith(".yaml") and Path(arg).is_file():
+                digest.update(Path(arg).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+QUICK = {
+    "finetune": ["--data.forget_split", "[forget01, 'retain_perturbed[:40]']", "--trainer.max_epochs", "60"],
+    "finetune_retain": ["--data.forget_split", "['retain_perturbed[:40]']", "--trainer.max_epochs", "60"],
+    "eval": ["--data.eval_subset", "20"],
+}
+"""Overrides of ``--quick``: 80 question/answer pairs instead of 377, 20 evaluation samples per set."""
+
+
+def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, int], epochs: int | None,
+           quick: bool = False) -> list[Stage]:
+    q = QUICK if quick else {}
+    r = str(root)
+    ft, ft_retain, ev, un = (os.path.relpath(CONFIGS / f) for f in ("finetune.yaml", "finetune_retain.yaml", "eval.yaml",
+                                                        "unlearn.yaml"))
+    unlearn_common = [
+        "--config", un, "--model", method, "--model.large_model", f"{r}/models/large_ft",
+        "--model.small_model", f"{r}/models/small_ft", "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
+        "--trainer.default_root_dir", f"{r}/logs/unlearn",
+        "--trainer.callbacks.dirpath", f"{r}/logs/unlearn/checkpoints",
+    ] + (["--trainer.max_epochs", str(epochs)] if epochs else []) + q.get("eval", [])
+    return [
+        Stage("init", ["tiny", f"{r}/init", "--large", *map(str, large), "--small", *map(str, small)], root / "init"),
+        Stage("finetune_large", ["fit", "--config", ft, "--model.small_model", f"{r}/init/large",
+                                 "--model.export_dir", f"{r}/models/large_ft",
+                                 "--trainer.default_root_dir", f"{r}/logs/finetune_large", *q.get("finetune", [])],
+              root / "models/large_ft", ["init"]),
+        Stage("finetune_small", ["fit", "--config", ft, "--model.small_model", f"{r}/init/small",
+                                 "--model.export_dir", f"{r}/models/small_ft",
+                                 "--trainer.default_root_dir", f"{r}/logs/finetune_small", *q.get("finetune", [])],
+              root / "models/small_ft", ["init"]),
+        Stage("finetune_retain", ["fit", "--config", ft_retain, "--model.small_model", f"{r}/init/large",
+                                  "--model.export_dir", f"{r}/models/large_retain",
+                                  "--trainer.default_root_dir", f"{r}/logs/finetune_retain",
+                                  *q.get("finetune_retain", [])],
+              root / "models/large_retain", ["init"]),
+        Stage("eval_retain", ["test", "--config", ev, "--model.small_model", f"{r}/models/large_retain",
+                              "--trainer.default_root_dir", f"{r}/eval/retain", *q.get("eval", [])],
+              root / "eval/retain", ["finetune_retain"]),
+        Stage("eval_finetuned", ["test", "--config", ev, "--model.small_model", f"{r}/models/large_ft",
+                                 "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
+                                 "--trainer.default_root_dir", f"{r}/eval/finetuned", *q.get("eval", [])],
+              root / "eval/finetuned", ["finetune_large", "eval_retain"]),
+        Stage("unlearn", ["fit", *unlearn_common], root / "logs/unlearn",
+              ["finetune_large", "finetune_small", "eval_retain"]),
+        Stage("eval_unlearned", ["test", *unlearn_common, "--trainer.callbacks", "null",
+                                 "--ckpt_path", f"{r}/logs/unlearn/checkpoints/last.ckpt",
+                                 "--trainer.default_root_dir", f"{r}/eval/unlearned"],
+              root / "eval/unlearned", ["unlearn"]),
+    ]
+
+
+def run_stage(stage: Stage, upstream: dict[str, str], force: bool) -> bool:
+    """Run a stage unless its recorded key matches; returns whether it ran."""
+    key = stage.key(upstream)
+    upstream[stage.name] = key
+    stamp = stage.output / ".stage"
+    if not force and stamp.is_file() and stamp.read_text() == key:
+        print(f"[demo] {stage.name}: up to date, skipped")
+        return False
+    if stage.output.exists():
+        shutil.rmtree(stage.output)
+    command = ("python -m lightning_unlearn.models.tiny " if stage.args[0] == "tiny" else "python main.py ")
+    print(f"\n[demo] {stage.name}: {command}{shlex.join(stage.args[1:] if stage.args[0] == 'tiny' else stage.args)}")
+    start = time.perf_counter()
+    if stage.args[0] == "tiny":
+        opts = stage.args[2:]
+        make_tiny_pair(stage.args[1], large=tuple(map(int, opts[1:3])), small=tuple(map(int, opts[4:6])))
+    else:
+        cli_main(stage.args)
+    stage.output.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    print(f"[demo] {stage.name}: done in {time.perf_counter() - start:.0f} s")
+    return True
+
+
+def report(root: Path) -> dict[str, dict]:
+    """Print the before/after table and gather the summaries into ``DEMO_SUMMARY.json``."""
+    columns = {
+        name: json.loads((root / "eval" / folder / "TOFU_SUMMARY.json").read_text())
+        for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), ("unlearned", "unlearned"))
+    }
+    history = root / "logs/unlearn/TOFU_HISTORY.json"
+    atomic_write_json(root / "DEMO_SUMMARY.json", {"models": columns,
+                                                   "epochs": json.loads(history.read_text()) if history.is_file() else []})
+    plot = root / "logs/unlearn/tradeoff_by_epoch.png"
+    if plot.is_file():
+        shutil.copyfile(plot, root / "tradeoff_by_epoch.png")
+    print_table(summary_table(columns, TABLE_KEYS, "TOFU, tiny world: before and after offset unlearning"))
+    print(f"[demo] summaries: {root / 'DEMO_SUMMARY.json'}; plot: {root / 'tradeoff_by_epoch.png'}")
+    return columns
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="runs/demo", help="folder for models, logs and results")
+    parser.add_argument("--method", default="NPO", help="unlearning loss: GA, GD, KL, NPO, DPO, SimNPO")
+    parser.add_argument("--force", action="store_true", help="rerun every stage")
+    parser.add_argument("--large", type=int, nargs=2, default=(128, 4), metavar=("HIDDEN", "LAYERS"))
+    parser.add_argument("--small", type=int, nargs=2, default=(64, 2), metavar=("HIDDEN", "LAYERS"))
+    parser.add_argument("--epochs", type=int, default=None, help="unlearning epochs (default: the config's)")
+    parser.add_argument("--quick", action="store_true", help="a reduced world (80 pairs, 20 evaluation samples)")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    start = time.perf_counter()
+    upstream: dict[str, str] = {}
+    for stage in stages(root, args.method, tuple(args.large), tuple(args.small), args.epochs, args.quick):
+        run_stage(stage, upstream, args.force)
+    columns = report(root)
+    print(f"[demo] total {time.perf_counter() - start:.0f} s")
+    return columns
+
+
+if __name__ == "__main__":
+    main()
