@@ -104,12 +104,25 @@ class PairingSampler(DistributedSampler):
     It is a ``DistributedSampler`` so Lightning keeps it under DDP (instead of wrapping it) and calls
     ``set_epoch``; each rank takes every ``num_replicas``-th pair of the same global order, padded by
     wrapping around, like the stock sampler.
+
+    :meth:`resume_at` makes the next pass start mid-epoch: a run resumed from a mid-epoch checkpoint gets a
+    fresh iterator from Lightning, which would otherwise replay the epoch's first batches and drop its last.
     """
 
     def __init__(
         self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Make the next pass be epoch ``epoch`` without its first ``skip`` pairs of this rank (used once).
+
+        The epoch is set here, not only by Lightning's ``set_epoch``, because with DataLoader workers the
+        indices are drawn when the iterator is created, which on resumption happens before ``set_epoch``.
+        """
+        self.set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         n = len(self.dataset)  # type: ignore[arg-type]
@@ -119,4 +132,5 @@ class PairingSampler(DistributedSampler):
         pairs = list(zip(order.tolist(), draws.tolist()))
         total = math.ceil(n / self.num_replicas) * self.num_replicas
         pairs += pairs[: total - n]
-        return iter(pairs[self.rank : total : self.num_replicas])
+        skip, self.skip = self.skip, 0
+        return iter(pairs[self.rank : total : self.num_replicas][skip:])

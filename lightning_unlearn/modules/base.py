@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from ..losses.functional import kl_on_labelled, nll_mean
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
 from .evaluation import EvaluationHooks
+from .rng import RestoreRNG
 
 RetainLoss = Literal["none", "nll", "kl"]
 FROZEN_PREFIXES = ("large.", "reference.")
@@ -241,6 +243,10 @@ class UnlearnModule(EvaluationHooks):
         return losses["loss"]
 
     # --- optimisation and checkpoints ---------------------------------------------------------------------
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Checkpoint the RNG state too, so that resuming gives the run it interrupted (Lightning does not)."""
+        return [RestoreRNG()]
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimise only what requires a gradient: the frozen models never reach the optimizer."""
