@@ -18,12 +18,17 @@ def _share_cores() -> None:
     """Give each process its share of the CPU cores.
 
     Several processes (DDP on CPU, test workers) each running one thread per core slow small models
-    down 10-25x; ``LOCAL_WORLD_SIZE`` is set by DDP launchers and torchrun.
+    down 10-25x. ``LOCAL_WORLD_SIZE`` is set by torchrun (which also sets ``OMP_NUM_THREADS=1``).
+    Lightning's own DDP launcher sets neither in the processes it starts: it limits their threads itself
+    after launching, to the available cores divided by the devices, but only while ``OMP_NUM_THREADS`` is
+    unset; so this function must not set that variable. Cores are counted from this process's CPU
+    affinity, which a container or ``taskset`` may restrict below ``os.cpu_count()``.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // processes))
 
 
 class UnlearnCLI(LightningCLI):

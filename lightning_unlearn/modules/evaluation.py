@@ -119,8 +119,14 @@ class EvaluationHooks(L.LightningModule):
     # --- files ----------------------------------------------------------------------------------------------
 
     def output_dir(self) -> Path:
-        """The run's log directory (the logger's version folder, else ``default_root_dir``)."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """The run's log directory (the logger's version folder, else ``default_root_dir``).
+
+        Not ``trainer.log_dir``: that broadcasts from rank 0, and the rank-zero-only writers below calling it
+        hung every DDP run at its first validation.
+        """
+        logger = self.trainer.loggers[0] if self.trainer.loggers else None
+        directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        return Path(directory or self.trainer.default_root_dir)
 
     @rank_zero_only
     def _write_history(self) -> None:
