@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
 from .data import UnlearnDataModule
 from .modules import UnlearnModule
+from .tracking import SaveConfigToLoggers, finish_runs
 
 
 def _share_cores() -> None:
@@ -47,16 +48,20 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
         args = sys.argv[1:]
     if isinstance(args, list):
         args = _commented_print_config(args)
-    return UnlearnCLI(
+    cli = UnlearnCLI(
         UnlearnModule,
         UnlearnDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
+        save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
         run=run,
     )
+    if run:
+        finish_runs(cli.trainer.loggers)
+    return cli
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ..evaluation.report import atomic_write_json, plot_tradeoff, print_table, s
 from ..evaluation.tofu import HEADLINE, RetainReference, TofuEvaluation
 from ..losses.functional import nll_mean
 from ..models.generation import greedy_generate, offset_components
+from ..tracking import publish_summary
 
 Batch = dict[str, Any]
 
@@ -140,5 +141,6 @@ class EvaluationHooks(L.LightningModule):
         summary = {"alpha": self.alpha if self.large is not None else None, **summary}
         atomic_write_json(out / "TOFU_SUMMARY.json", summary)
         atomic_write_json(out / "TOFU_EVAL.json", self._last_report)
+        publish_summary(self.loggers, summary, [out / "TOFU_SUMMARY.json", out / "TOFU_EVAL.json"])
         print_table(summary_table({type(self).__name__: summary}, HEADLINE, "TOFU evaluation"))
         print(f"TOFU_SUMMARY.json and TOFU_EVAL.json written to {out}")
