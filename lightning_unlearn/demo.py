@@ -70,7 +70,6 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
         "--config", un, "--model", method, "--model.large_model", f"{r}/models/large_ft",
         "--model.small_model", f"{r}/models/small_ft", "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
         "--trainer.default_root_dir", f"{r}/logs/unlearn",
-        "--trainer.callbacks.dirpath", f"{r}/logs/unlearn/checkpoints",
     ] + (["--trainer.max_epochs", str(epochs)] if epochs else []) + q.get("eval", [])
     return [
         Stage("init", ["tiny", f"{r}/init", "--large", *map(str, large), "--small", *map(str, small)], root / "init"),
