@@ -49,9 +49,11 @@ def args(world: dict, root: Path, batch_size: int) -> list[str]:
     ]
 
 
-def trained(root: Path) -> dict[str, torch.Tensor]:
+def trained(root: Path, processes: int) -> dict[str, torch.Tensor]:
     checkpoint = torch.load(root / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == STEPS
+    (rng,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("RestoreRNG")]
+    assert len(rng["per_rank"]) == processes  # gathered from every rank, for an exact resumption
     return checkpoint["state_dict"]
 
 
@@ -90,7 +92,7 @@ def test_two_processes_train_what_one_trains_with_the_same_global_batch(tiny_wor
 
     main(args(tiny_world, tmp_path / "single", batch_size=4))
 
-    two, one = trained(tmp_path / "ddp"), trained(tmp_path / "single")
+    two, one = trained(tmp_path / "ddp", 2), trained(tmp_path / "single", 1)
     assert set(two) == set(one)
     start = load_causal_lm(tiny_world["small"], "float32").state_dict()
     moved = max((one[k] - start[k.removeprefix("model.")]).abs().max().item() for k in one)
