@@ -52,12 +52,13 @@ class Stage:
         return digest.hexdigest()[:16]
 
 
+_QUICK_SPLITS = "'retain_perturbed[:20]', 'real_authors[:20]', 'world_facts[:20]'"
 QUICK = {
-    "finetune": ["--data.forget_split", "[forget01, 'retain_perturbed[:40]']", "--trainer.max_epochs", "60"],
-    "finetune_retain": ["--data.forget_split", "['retain_perturbed[:40]']", "--trainer.max_epochs", "60"],
+    "finetune": ["--data.forget_split", f"[forget01, {_QUICK_SPLITS}]"],
+    "finetune_retain": ["--data.forget_split", f"[{_QUICK_SPLITS}]"],
     "eval": ["--data.eval_subset", "20"],
 }
-"""Overrides of ``--quick``: 80 question/answer pairs instead of 377, 20 evaluation samples per set."""
+"""Overrides of ``--quick``: 20 retain, real-author and world-fact pairs instead of 40, 20 evaluated per set."""
 
 
 def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, int], epochs: int | None,
