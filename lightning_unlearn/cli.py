@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -46,6 +47,8 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
     _share_cores()
     if args is None:
         args = sys.argv[1:]
+        # Lightning warns when args are given beside a command line; here they *are* the command line.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if isinstance(args, list):
         args = _commented_print_config(args)
     cli = UnlearnCLI(

@@ -175,3 +175,29 @@ def test_dpo_data_carries_refusals_from_idontknow(tokenizer) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert len(dm.refusals) == 100
     assert torch.equal(batch["forget"]["input_ids"][:, :5], batch["forget_idk"]["input_ids"][:, :5])
+
+
+def test_hub_dataset_id_reads_the_split_as_a_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline here, so the hub call is replaced: the id, the split as config name and 'train' are passed."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path: str, name: str, split: str) -> list[dict]:
+        calls.append((path, name, split))
+        return [{"question": "q", "answer": "a"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_split("locuslab/TOFU", "forget01") == [{"question": "q", "answer": "a"}]
+    assert calls == [("locuslab/TOFU", "forget01", "train")]
+
+
+def test_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="dataset: bundled or a local folder"):
+        load_split("locuslab/TOFU", "forget01")
