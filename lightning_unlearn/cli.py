@@ -58,6 +58,8 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
         seed_everything_default=0,
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box "
+                                      "baselines. Losses: --model GA|GD|KL|NPO|DPO|SimNPO|LLMU|EUL|SFT."},
         auto_configure_optimizers=False,
         args=args,
         run=run,
