@@ -10,6 +10,10 @@ therefore fully described by ``L``, ``S0`` and a list of (export directory, alph
 Offsets trained against *different* large or reference models do not add up to anything meaningful
 (each ``z_S_i - z_S0`` is a correction of one particular ``L`` measured from one particular ``S0``), so
 composing them is refused rather than silently producing a different model.
+
+An export trained with LoRA holds only the adapter (peft's ``adapter_config.json`` and weights): its
+``offset.json`` says ``"adapter": "lora"`` and the adapter applies to the reference ``S0``; a direct
+LoRA export has no manifest and its ``adapter_config.json`` names the model it applies to.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 OFFSET_MANIFEST = "offset.json"
+ADAPTER_CONFIG = "adapter_config.json"
 COMPOSITION_MANIFEST = "composition.json"
 
 PathLike = str | os.PathLike
@@ -29,11 +34,13 @@ PathLike = str | os.PathLike
 
 @dataclass(frozen=True)
 class Offset:
-    """One trained small model: its export directory, its strength and the loss that trained it."""
+    """One trained small model: its export directory, its strength, the loss that trained it, and whether
+    the directory is a LoRA adapter (``"lora"``) rather than a whole model."""
 
     path: str
     alpha: float
     method: str | None = None
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ class Composition:
         return {
             "large_model": self.large_model,
             "reference_model": self.reference_model,
-            "offsets": [{"path": o.path, "alpha": o.alpha, "method": o.method} for o in self.offsets],
+            "offsets": [{"path": o.path, "alpha": o.alpha, "method": o.method, "adapter": o.adapter}
+                        for o in self.offsets],
         }
 
     def save(self, path: PathLike) -> Path:
@@ -128,7 +136,7 @@ def _read_composition_file(path: Path) -> Composition:
     # Relative offset paths are taken relative to the manifest, so a folder holding both moves as one.
     offsets = tuple(
         Offset(str(path.parent / o["path"]) if not os.path.isabs(o["path"]) else o["path"], float(o["alpha"]),
-               o.get("method"))
+               o.get("method"), o.get("adapter"))
         for o in data["offsets"]
     )
     if not offsets:
@@ -151,12 +159,14 @@ def read_export(path: PathLike) -> Composition:
         missing = {"large_model", "reference_model", "alpha"} - set(data)
         if missing:
             raise ValueError(f"{path / OFFSET_MANIFEST} lacks {sorted(missing)}.")
-        return Composition((Offset(str(path), float(data["alpha"]), data.get("method")),),
+        return Composition((Offset(str(path), float(data["alpha"]), data.get("method"), data.get("adapter")),),
                            data["large_model"], data["reference_model"])
     if (path / "config.json").is_file():
         return Composition((Offset(str(path), 1.0, None),))
-    raise ValueError(f"{str(path)!r} holds neither a model (config.json), an {OFFSET_MANIFEST} nor a "
-                     f"{COMPOSITION_MANIFEST}.")
+    if (path / ADAPTER_CONFIG).is_file():
+        return Composition((Offset(str(path), 1.0, None, "lora"),))
+    raise ValueError(f"{str(path)!r} holds neither a model (config.json), a LoRA adapter ({ADAPTER_CONFIG}), an "
+                     f"{OFFSET_MANIFEST} nor a {COMPOSITION_MANIFEST}.")
 
 
 def compose(paths: PathLike | Sequence[PathLike], alphas: Sequence[float] | None = None) -> Composition:

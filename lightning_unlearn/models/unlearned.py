@@ -27,9 +27,39 @@ from ..evaluation.data import left_pad
 from ..losses.functional import sequence_logp, token_nll
 from .generation import OffsetCausalLM, offset_components
 from .loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from .lora import AdapterComponent, adapter_base_model, attach_adapters
 from .manifest import Composition, PathLike, compose
 
 __all__ = ["UnlearnedModel"]
+
+
+def _load_offsets(
+    composition: Composition, reference: nn.Module | None, dtype: DType, trust_remote_code: bool
+) -> tuple[list[nn.Module], nn.Module | None]:
+    """The offsets' models, and the reference to use with them.
+
+    LoRA exports are adapters on the reference ``S0``: they are all loaded onto the one reference model
+    already in memory, each selected by name when its component runs, and the reference becomes that same
+    model with every adapter off. Composing ``n`` LoRA requests thus costs one small model, not ``n + 1``.
+    A direct LoRA export is loaded onto the base model its ``adapter_config.json`` names.
+    """
+    unknown = {o.adapter for o in composition.offsets} - {None, "lora"}
+    if unknown:
+        raise ValueError(f"Unknown adapter kinds {sorted(unknown)} in the manifests; only 'lora' is supported.")
+    adapters = {f"offset{i}": o.path for i, o in enumerate(composition.offsets) if o.adapter}
+    if composition.is_direct:
+        (offset,) = composition.offsets
+        if not offset.adapter:
+            return [freeze(load_causal_lm(offset.path, dtype, trust_remote_code))], None
+        base = freeze(load_causal_lm(adapter_base_model(offset.path), dtype, trust_remote_code))
+        return [attach_adapters(base, adapters)], None
+    if not adapters:
+        return [freeze(load_causal_lm(o.path, dtype, trust_remote_code)) for o in composition.offsets], reference
+    shared = attach_adapters(reference, adapters)
+    offsets = [AdapterComponent(shared, f"offset{i}") if o.adapter else freeze(load_causal_lm(o.path, dtype,
+                                                                                                trust_remote_code))
+               for i, o in enumerate(composition.offsets)]
+    return offsets, AdapterComponent(shared, None)
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -55,9 +85,9 @@ class UnlearnedModel(nn.Module):
         self,
         composition: Composition,
         tokenizer: PreTrainedTokenizerBase,
-        offsets: Sequence[PreTrainedModel],
+        offsets: Sequence[nn.Module],
         large: PreTrainedModel | None = None,
-        reference: PreTrainedModel | None = None,
+        reference: nn.Module | None = None,
         formatter: PromptFormatter | None = None,
     ) -> None:
         super().__init__()
@@ -133,7 +163,7 @@ class UnlearnedModel(nn.Module):
                                  composition.large_model, paths[0])
             large = freeze(load_causal_lm(composition.large_model, large_dtype, trust_remote_code))
             reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code))
-        offsets = [freeze(load_causal_lm(p, small_dtype, trust_remote_code)) for p in paths]
+        offsets, reference = _load_offsets(composition, reference, small_dtype, trust_remote_code)
         formatter = PromptFormatter(tokenizer, max_length=max_length, template=template,
                                     use_chat_template=use_chat_template)
         return cls(composition, tokenizer, offsets, large, reference, formatter).to(device)

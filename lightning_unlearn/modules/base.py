@@ -18,7 +18,9 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from ..losses.functional import kl_on_labelled, nll_mean
+from ..models.generation import LogitsComponent
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from .evaluation import EvaluationHooks
 from .rng import RestoreRNG
 
@@ -71,7 +73,15 @@ class UnlearnModule(EvaluationHooks):
         max_new_tokens: longest greedy generation scored by ROUGE; 0 skips generation.
         export_dir: at the end of ``fit``, save the trained model there as a Hugging Face directory (with
             the tokenizer, and in offset mode an ``offset.json`` naming the large model, the reference and
-            alpha), for the next stage of a pipeline or for use outside training.
+            alpha), for the next stage of a pipeline or for use outside training. With LoRA only the
+            adapter is saved (peft's format; the manifest says ``"adapter": "lora"``).
+        lora_rank: train a LoRA adapter of this rank on the small model instead of all its weights
+            (``null``: full fine-tuning). The reference ``S0`` is then the same model with the adapter
+            disabled, so one small model is in memory; checkpoints and exports hold only the adapter.
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``);
+            ``null`` means ``2 * lora_rank``.
+        lora_dropout: dropout on the adapter's input during training.
+        lora_target_modules: module names to adapt, or ``all-linear`` (every linear layer but the head).
     """
 
     needs_reference: ClassVar[bool] = False
@@ -96,6 +106,10 @@ class UnlearnModule(EvaluationHooks):
         retain_reference: str | None = None,
         max_new_tokens: int = 200,
         export_dir: str | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = DEFAULT_TARGETS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -112,6 +126,11 @@ class UnlearnModule(EvaluationHooks):
     @property
     def offset_mode(self) -> bool:
         return self.hparams.large_model is not None
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the trainable model is a LoRA adapter on the reference weights (one small model)."""
+        return self.hparams.get("lora_rank") is not None
 
     @property
     def uses_reference(self) -> bool:
@@ -150,13 +169,17 @@ class UnlearnModule(EvaluationHooks):
             return
         h = self.hparams
         small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code)
-        if self.offset_mode or self.uses_reference:
+        if self.uses_lora:  # the reference is ``small`` itself with the adapter disabled: no copy
+            small = add_lora(small, h.lora_rank, h.lora_alpha, h.lora_dropout, h.lora_target_modules, h.small_model)
+        elif self.offset_mode or self.uses_reference:
             self.reference = freeze(copy.deepcopy(small))
         if self.offset_mode:
             self.large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
         small.train()
         if h.gradient_checkpointing:
-            small.gradient_checkpointing_enable()
+            # Non-reentrant: with reentrant checkpointing no gradient reaches adapters behind frozen layers.
+            kwargs = {"use_reentrant": False} if self.uses_lora else None
+            small.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model = small
 
     def frozen_models(self) -> list[torch.nn.Module]:
@@ -185,6 +208,24 @@ class UnlearnModule(EvaluationHooks):
     def _frozen_logits(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self._logits(model, input_ids, attention_mask)
 
+    @torch.no_grad()
+    def _large_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``z_L``."""
+        return self._frozen_logits(self.large, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def _reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``z_S0``: the frozen copy, or with LoRA the trainable model with its adapter disabled (eval mode)."""
+        if not self.uses_lora:
+            return self._frozen_logits(self.reference, input_ids, attention_mask)
+        with reference_mode(self.model):
+            return self._logits(self.model, input_ids, attention_mask)
+
+    def _frozen_parts(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """The frozen logits of a batch: ``[z_L, z_S0]`` in offset mode, ``[z_S0]`` in direct mode."""
+        ref = self._reference_logits(input_ids, attention_mask)
+        return [self._large_logits(input_ids, attention_mask), ref] if self.large is not None else [ref]
+
     def logits_and_reference(
         self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False
     ) -> tuple[Tensor, Tensor | None]:
@@ -192,11 +233,20 @@ class UnlearnModule(EvaluationHooks):
         assert self.model is not None, "configure_model() builds the models"
         z_small = self._logits(self.model, input_ids, attention_mask)
         if self.large is None:
-            ref = self._frozen_logits(self.reference, input_ids, attention_mask) if with_reference else None
+            ref = self._frozen_parts(input_ids, attention_mask)[0] if with_reference else None
             return z_small, ref
-        z_large = self._frozen_logits(self.large, input_ids, attention_mask)
-        z_ref = self._frozen_logits(self.reference, input_ids, attention_mask)
+        z_large, z_ref = self._frozen_parts(input_ids, attention_mask)
         return z_large + self.alpha * (z_small - z_ref), z_large
+
+    # --- generation components ------------------------------------------------------------------------------
+
+    def large_component(self) -> torch.nn.Module | LogitsComponent:
+        """The large model for offset generation."""
+        return self.large
+
+    def reference_component(self) -> torch.nn.Module | LogitsComponent:
+        """The reference for offset generation: the frozen copy, or the LoRA model with its adapter off."""
+        return AdapterComponent(self.model, None) if self.uses_lora else self.reference
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Offset logits ``z_L + alpha * (z_S - z_S0)`` (or ``z_S`` in direct mode), float32, shared vocab."""
@@ -260,10 +310,18 @@ class UnlearnModule(EvaluationHooks):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def checkpointed_keys(self) -> set[str]:
+        """State-dict keys a checkpoint must hold: the whole trainable model, or with LoRA its adapter only
+        (the base weights are frozen and reloaded from ``small_model``)."""
+        if self.uses_lora:
+            return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict() if k.startswith("model.")}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the frozen models out of checkpoints: they are reloaded from their ids, unchanged."""
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+        keep = self.checkpointed_keys() if self.uses_lora else None
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES) or (keep is not None and k not in keep)]:
             del state[key]
         for key in TEST_TIME_HPARAMS:
             checkpoint.get("hyper_parameters", {}).pop(key, None)
@@ -277,11 +335,13 @@ class UnlearnModule(EvaluationHooks):
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        self.model.save_pretrained(staging)
+        self.model.save_pretrained(staging)  # with LoRA, peft saves the adapter and names its base model
         self.tokenizer.save_pretrained(staging)
         if self.offset_mode:
             manifest = {"large_model": self.hparams.large_model, "reference_model": self.hparams.small_model,
                         "alpha": self.alpha, "method": type(self).__name__}
+            if self.uses_lora:  # the export is an adapter on the reference, not a model
+                manifest["adapter"] = "lora"
             (staging / "offset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
@@ -290,7 +350,9 @@ class UnlearnModule(EvaluationHooks):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that lacks trainable weights, since loading is not strict."""
-        missing = [k for k, p in self.state_dict().items() if k.startswith("model.") and k not in checkpoint["state_dict"]]
-        if missing and self.model is not None:
+        if self.model is None:
+            return
+        missing = sorted(k for k in self.checkpointed_keys() if k not in checkpoint["state_dict"])
+        if missing:
             raise KeyError(f"The checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}: is it from "
                            "another model?")

@@ -101,6 +101,10 @@ class EUL(UnlearnModule):
                 f"EUL runs in direct mode only (large_model={large_model!r} given): its unlearning layers sit "
                 "inside the model being unlearned. Set --model.large_model null."
             )
+        unsupported = {k: kwargs[k] for k in ("lora_rank", "large_device", "logit_cache") if kwargs.get(k) is not None}
+        if unsupported:  # its own adapters are the trainable part, and its teacher is computed in place
+            raise ValueError(f"EUL does not take {sorted(unsupported)}: its unlearning layers are the only trainable "
+                             "parameters and its teacher is the same model with them off.")
         super().__init__(alpha=alpha, gamma=gamma, retain_weight=retain_weight, large_model=None, **kwargs)
         self._recording = False
         self._pending_grams: dict[str, Tensor] | None = None

@@ -61,7 +61,9 @@ class EvaluationHooks(L.LightningModule):
                 max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             )
             return out[:, input_ids.shape[1]:]
-        components = offset_components(self.large, self.reference, [(self.model, self.alpha)])
+        # Through the module's components: with LoRA the reference is the trainable model with its adapter off,
+        # and the large model may live on its own device.
+        components = offset_components(self.large_component(), self.reference_component(), [(self.model, self.alpha)])
         return greedy_generate(
             components, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, vocab_size=self.vocab_size,
