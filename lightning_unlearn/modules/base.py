@@ -21,6 +21,7 @@ from ..losses.functional import kl_on_labelled, nll_mean
 from ..models.generation import LogitsComponent
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
+from ..models.placement import DeviceComponent
 from .evaluation import EvaluationHooks
 from .rng import RestoreRNG
 
@@ -82,6 +83,8 @@ class UnlearnModule(EvaluationHooks):
             ``null`` means ``2 * lora_rank``.
         lora_dropout: dropout on the adapter's input during training.
         lora_target_modules: module names to adapt, or ``all-linear`` (every linear layer but the head).
+        large_device: device of the frozen large model (e.g. ``cuda:1``) when it should not sit with the
+            small pair; inputs are moved to it and its logits back. ``null``: the module's device.
     """
 
     needs_reference: ClassVar[bool] = False
@@ -110,6 +113,7 @@ class UnlearnModule(EvaluationHooks):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
         lora_target_modules: str | list[str] = DEFAULT_TARGETS,
+        large_device: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -174,7 +178,11 @@ class UnlearnModule(EvaluationHooks):
         elif self.offset_mode or self.uses_reference:
             self.reference = freeze(copy.deepcopy(small))
         if self.offset_mode:
-            self.large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
+            large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
+            if h.get("large_device") is None:
+                self.large = large
+            else:  # unregistered, so that Lightning moving the module to its device leaves it where it is put
+                object.__setattr__(self, "large", large.to(h.large_device))
         small.train()
         if h.gradient_checkpointing:
             # Non-reentrant: with reentrant checkpointing no gradient reaches adapters behind frozen layers.
@@ -210,8 +218,12 @@ class UnlearnModule(EvaluationHooks):
 
     @torch.no_grad()
     def _large_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``z_L``."""
-        return self._frozen_logits(self.large, input_ids, attention_mask)
+        """``z_L``, computed on ``large_device`` if set and returned on the inputs' device."""
+        device = self.hparams.get("large_device")
+        if device is None:
+            return self._frozen_logits(self.large, input_ids, attention_mask)
+        logits = self.large(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+        return logits.logits[..., : self.vocab_size].to(input_ids.device).float()
 
     @torch.no_grad()
     def _reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -241,8 +253,9 @@ class UnlearnModule(EvaluationHooks):
     # --- generation components ------------------------------------------------------------------------------
 
     def large_component(self) -> torch.nn.Module | LogitsComponent:
-        """The large model for offset generation."""
-        return self.large
+        """The large model for offset generation (wrapped to run on ``large_device`` if set)."""
+        device = self.hparams.get("large_device")
+        return self.large if device is None else DeviceComponent(self.large, device)
 
     def reference_component(self) -> torch.nn.Module | LogitsComponent:
         """The reference for offset generation: the frozen copy, or the LoRA model with its adapter off."""

@@ -1,0 +1,51 @@
+"""``large_device``: the large model on its own device, out of the module's registered submodules, same results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_unlearn.cli import main
+from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
+from lightning_unlearn.evaluation.data import left_pad
+from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.modules import NPO, UnlearnModule
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = str(ROOT / "configs" / "tests" / "fast.yaml")
+QUESTIONS = ["Who is Basil Mahfouz Al-Kuwaiti?", "Where was he born?"]
+ANSWERS = ["A writer from Kuwait.", "In Kuwait City, Kuwait."]
+
+
+def built(world: dict, **kwargs) -> UnlearnModule:
+    module = NPO(small_model=world["small"], large_model=world["large"], retain_loss="kl", **kwargs)
+    module.setup("fit")
+    module.configure_model()
+    return module
+
+
+def test_large_model_on_its_device_gives_the_same_losses_and_generations(tiny_world: dict) -> None:
+    placed, plain = built(tiny_world, large_device="cpu"), built(tiny_world)
+    assert "large" not in dict(placed.named_children()) and not any(k.startswith("large.") for k in placed.state_dict())
+    placed.to(torch.float64)  # what Lightning's move of the module to its device does to registered models
+    assert next(placed.large.parameters()).dtype == torch.bfloat16, "the large model stays where it was put"
+    placed.to(torch.float32)
+    formatter = PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), max_length=64)
+    items = [{p: formatter.encode(q, a + p) for p in ("forget", "retain")} for q, a in zip(QUESTIONS, ANSWERS)]
+    batch = collate_parts(items, formatter.tokenizer.pad_token_id)
+    for module in (placed, plain):
+        module.train()
+        assert not module.large.training
+    got, want = placed.compute_losses(batch), plain.compute_losses(batch)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    prompts = left_pad([formatter.prompt_ids(q) for q in QUESTIONS], formatter.tokenizer.pad_token_id)
+    placed.eval(), plain.eval()
+    assert torch.equal(placed.generate(prompts["input_ids"], prompts["attention_mask"], 8),
+                       plain.generate(prompts["input_ids"], prompts["attention_mask"], 8))
+
+
+def test_fit_with_large_device_from_the_command_line(tiny_world: dict, tmp_cwd: Path) -> None:
+    cli = main(["fit", "--config", FAST, "--model", "NPO", "--model.small_model", tiny_world["small"],
+                "--model.large_model", tiny_world["large"], "--model.large_device", "cpu"])
+    assert cli.trainer.global_step == 1 and cli.model.large.device == torch.device("cpu")
