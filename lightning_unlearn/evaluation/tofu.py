@@ -73,6 +73,20 @@ def _gather_objects(values: list[Any]) -> list[Any]:
     return [v for part in gathered for v in part]
 
 
+def _mean_nll_in_chunks(logits_fn: LogitsFn, encoded: dict[str, Tensor], rows: int) -> Tensor:
+    """Per-row mean answer NLL of a right-padded batch, ``rows`` rows per forward pass.
+
+    The perturbed answers are K times as many rows as the batch: in one pass their logits would take K times
+    the memory of the answer pass, all padded to the longest of them. Each chunk is cut after its own last
+    real token, which changes no value (padding is masked) but saves the work on padding.
+    """
+    out = []
+    for ids, mask, labels in zip(*(encoded[k].split(rows) for k in ("input_ids", "attention_mask", "labels"))):
+        length = int(mask.any(dim=0).nonzero().max()) + 1
+        out.append(F.answer_token_stats(logits_fn(ids[:, :length], mask[:, :length]), labels[:, :length]).mean_nll)
+    return torch.cat(out)
+
+
 class TofuEvaluation(nn.Module):
     """Accumulates every TOFU metric over the evaluation sets present and reports them.
 
@@ -119,13 +133,12 @@ class TofuEvaluation(nn.Module):
         if name in ("forget", "holdout") and self.mia:
             self._update_mia(logits, answer["labels"], stats, batch["answer_texts"], is_holdout=name == "holdout")
         if "truth" in m:
+            rows = len(batch["index"])
             correct = stats.mean_nll
             if "correct" in batch:
-                c = batch["correct"]
-                correct = F.answer_token_stats(logits_fn(c["input_ids"], c["attention_mask"]), c["labels"]).mean_nll
-            p = batch["perturbed"]
-            wrong = F.answer_token_stats(logits_fn(p["input_ids"], p["attention_mask"]), p["labels"]).mean_nll
-            wrong = wrong.view(len(batch["index"]), batch["num_perturbed"])
+                correct = _mean_nll_in_chunks(logits_fn, batch["correct"], rows)
+            wrong = _mean_nll_in_chunks(logits_fn, batch["perturbed"], rows)
+            wrong = wrong.view(rows, batch["num_perturbed"])
             m["truth"].update(correct, wrong)
             if "prob_norm" in m:
                 m["prob_norm"].update(stats.mean_nll, wrong)
@@ -138,11 +151,13 @@ class TofuEvaluation(nn.Module):
     def _update_mia(self, logits: Tensor, labels: Tensor, stats: F.AnswerTokenStats, texts: list[str],
                     is_holdout: bool) -> None:
         trimmed = F.drop_last_answer_token(labels)
-        trimmed_stats = F.answer_token_stats(logits, trimmed)
+        # Min-K% reads the token log-probs already in ``stats`` (same logits), minus the final answer token:
+        # recomputing them would cost another log-softmax over the whole [B, T, V] logits.
+        trimmed_mask = trimmed[:, 1:] != F.IGNORE_INDEX
         scores = {
             "mia_loss": stats.mean_nll,
             "mia_zlib": F.zlib_score(stats.mean_nll, texts),
-            "mia_min_k": F.min_k_score(trimmed_stats.token_logprobs, trimmed_stats.mask, self.min_k),
+            "mia_min_k": F.min_k_score(stats.token_logprobs, trimmed_mask, self.min_k),
             "mia_min_k_plus_plus": F.min_k_plus_plus_score(logits, trimmed, self.min_k),
         }
         label = torch.full_like(stats.mean_nll, float(is_holdout))
