@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from ..losses.functional import kl_on_labelled, nll_mean
 from ..models.generation import LogitsComponent
-from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
+from ..models.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from ..models.placement import DeviceComponent
 from .evaluation import EvaluationHooks
@@ -83,6 +84,11 @@ class UnlearnModule(EvaluationHooks):
             ``null`` means ``2 * lora_rank``.
         lora_dropout: dropout on the adapter's input during training.
         lora_target_modules: module names to adapt, or ``all-linear`` (every linear layer but the head).
+        logit_cache: keep the frozen models' logits of every training sequence (``memory`` or ``disk``)
+            so that later epochs run only the trainable model; ``null`` recomputes them at every step. See
+            :mod:`lightning_unlearn.models.logit_cache` for what is stored and the precision.
+        logit_cache_dir: folder of the disk cache (required with ``disk``; each rank uses a subfolder).
+        logit_cache_dtype: storage dtype of cached logits (float16: relative error at most 2**-11).
         large_device: device of the frozen large model (e.g. ``cuda:1``) when it should not sit with the
             small pair; inputs are moved to it and its logits back. ``null``: the module's device.
     """
@@ -113,6 +119,9 @@ class UnlearnModule(EvaluationHooks):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
         lora_target_modules: str | list[str] = DEFAULT_TARGETS,
+        logit_cache: CacheMode | None = None,
+        logit_cache_dir: str | None = None,
+        logit_cache_dtype: DType = "float16",
         large_device: str | None = None,
     ) -> None:
         super().__init__()
@@ -126,6 +135,9 @@ class UnlearnModule(EvaluationHooks):
         self.evaluation = None
         self.history: list[dict[str, Any]] = []
         self.strict_loading = False
+        if logit_cache == "disk" and not logit_cache_dir:
+            raise ValueError("logit_cache: disk needs a folder: set model.logit_cache_dir.")
+        self._logit_cache: FrozenLogitCache | None = None
 
     @property
     def offset_mode(self) -> bool:
@@ -234,9 +246,14 @@ class UnlearnModule(EvaluationHooks):
             return self._logits(self.model, input_ids, attention_mask)
 
     def _frozen_parts(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
-        """The frozen logits of a batch: ``[z_L, z_S0]`` in offset mode, ``[z_S0]`` in direct mode."""
-        ref = self._reference_logits(input_ids, attention_mask)
-        return [self._large_logits(input_ids, attention_mask), ref] if self.large is not None else [ref]
+        """The frozen logits of a batch: ``[z_L, z_S0]`` in offset mode, ``[z_S0]`` in direct mode; read from
+        the logit cache while training when it is on (validation and test always compute them)."""
+        def compute(ids: Tensor, mask: Tensor) -> list[Tensor]:
+            ref = self._reference_logits(ids, mask)
+            return [self._large_logits(ids, mask), ref] if self.large is not None else [ref]
+
+        cache = self.logit_cache if self.training else None
+        return compute(input_ids, attention_mask) if cache is None else cache.get(input_ids, attention_mask, compute)
 
     def logits_and_reference(
         self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False
@@ -249,6 +266,41 @@ class UnlearnModule(EvaluationHooks):
             return z_small, ref
         z_large, z_ref = self._frozen_parts(input_ids, attention_mask)
         return z_large + self.alpha * (z_small - z_ref), z_large
+
+    @property
+    def logit_cache(self) -> FrozenLogitCache | None:
+        """The cache of frozen logits (built on first use, when the models and the data module are known)."""
+        h = self.hparams
+        if h.get("logit_cache") is None or (self.large is None and not self.uses_reference):
+            return None
+        if self._logit_cache is None:
+            directory = None
+            if h.logit_cache == "disk":
+                rank = self.global_rank if self._trainer is not None else 0
+                directory = os.path.join(h.logit_cache_dir, f"rank{rank}")
+            self._logit_cache = FrozenLogitCache(
+                ["large", "reference"] if self.large is not None else ["reference"], self.vocab_size,
+                h.logit_cache, directory, resolve_dtype(h.logit_cache_dtype), self.cache_fingerprint())
+        return self._logit_cache
+
+    def cache_fingerprint(self) -> dict[str, Any]:
+        """Everything the cached frozen logits depend on (alpha is not: ``z_L`` and ``z_S0`` are stored)."""
+        h = self.hparams
+        fingerprint: dict[str, Any] = {
+            "reference": model_fingerprint(h.small_model, self.model, h.small_dtype),
+            "large": model_fingerprint(h.large_model, self.large, h.large_dtype) if self.large is not None else None,
+            "vocab": tokenizer_fingerprint(self.tokenizer),
+        }
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "hparams", {})
+        fingerprint["data"] = {k: data.get(k) for k in ("max_length", "template", "use_chat_template")}
+        return fingerprint
+
+    def teardown(self, stage: str) -> None:
+        """Close the disk cache's files (its contents stay for the next run with the same models)."""
+        if self._logit_cache is not None:
+            self._logit_cache.close()
+            self._logit_cache = None
 
     # --- generation components ------------------------------------------------------------------------------
 

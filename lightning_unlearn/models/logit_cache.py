@@ -1,0 +1,296 @@
+"""A cache of the frozen models' logits per training sequence, so later epochs run only the trainable model.
+
+In offset mode ``z = z_L + alpha * (z_S - z_S0)``: the large model ``L`` and the reference ``S0`` are
+frozen and in eval mode, so ``z_L`` and ``z_S0`` of a given sequence never change. Computed once (the
+first time a sequence is seen), they are read back at every later occurrence; then a training step costs
+the trainable model's forward and backward plus reading two ``[tokens, vocab]`` arrays.
+
+What is stored, and why
+    ``z_L`` and ``z_S0`` separately (not the pre-combined ``z_L - alpha z_S0``): the losses that need a
+    reference (NPO, DPO, KL, LLMU) read ``z_L`` itself, and with both stored the module keeps computing
+    the identity ``z = z_L + alpha (z_S - z_S0)`` literally, only with ``z_L`` and ``z_S0`` replaced by
+    their stored roundings. Alpha is therefore *not* baked into the cache, and changing it (an alpha sweep,
+    a second run) reuses the cache instead of discarding it. In direct mode only ``z_S0`` is stored.
+
+The key of a sequence
+    a hash of its token ids and attention mask up to its last attended position: trailing padding is cut
+    off, so one example has one key whatever batch, pairing (forget, retain, refusal, random answers) or
+    padding width it comes in; with right padding (training batches) and causal attention its logits do
+    not depend on those. Leading (left) padding stays in the key, since it shifts positions. Only the
+    attended positions are stored; padded positions are returned as zeros (their labels are ignored).
+
+Precision (the approximation)
+    Logits are stored in ``dtype`` (float16 by default: 11 significant bits, relative rounding error at
+    most ``2**-11`` ~ 4.9e-4, absolute ``2**-25`` below 6.1e-5; bfloat16 has 8 bits, ``2**-8`` ~ 3.9e-3,
+    and float32's range). A logit of magnitude 20 is off by at most 0.01 in float16, which moves
+    log-probabilities by at most about twice that. Every use of a sequence, including the first, reads the rounded values, so training is one
+    consistent function. Logits beyond float16's range (65504) are refused with a pointer to bfloat16;
+    ``float32`` stores exact values.
+
+Storage
+    ``memory``: a dict of CPU tensors (host RAM grows with every new sequence: ``2 * tokens * vocab *
+    itemsize`` bytes per sequence, e.g. 150 tokens x 32k vocab x 2 x 2 bytes = 19 MB). ``disk``: one
+    append-only file of rows read back through a memory map (``torch.from_file``), plus ``index.jsonl``
+    (key, first row, rows) written after the data, so a crash leaves at worst unindexed rows, trimmed on the
+    next open. Under DDP each rank caches what it sees, in its own subdirectory.
+
+Invalidation
+    The cache holds a fingerprint of everything the stored values depend on (each frozen model's name,
+    config, dtype and the size and modification time of its files; the tokenizer vocabulary; the data
+    formatting; the storage dtype); a cache opened with another fingerprint clears itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["CacheMode", "FrozenLogitCache", "model_fingerprint", "sequence_keys", "tokenizer_fingerprint"]
+
+# Not "off" for no cache: YAML 1.1 reads a bare off as false; no cache is null.
+CacheMode = Literal["memory", "disk"]
+ComputeFn = Callable[[Tensor, Tensor], Sequence[Tensor]]
+DATA_FILE, INDEX_FILE, FINGERPRINT_FILE = "logits.bin", "index.jsonl", "fingerprint.json"
+
+
+def _last_attended(mask_row: Tensor) -> int:
+    nonzero = mask_row.nonzero()
+    return int(nonzero[-1]) + 1 if len(nonzero) else 0
+
+
+def sequence_keys(input_ids: Tensor, attention_mask: Tensor) -> list[str]:
+    """One key per row: a hash of the ids and mask up to the row's last attended position."""
+    ids, mask = input_ids.detach().cpu().to(torch.int64), attention_mask.detach().cpu().to(torch.int8)
+    keys = []
+    for row_ids, row_mask in zip(ids, mask):
+        end = _last_attended(row_mask)
+        digest = hashlib.blake2b(row_ids[:end].numpy().tobytes(), digest_size=16)
+        digest.update(row_mask[:end].numpy().tobytes())
+        keys.append(digest.hexdigest())
+    return keys
+
+
+def _stable_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(name_or_path: str, model: torch.nn.Module | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """What identifies a frozen model's weights without reading them: name, config, dtype and, for a local
+    folder, every file's name, size and modification time (hashing gigabytes of weights at every start
+    would cost more than it saves)."""
+    out: dict[str, Any] = {"name": name_or_path, "dtype": dtype}
+    config = getattr(model, "config", None)
+    if config is not None:
+        out["config"] = _stable_hash(config.to_dict())
+        out["commit"] = getattr(config, "_commit_hash", None)
+    if os.path.isdir(name_or_path):
+        out["files"] = [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                        for p in sorted(Path(name_or_path).iterdir()) if p.is_file()]
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the vocabulary (token -> id), which decides what every cached id means."""
+    return _stable_hash(sorted(tokenizer.get_vocab().items()))
+
+
+class _MemoryStore:
+    """Sequences' logits ``[tokens, K, vocab]`` as CPU tensors in a dict."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Tensor] = {}
+
+    def get(self, key: str) -> Tensor | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, value: Tensor) -> None:
+        self.rows[key] = value
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.rows.values())
+
+    def close(self) -> None:
+        self.rows.clear()
+
+
+class _DiskStore:
+    """Rows ``[K, vocab]`` appended to one file, located by ``index.jsonl``, read through a memory map."""
+
+    def __init__(self, directory: Path, row_shape: tuple[int, int], dtype: torch.dtype) -> None:
+        self.directory, self.row_shape, self.dtype = directory, row_shape, dtype
+        self.row_numel = row_shape[0] * row_shape[1]
+        self.row_bytes = self.row_numel * torch.empty((), dtype=dtype).element_size()
+        self.index: dict[str, tuple[int, int]] = {}
+        data = directory / DATA_FILE
+        stored_rows = data.stat().st_size // self.row_bytes if data.exists() else 0
+        if (directory / INDEX_FILE).exists():
+            for line in (directory / INDEX_FILE).read_text(encoding="utf-8").splitlines():
+                try:
+                    key, start, n = json.loads(line)
+                except ValueError:  # a line cut short by a crash
+                    continue
+                if start + n <= stored_rows:
+                    self.index[key] = (start, n)
+        self.rows = max((s + n for s, n in self.index.values()), default=0)
+        with open(data, "ab") as f:  # drop rows written after the last indexed ones (an interrupted write)
+            f.truncate(self.rows * self.row_bytes)
+        (directory / INDEX_FILE).write_text(
+            "".join(json.dumps([k, s, n]) + "\n" for k, (s, n) in self.index.items()), encoding="utf-8")
+        self._data = open(data, "ab")
+        self._index = open(directory / INDEX_FILE, "a", encoding="utf-8")
+        self._mapped: Tensor | None = None
+        self._mapped_rows = 0
+
+    def get(self, key: str) -> Tensor | None:
+        location = self.index.get(key)
+        if location is None:
+            return None
+        start, n = location
+        if start + n > self._mapped_rows:
+            self._mapped = torch.from_file(str(self.directory / DATA_FILE), shared=False,
+                                           size=self.rows * self.row_numel, dtype=self.dtype).view(-1, *self.row_shape)
+            self._mapped_rows = self.rows
+        return self._mapped[start:start + n]
+
+    def put(self, key: str, value: Tensor) -> None:
+        self._data.write(value.contiguous().view(torch.uint8).numpy().tobytes())
+        self._data.flush()
+        self.index[key] = (self.rows, value.shape[0])
+        self._index.write(json.dumps([key, self.rows, value.shape[0]]) + "\n")
+        self._index.flush()
+        self.rows += value.shape[0]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    def close(self) -> None:
+        self._data.close()
+        self._index.close()
+        self._mapped = None
+
+
+def _clear_directory(directory: Path) -> None:
+    """Remove this cache's own files only (never anything else a user keeps in the folder)."""
+    for name in (DATA_FILE, INDEX_FILE, FINGERPRINT_FILE):
+        (directory / name).unlink(missing_ok=True)
+
+
+class FrozenLogitCache:
+    """Frozen logits per sequence (see the module docstring): ``K`` named ``[tokens, vocab]`` arrays each.
+
+    Args:
+        names: what the ``K`` arrays are (e.g. ``("large", "reference")``), part of the fingerprint.
+        vocab_size: width of every array.
+        mode: ``memory`` or ``disk``.
+        directory: folder of the disk cache (created; this process's files only).
+        dtype: storage dtype.
+        fingerprint: everything the stored values depend on; a disk cache holding another is cleared.
+    """
+
+    def __init__(
+        self, names: Sequence[str], vocab_size: int, mode: CacheMode = "memory", directory: str | Path | None = None,
+        dtype: torch.dtype = torch.float16, fingerprint: Mapping[str, Any] | None = None,
+    ) -> None:
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"Unknown logit cache mode {mode!r}: use 'memory' or 'disk'.")
+        self.names, self.vocab_size, self.mode, self.dtype = tuple(names), vocab_size, mode, dtype
+        self.fingerprint = {**(fingerprint or {}), "names": list(self.names), "vocab_size": vocab_size,
+                            "dtype": str(dtype), "format": 1}
+        self.hits = self.misses = 0
+        self.cleared = False
+        if mode == "memory":
+            self.store: _MemoryStore | _DiskStore = _MemoryStore()
+            return
+        if directory is None:
+            raise ValueError("A disk logit cache needs a directory: set model.logit_cache_dir.")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        marker = self.directory / FINGERPRINT_FILE
+        expected = json.dumps(self.fingerprint, sort_keys=True, indent=1, default=str)
+        if not marker.exists() or marker.read_text(encoding="utf-8") != expected:
+            self.cleared = any((self.directory / n).exists() for n in (DATA_FILE, INDEX_FILE, FINGERPRINT_FILE))
+            _clear_directory(self.directory)
+            marker.write_text(expected, encoding="utf-8")
+        self.store = _DiskStore(self.directory, (len(self.names), vocab_size), dtype)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def nbytes(self) -> int:
+        """Bytes of stored logits."""
+        return self.store.nbytes()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _round(self, values: Sequence[Tensor], row: int, positions: Tensor) -> Tensor:
+        stacked = torch.stack([v[row, positions] for v in values], dim=1).to("cpu", self.dtype)
+        if not bool(torch.isfinite(stacked).all()):
+            raise ValueError(
+                f"A frozen logit is beyond the range of the logit cache's {self.dtype}: use "
+                "model.logit_cache_dtype bfloat16 (float32 range) or float32.")
+        return stacked
+
+    def get(self, input_ids: Tensor, attention_mask: Tensor, compute: ComputeFn) -> list[Tensor]:
+        """The ``K`` float32 arrays ``[B, T, vocab]`` for a batch; ``compute`` runs on the unseen rows only.
+
+        ``compute(input_ids, attention_mask)`` gets the unseen rows (each distinct sequence once), cut to
+        their longest attended length, and returns ``K`` arrays ``[rows, length, >= vocab]``.
+        """
+        keys = sequence_keys(input_ids, attention_mask)
+        mask = attention_mask.detach().bool().cpu()
+        found: dict[str, Tensor] = {}
+        unseen: list[int] = []
+        pending: set[str] = set()
+        for row, key in enumerate(keys):
+            if key in found or key in pending:
+                continue
+            value = self.store.get(key)
+            if value is None:
+                unseen.append(row)
+                pending.add(key)
+            else:
+                found[key] = value
+        self.hits += len(keys) - len(unseen)
+        self.misses += len(unseen)
+        if unseen:
+            length = max(_last_attended(mask[r]) for r in unseen)
+            index = torch.tensor(unseen, device=input_ids.device)
+            values = [v[..., : self.vocab_size] for v in compute(input_ids[index, :length], attention_mask[index, :length])]
+            for j, row in enumerate(unseen):
+                rounded = self._round(values, j, mask[row, :length].nonzero().squeeze(1).to(values[0].device))
+                self.store.put(keys[row], rounded)
+                found[keys[row]] = rounded
+        return self._assemble(keys, mask, found, input_ids.device)
+
+    def _assemble(self, keys: list[str], mask: Tensor, found: dict[str, Tensor], device: torch.device) -> list[Tensor]:
+        batch, width = mask.shape
+        outs = [torch.empty(batch, width, self.vocab_size, dtype=torch.float32, device=device) for _ in self.names]
+        for row, key in enumerate(keys):
+            value, attended = found[key], mask[row]
+            n = int(attended.sum())
+            if value.shape[0] != n:
+                raise RuntimeError(f"Cached sequence {key} has {value.shape[0]} positions, the batch row {n}.")
+            if bool(attended[:n].all()):  # right padding: the attended positions are a prefix
+                for k, out in enumerate(outs):
+                    out[row, :n].copy_(value[:, k])
+                    out[row, n:].zero_()
+            else:
+                positions = attended.nonzero().squeeze(1).to(device)
+                for k, out in enumerate(outs):
+                    out[row].zero_()
+                    out[row].index_copy_(0, positions, value[:, k].to(device, torch.float32))
+        return outs
