@@ -94,7 +94,7 @@ class RougeLRecall(_PerSampleMean):
     """``*_Q_A_ROUGE``: mean ROUGE-L recall of generations against reference answers."""
 
     def update(self, preds: Sequence[str], refs: Sequence[str]) -> None:
-        self._append(torch.tensor(F.rouge_l_recall(preds, refs), device=self.device))
+        self._append(torch.tensor(F.rouge_l_recall(preds, refs), dtype=torch.float64, device=self.device))
 
 
 class ExactMemorization(_PerSampleMean):
