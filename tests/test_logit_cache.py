@@ -224,6 +224,16 @@ def test_an_interrupted_write_is_trimmed(tmp_path: Path) -> None:
     assert (tmp_path / DATA_FILE).stat().st_size == 3 * 2 * 5 * 2
 
 
+def test_left_padded_rows_are_placed_at_their_positions() -> None:
+    cache = FrozenLogitCache(["large"], 5, "memory", dtype=torch.float32)
+    ids, mask = torch.tensor([[0, 0, 4, 5], [6, 7, 8, 9]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    values = torch.randn(2, 4, 5)
+    (got,) = cache.get(ids, mask, lambda i, m: [values])
+    assert torch.equal(got[0, 2:], values[0, 2:]) and (got[0, :2] == 0).all() and torch.equal(got[1], values[1])
+    (again,) = cache.get(ids, mask, lambda i, m: pytest.fail("all rows are cached"))
+    assert torch.equal(again, got)
+
+
 def test_direct_mode_caches_the_reference_only(tiny_world: dict) -> None:
     module = built(NPO, tiny_world, large=None, retain_loss="none", logit_cache="memory")
     assert module.logit_cache.names == ("reference",)

@@ -244,8 +244,9 @@ class FrozenLogitCache:
                 "model.logit_cache_dtype bfloat16 (float32 range) or float32.")
         return stacked
 
-    def get(self, input_ids: Tensor, attention_mask: Tensor, compute: ComputeFn) -> list[Tensor]:
-        """The ``K`` float32 arrays ``[B, T, vocab]`` for a batch; ``compute`` runs on the unseen rows only.
+    def rows(self, input_ids: Tensor, attention_mask: Tensor, compute: ComputeFn) -> list[Tensor]:
+        """Each batch row's stored ``[attended positions, K, vocab]`` values (in the storage dtype); ``compute``
+        runs on the unseen rows only.
 
         ``compute(input_ids, attention_mask)`` gets the unseen rows (each distinct sequence once), cut to
         their longest attended length, and returns ``K`` arrays ``[rows, length, >= vocab]``.
@@ -274,16 +275,26 @@ class FrozenLogitCache:
                 rounded = self._round(values, j, mask[row, :length].nonzero().squeeze(1).to(values[0].device))
                 self.store.put(keys[row], rounded)
                 found[keys[row]] = rounded
-        return self._assemble(keys, mask, found, input_ids.device)
+        out = []
+        for row, key in enumerate(keys):
+            if found[key].shape[0] != int(mask[row].sum()):
+                raise RuntimeError(f"Cached sequence {key} has {found[key].shape[0]} positions, the batch row "
+                                   f"{int(mask[row].sum())}.")
+            out.append(found[key])
+        return out
 
-    def _assemble(self, keys: list[str], mask: Tensor, found: dict[str, Tensor], device: torch.device) -> list[Tensor]:
+    def get(self, input_ids: Tensor, attention_mask: Tensor, compute: ComputeFn) -> list[Tensor]:
+        """The ``K`` float32 arrays ``[B, T, vocab]`` of a batch (zero at unattended positions); see :meth:`rows`."""
+        rows = self.rows(input_ids, attention_mask, compute)
+        return self._assemble(rows, attention_mask.detach().bool().cpu(), input_ids.device)
+
+    def _assemble(self, rows: list[Tensor], mask: Tensor, device: torch.device) -> list[Tensor]:
+        """The batch's ``K`` arrays in float32, each row converted straight from its stored rows (no
+        intermediate copy: every new vocabulary-sized tensor costs a pass of page faults on CPU)."""
         batch, width = mask.shape
         outs = [torch.empty(batch, width, self.vocab_size, dtype=torch.float32, device=device) for _ in self.names]
-        for row, key in enumerate(keys):
-            value, attended = found[key], mask[row]
-            n = int(attended.sum())
-            if value.shape[0] != n:
-                raise RuntimeError(f"Cached sequence {key} has {value.shape[0]} positions, the batch row {n}.")
+        for row, (value, attended) in enumerate(zip(rows, mask)):
+            n = value.shape[0]
             if bool(attended[:n].all()):  # right padding: the attended positions are a prefix
                 for k, out in enumerate(outs):
                     out[row, :n].copy_(value[:, k])

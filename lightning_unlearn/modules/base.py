@@ -22,6 +22,7 @@ from ..models.generation import LogitsComponent
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
 from ..models.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
+from ..models.offset import cached_offset_logits, offset_logits
 from ..models.placement import DeviceComponent
 from .evaluation import EvaluationHooks
 from .rng import RestoreRNG
@@ -222,7 +223,9 @@ class UnlearnModule(EvaluationHooks):
 
     def _logits(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits[..., : self.vocab_size].float()
+        if logits.shape[-1] != self.vocab_size:  # no view when nothing is cut off: the offset reuses the memory
+            logits = logits[..., : self.vocab_size]
+        return logits.float()
 
     @torch.no_grad()
     def _frozen_logits(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -230,12 +233,14 @@ class UnlearnModule(EvaluationHooks):
 
     @torch.no_grad()
     def _large_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``z_L``, computed on ``large_device`` if set and returned on the inputs' device."""
-        device = self.hparams.get("large_device")
-        if device is None:
-            return self._frozen_logits(self.large, input_ids, attention_mask)
+        """``z_L`` in the large model's dtype (the offset promotes it), computed on ``large_device`` if set and
+        returned on the inputs' device."""
+        device = self.hparams.get("large_device") or input_ids.device
         logits = self.large(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        return logits.logits[..., : self.vocab_size].to(input_ids.device).float()
+        logits = logits.logits
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[..., : self.vocab_size]
+        return logits.to(input_ids.device)
 
     @torch.no_grad()
     def _reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -245,15 +250,19 @@ class UnlearnModule(EvaluationHooks):
         with reference_mode(self.model):
             return self._logits(self.model, input_ids, attention_mask)
 
+    def _compute_frozen(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """``[z_L, z_S0]`` in offset mode, ``[z_S0]`` in direct mode, computed by the models."""
+        ref = self._reference_logits(input_ids, attention_mask)
+        return [self._large_logits(input_ids, attention_mask), ref] if self.large is not None else [ref]
+
     def _frozen_parts(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
         """The frozen logits of a batch: ``[z_L, z_S0]`` in offset mode, ``[z_S0]`` in direct mode; read from
-        the logit cache while training when it is on (validation and test always compute them)."""
-        def compute(ids: Tensor, mask: Tensor) -> list[Tensor]:
-            ref = self._reference_logits(ids, mask)
-            return [self._large_logits(ids, mask), ref] if self.large is not None else [ref]
-
+        the logit cache while training when it is on (validation and test always compute them); ``z_L`` in
+        the large model's dtype, converted once by :meth:`logits_and_reference`."""
         cache = self.logit_cache if self.training else None
-        return compute(input_ids, attention_mask) if cache is None else cache.get(input_ids, attention_mask, compute)
+        if cache is None:
+            return self._compute_frozen(input_ids, attention_mask)
+        return cache.get(input_ids, attention_mask, self._compute_frozen)
 
     def logits_and_reference(
         self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False
@@ -262,10 +271,14 @@ class UnlearnModule(EvaluationHooks):
         assert self.model is not None, "configure_model() builds the models"
         z_small = self._logits(self.model, input_ids, attention_mask)
         if self.large is None:
-            ref = self._frozen_parts(input_ids, attention_mask)[0] if with_reference else None
+            ref = self._frozen_parts(input_ids, attention_mask)[0].float() if with_reference else None
             return z_small, ref
-        z_large, z_ref = self._frozen_parts(input_ids, attention_mask)
-        return z_large + self.alpha * (z_small - z_ref), z_large
+        cache = self.logit_cache if self.training else None
+        if cache is not None and not with_reference:  # z_L is not needed whole: build z from the stored rows
+            rows = cache.rows(input_ids, attention_mask, self._compute_frozen)
+            return cached_offset_logits(z_small, rows, attention_mask, self.alpha), None
+        z_large, z_ref = (z.float() for z in self._frozen_parts(input_ids, attention_mask))
+        return offset_logits(z_small, z_large, z_ref, self.alpha), z_large if with_reference else None
 
     @property
     def logit_cache(self) -> FrozenLogitCache | None:
