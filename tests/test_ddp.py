@@ -103,4 +103,7 @@ def test_two_processes_train_what_one_trains_with_the_same_global_batch(tiny_wor
     # The TOFU metrics gathered from both ranks' halves of the evaluation sets equal one process's.
     metrics_two, metrics_one = evaluated(tmp_path / "ddp"), evaluated(tmp_path / "single")
     assert metrics_two.keys() == metrics_one.keys() and metrics_one["forget_truth_ratio"] is not None
-    assert metrics_two == pytest.approx(metrics_one, rel=1e-4, abs=1e-6)
+    missing = {k for k, v in metrics_one.items() if v is None}  # forget quality etc. without a reference
+    assert missing == {k for k, v in metrics_two.items() if v is None}
+    numbers_two = {k: v for k, v in metrics_two.items() if k not in missing}
+    assert numbers_two == pytest.approx({k: v for k, v in metrics_one.items() if k not in missing}, rel=1e-4, abs=1e-6)
