@@ -204,7 +204,7 @@ def test_adapter_export_loads_back_as_the_training_module(kind: str, lora_export
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_composed_adapters_share_one_small_model(tiny_world: dict, lora_exports: dict) -> None:
+def test_composed_adapters_share_one_small_model(tiny_world: dict, lora_exports: dict, tmp_path: Path) -> None:
     paths = [lora_exports[n][1] for n in ("first", "second", "full")]
     model = UnlearnedModel.from_export(paths, large_dtype="float32")
     batch = model.encode(QUESTIONS, ANSWERS)
@@ -222,6 +222,9 @@ def test_composed_adapters_share_one_small_model(tiny_world: dict, lora_exports:
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     # large + one base shared by the reference and both adapters + the full offset
     assert sum(p.numel() for p in model.parameters()) == large + 2 * small + adapters
+    reloaded = UnlearnedModel.from_export(model.save_manifest(tmp_path / "composed").parent, large_dtype="float32")
+    assert [o.adapter for o in reloaded.composition.offsets] == ["lora", "lora", None]
+    assert torch.equal(reloaded.logits(ids, mask), model.logits(ids, mask))
     prompt_ids, prompt_mask = model.prompt_batch(QUESTIONS)
     model.set_alphas([0.0, 0.0, 0.0])
     large_only = UnlearnedModel.from_export(paths[2], alphas=[0.0], large_dtype="float32")

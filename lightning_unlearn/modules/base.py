@@ -310,7 +310,8 @@ class UnlearnModule(EvaluationHooks):
         return fingerprint
 
     def teardown(self, stage: str) -> None:
-        """Close the disk cache's files (its contents stay for the next run with the same models)."""
+        """Close the disk cache's files (their contents stay for the next run with the same models) and free a
+        memory cache (host memory it may hold in gigabytes)."""
         if self._logit_cache is not None:
             self._logit_cache.close()
             self._logit_cache = None
