@@ -5,8 +5,9 @@ Every stage is an ordinary command (printed before it runs) that works the same 
 1. a byte-level BPE tokenizer trained on TOFU text and two tiny Llama models built from config;
 2. both fine-tuned on a TOFU subset (``configs/demo/finetune.yaml``), and a retain-only large model;
 3. the retain model and the fine-tuned model evaluated (``configs/demo/eval.yaml``);
-4. offset unlearning of the fine-tuned pair (``configs/demo/unlearn.yaml``, NPO unless ``--method``),
-   evaluated every epoch, then the final model evaluated;
+4. offset unlearning of the fine-tuned pair (``configs/demo/unlearn.yaml``, NPO unless ``--method``; with
+   ``--method EUL`` unlearning layers in the fine-tuned large model, ``configs/demo/eul.yaml``),
+   evaluated every epoch (EUL: every 5), then the final model evaluated;
 5. a before/after table and the per-epoch forget quality vs model utility plot.
 
 A stage whose outputs exist and whose command, configs and inputs are unchanged is skipped, so a second
@@ -57,8 +58,10 @@ QUICK = {
     "finetune": ["--data.forget_split", f"[forget01, {_QUICK_SPLITS}]"],
     "finetune_retain": ["--data.forget_split", f"[{_QUICK_SPLITS}]"],
     "eval": ["--data.eval_subset", "20"],
+    "eul": ["--data.retain_split", "retain_perturbed[:20]"],
 }
-"""Overrides of ``--quick``: 20 retain, real-author and world-fact pairs instead of 40, 20 evaluated per set."""
+"""Overrides of ``--quick``: 20 retain, real-author and world-fact pairs instead of 40, 20 evaluated per set
+(and EUL's retain set: the 20 retain pairs the quick model knows)."""
 
 
 def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, int], epochs: int | None,
@@ -67,9 +70,14 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
     r = str(root)
     ft, ft_retain, ev, un = (os.path.relpath(CONFIGS / f) for f in ("finetune.yaml", "finetune_retain.yaml", "eval.yaml",
                                                         "unlearn.yaml"))
-    unlearn_common = [
-        "--config", un, "--model", method, "--model.large_model", f"{r}/models/large_ft",
-        "--model.small_model", f"{r}/models/small_ft", "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
+    if method == "EUL":  # unlearning layers inside the fine-tuned large model itself (direct mode)
+        unlearning = ["--config", os.path.relpath(CONFIGS / "eul.yaml"), "--model.small_model", f"{r}/models/large_ft",
+                      *q.get("eul", [])]
+    else:
+        unlearning = ["--config", un, "--model", method, "--model.large_model", f"{r}/models/large_ft",
+                      "--model.small_model", f"{r}/models/small_ft"]
+    unlearn_common = unlearning + [
+        "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
         "--trainer.default_root_dir", f"{r}/logs/unlearn",
     ] + (["--trainer.max_epochs", str(epochs)] if epochs else []) + q.get("eval", [])
     return [
@@ -147,7 +155,8 @@ def report(root: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="folder for models, logs and results")
-    parser.add_argument("--method", default="NPO", help="unlearning loss: GA, GD, KL, NPO, DPO, SimNPO")
+    parser.add_argument("--method", default="NPO", help="unlearning loss: GA, GD, KL, NPO, DPO, SimNPO (offset); "
+                        "EUL: unlearning layers in the large model (configs/demo/eul.yaml)")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
     parser.add_argument("--large", type=int, nargs=2, default=(128, 4), metavar=("HIDDEN", "LAYERS"))
     parser.add_argument("--small", type=int, nargs=2, default=(64, 2), metavar=("HIDDEN", "LAYERS"))
