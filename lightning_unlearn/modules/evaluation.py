@@ -61,20 +61,17 @@ class EvaluationHooks(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy new tokens for a left-padded batch: one KV cache per model in offset mode."""
-        tok = self.tokenizer
+        """Greedy new tokens for a left-padded batch, over the tokenizer's vocabulary (an embedding padded past it,
+        as GPT-NeoX's, must not yield ids no token has), stopping at :meth:`stop_ids`: one KV cache per model."""
         if self.large is None:
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
-                max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(), pad_token_id=tok.pad_token_id,
-            )
-            return out[:, input_ids.shape[1]:]
-        # Through the module's components: with LoRA the reference is the trainable model with its adapter off,
-        # and the large model may live on its own device.
-        components = offset_components(self.large_component(), self.reference_component(), [(self.model, self.alpha)])
+            components = [(self.model, 1.0)]
+        else:  # through the module's components: with LoRA the reference is the trainable model with its adapter
+            # off, and the large model may live on its own device
+            components = offset_components(self.large_component(), self.reference_component(),
+                                           [(self.model, self.alpha)])
         return greedy_generate(
             components, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
-            pad_token_id=tok.pad_token_id, vocab_size=self.vocab_size,
+            pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size,
         )
 
     def generate_texts(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
