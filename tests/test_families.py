@@ -21,6 +21,7 @@ from lightning_unlearn.evaluation.data import left_pad
 from lightning_unlearn.generate import main as generate_main
 from lightning_unlearn.metrics.functional import answer_token_stats
 from lightning_unlearn.models.families import FAMILIES, build_family_model, build_family_tokenizer, make_family_pair
+from lightning_unlearn.models.generation import decode_answers
 from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
 from lightning_unlearn.models.unlearned import UnlearnedModel
 from lightning_unlearn.modules import NPO, SFT
@@ -180,6 +181,24 @@ def test_offset_mode_runs_with_a_pair_of_the_family(world: dict) -> None:
     direct.eval()
     assert torch.equal(direct.generate(prompt["input_ids"], prompt["attention_mask"], 12), ours)
     assert int(ours.max()) < len(tokenizer), "no id past the tokenizer, however many rows the embedding has"
+
+
+def test_generated_text_ends_before_the_stop_even_an_ordinary_token() -> None:
+    tokenizer = build_family_tokenizer("gpt2", texts())
+    answer = tokenizer(" Kuwait City", add_special_tokens=False)["input_ids"]
+    stop = [tokenizer.convert_tokens_to_ids("!")]  # an ordinary token listed as a stop id, as generation_config can
+    rows = torch.tensor([answer + stop + answer, answer + [tokenizer.eos_token_id] * (len(answer) + 1)])
+    assert decode_answers(tokenizer, rows, [stop[0], tokenizer.eos_token_id]) == ["Kuwait City", "Kuwait City"]
+
+
+def test_template_whose_answer_does_not_follow_the_prompt_is_refused() -> None:
+    tokenizer = build_family_tokenizer("chatml", texts())
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant:\n{% endif %}")
+    with pytest.raises(ValueError, match="use_chat_template: false"):
+        PromptFormatter(tokenizer)
+    assert PromptFormatter(tokenizer, use_chat_template=False).encode(QUESTION, ANSWER).labels[-1] == (
+        tokenizer.eos_token_id)
 
 
 def write_eval_data(folder: Path) -> None:
