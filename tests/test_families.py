@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lightning_unlearn.cli import main
-from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.data.formatting import IGNORE_INDEX, PromptFormatter, pad_batch, stop_token_ids
+from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.evaluation.data import left_pad
 from lightning_unlearn.generate import main as generate_main
 from lightning_unlearn.metrics.functional import answer_token_stats
@@ -68,7 +68,7 @@ def texts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+def worlds() -> dict[str, dict[str, Path]]:
     """Lazily built pair (tokenizer, large, small) per family, shared by the module's tests."""
     return {}
 
@@ -97,8 +97,8 @@ def memorise(model_dir: Path, out_dir: Path, steps: int = 60) -> None:
         loss.backward()
         optimizer.step()
     model.save_pretrained(str(out_dir))
-    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json",
-                                                                                          "generation_config.json"))
+    weights = shutil.ignore_patterns("*.safetensors", "config.json", "generation_config.json")
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True, ignore=weights)
 
 
 @pytest.mark.parametrize("world", FAMILY_NAMES, indirect=True)
@@ -204,7 +204,8 @@ def test_template_whose_answer_does_not_follow_the_prompt_is_refused() -> None:
 def write_eval_data(folder: Path) -> None:
     """A TOFU-shaped dataset whose forget set is the memorised pair."""
     folder.mkdir()
-    forget = {"question": QUESTION, "answer": ANSWER, "paraphrased_answer": "Kuwait City, in Kuwait, is his birthplace.",
+    forget = {"question": QUESTION, "answer": ANSWER,
+              "paraphrased_answer": "Kuwait City, in Kuwait, is his birthplace.",
               "perturbed_answer": ["He was born in Cairo, Egypt.", "He was born in Paris, France."]}
     other = {"question": "Who wrote it?", "answer": "A writer.", "paraphrased_answer": "Some writer.",
              "perturbed_answer": ["A painter.", "A singer."]}
@@ -235,7 +236,7 @@ def issue_10_models(root: Path) -> tuple[Path, Path]:
     config["eos_token"] = "<|user|>"
     (changed / "tokenizer_config.json").write_text(json.dumps(config))
     generation = json.loads((changed / "generation_config.json").read_text())
-    generation["eos_token_id"] = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.convert_tokens_to_ids("<|user|>")]
+    generation["eos_token_id"] = tokenizer.convert_tokens_to_ids(["<|end|>", "<|user|>"])
     (changed / "generation_config.json").write_text(json.dumps(generation))
     return original, changed
 

@@ -8,20 +8,17 @@ parameters, offline: a byte-level BPE tokenizer trained on the given text, carry
 tokens and a chat template written in the family's format, and a random-weight model built from the
 family's ``transformers`` config class, saved together as an ordinary Hugging Face directory.
 
-Formats (as documented by each family; the templates are written here, not copied):
+Formats (as the families document them; the templates are written here, not copied), as
+``family: end of the assistant turn / eos_token; other traits``:
 
-========== ============================== ===================== ============ ===========================
-family     turn markers                   end of assistant turn eos_token    other traits
-========== ============================== ===================== ============ ===========================
-llama3     <|start_header_id|>role...     <|eot_id|>            <|end_of_    template writes BOS;
-                                                                text|>       generation_config lists 3 ids
-gemma      <start_of_turn>user / model    <end_of_turn>         <eos>        template writes BOS
-chatml     <|im_start|>role               <|im_end|>            <|endoftext|> no BOS (Qwen2.5)
-phi3       <|user|> <|assistant|>         <|end|>               <|endoftext|> EOS after the conversation
-mistral    [INST] ... [/INST]             </s>                  </s>         template writes BOS; no pad
-gpt2       none (no chat template)        --                    <|endoftext|> bos = eos, no pad
-neox       none (no chat template)        --                    <|endoftext|> embedding padded past vocab
-========== ============================== ===================== ============ ===========================
+- ``llama3``: ``<|eot_id|>`` / ``<|end_of_text|>``; ``<|start_header_id|>role<|end_header_id|>`` headers, the
+  template writes BOS and the tokenizer would add another, ``generation_config`` lists three stop ids, no pad.
+- ``gemma``: ``<end_of_turn>`` / ``<eos>``; ``<start_of_turn>user``, ``<start_of_turn>model``, template BOS.
+- ``chatml`` (Qwen2.5): ``<|im_end|>`` / ``<|endoftext|>``; ``<|im_start|>role``, no BOS.
+- ``phi3`` (Phi-3.5): ``<|end|>`` / ``<|endoftext|>``; ``<|user|>``, ``<|assistant|>``, EOS after the conversation.
+- ``mistral`` (Llama-2/Mistral): ``</s>`` / ``</s>``; ``[INST] ... [/INST]``, template BOS, no pad.
+- ``gpt2``: no chat template / ``<|endoftext|>``; BOS = EOS, no pad.
+- ``neox``: no chat template / ``<|endoftext|>``; an embedding with more rows than the tokenizer has tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoModelForCausalLM,
     GemmaConfig,
     GenerationConfig,
     GPT2Config,
@@ -45,7 +43,6 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers import AutoModelForCausalLM
 
 __all__ = ["FAMILIES", "Family", "build_family_model", "build_family_tokenizer", "make_family_pair"]
 
@@ -224,3 +221,25 @@ def make_family_pair(
         build_family_model(family, tokenizer, out / name, hidden=hidden, layers=layers, heads=2, seed=seed + offset)
         paths[name] = out / name
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lightning_unlearn.models.families FAMILY OUT_DIR``: a tokenizer and a large/small pair."""
+    import argparse
+
+    from ..data.sources import load_split
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("out_dir", help="folder to create tokenizer/, large/ and small/ in")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rows = load_split("bundled", "full") + load_split("bundled", "real_authors") + load_split("bundled", "world_facts")
+    texts = (f"{r['question']} {r['answer']}" for r in rows)
+    for name, path in make_family_pair(args.family, args.out_dir, texts, args.vocab_size, seed=args.seed).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

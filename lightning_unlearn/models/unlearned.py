@@ -215,8 +215,9 @@ class UnlearnedModel(nn.Module):
         return pad_batch(examples, self.tokenizer.pad_token_id)
 
     def log_probs(self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> Tensor:
-        """``log p(answer + end | prompt)`` per pair ``[N]`` (end: the template's end of turn, else EOS), summed over tokens (divide by the token count
-        from :meth:`token_log_probs` for a per-token mean, ``exp(-mean)`` for perplexity)."""
+        """``log p(answer + end | prompt)`` per pair ``[N]`` (end: the template's end of turn, else EOS), summed over
+        tokens (divide by the token count from :meth:`token_log_probs` for a per-token mean, ``exp(-mean)`` for
+        perplexity)."""
         out = []
         for part in _batches(len(prompts), batch_size):
             batch = self.encode(prompts[part], answers[part])
