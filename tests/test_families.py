@@ -199,6 +199,7 @@ def test_template_whose_answer_does_not_follow_the_prompt_is_refused() -> None:
         PromptFormatter(tokenizer)
     assert PromptFormatter(tokenizer, use_chat_template=False).encode(QUESTION, ANSWER).labels[-1] == (
         tokenizer.eos_token_id)
+    assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id], "a template the run does not use stops nothing"
 
 
 def write_eval_data(folder: Path) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -149,7 +150,10 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, sources: Iterable[Any] = 
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for source in sources:
         ids.update(_eos_ids(source))
-    turn = chat_turn(tokenizer)
+    try:
+        turn = chat_turn(tokenizer)
+    except (ValueError, TemplateError):  # a template the run does not use (data.use_chat_template: false)
+        turn = None
     if turn is not None:
         ids.add(turn.end_token_id)
     if not ids:
