@@ -124,10 +124,12 @@ def test_prompt_longer_than_max_length_is_an_error(tokenizer) -> None:
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(tokenizer) -> None:
     chat = load_tokenizer(tokenizer.name_or_path)
-    chat.chat_template = "{% for m in messages %}<s>[USER] {{ m['content'] }} [BOT]{% endfor %}"
+    chat.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<s>[USER] {{ m['content'] }} [BOT]"
+                          "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}")
     formatter = PromptFormatter(chat, max_length=128)
     encoded = formatter.encode("Who?", "Me.")
-    assert chat.decode(encoded.input_ids).startswith("<s>[USER] Who? [BOT]Me.")
+    assert chat.decode(encoded.input_ids) == "<s>[USER] Who? [BOT]Me.</s>", "the template's BOS, not doubled"
+    assert chat.decode([i for i in encoded.labels if i != IGNORE_INDEX]) == "Me.</s>"
     plain = PromptFormatter(chat, max_length=128, use_chat_template=False).encode("Who?", "Me.")
     assert chat.decode(plain.input_ids).startswith("<s>Question: Who?\nAnswer: Me.")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 __all__ = [
     "CausalLMComponent",
@@ -29,6 +29,7 @@ __all__ = [
     "LogitsComponent",
     "OffsetCausalLM",
     "combine_logits",
+    "decode_answers",
     "greedy_generate",
     "offset_components",
     "position_ids_from_mask",
@@ -152,6 +153,21 @@ def _eos_tensor(eos_token_id: int | Sequence[int], device: torch.device) -> Tens
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def decode_answers(tokenizer: PreTrainedTokenizerBase, new_tokens: Tensor, stop_ids: Sequence[int]) -> list[str]:
+    """Texts of generated answers ``[B, n]``, each cut before its first stop id and stripped.
+
+    Cutting at the stop id (rather than relying on ``skip_special_tokens``) keeps an end-of-turn or
+    ``generation_config`` stop that the tokenizer does not mark special, and anything generated after it,
+    out of the text that ROUGE scores; special tokens inside the answer are dropped as before.
+    """
+    stops = set(int(i) for i in stop_ids)
+    rows: list[list[int]] = []
+    for row in new_tokens.tolist():
+        end = next((k for k, token in enumerate(row) if token in stops), len(row))
+        rows.append(row[:end])
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
 def greedy_generate(
     components: Sequence[Component],
     input_ids: Tensor,
@@ -167,8 +183,9 @@ def greedy_generate(
     ``input_ids``/``attention_mask`` are a LEFT-padded batch ``[B, T]`` (the last
     column must be a real token for every row, otherwise the next-token logits
     would be read off a pad). Each component is called with its own
-    ``DynamicCache``. A sequence stops at its first EOS (kept in the output);
-    later positions hold ``pad_token_id``. The result is ``[B, n]`` with
+    ``DynamicCache``. A sequence stops at its first id of ``eos_token_id`` (an int
+    or every stop id of :func:`~lightning_unlearn.data.formatting.stop_token_ids`;
+    kept in the output); later positions hold ``pad_token_id``. The result is ``[B, n]`` with
     ``n <= max_new_tokens``: the loop ends once every sequence has finished.
     Models must already be in eval mode.
     """

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data.formatting import DEFAULT_TEMPLATE, PromptFormatter, pad_batch
+from ..data.formatting import DEFAULT_TEMPLATE, PromptFormatter, pad_batch, stop_token_ids
 from ..evaluation.data import left_pad
 from ..losses.functional import sequence_logp, token_nll
-from .generation import OffsetCausalLM, offset_components
+from .generation import OffsetCausalLM, decode_answers, offset_components
 from .loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
 from .lora import AdapterComponent, adapter_base_model, attach_adapters
 from .manifest import Composition, PathLike, compose
@@ -79,6 +79,8 @@ class UnlearnedModel(nn.Module):
             writes it so the same composed model can be reloaded from one path.
         tokenizer: the shared tokenizer (saved in every export).
         formatter: turns questions into the prompts used in training.
+        stop_ids: where generated answers end: EOS, every model's ``generation_config.eos_token_id`` and the
+            chat template's end-of-turn token (:func:`~lightning_unlearn.data.formatting.stop_token_ids`).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class UnlearnedModel(nn.Module):
         self.large = large
         self.reference = reference
         self.offsets = nn.ModuleList(offsets)
+        self.stop_ids = stop_token_ids(tokenizer, [m for m in (large, *offsets) if m is not None])
         self._set_combined()
 
     def _set_combined(self) -> None:
@@ -205,15 +208,16 @@ class UnlearnedModel(nn.Module):
     forward = logits
 
     def encode(self, prompts: Sequence[str], answers: Sequence[str]) -> dict[str, Tensor]:
-        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (answer + EOS) as in training."""
+        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (answer and its end) as in training."""
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers.")
         examples = [self.formatter.encode(q, a) for q, a in zip(prompts, answers)]
         return pad_batch(examples, self.tokenizer.pad_token_id)
 
     def log_probs(self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> Tensor:
-        """``log p(answer + EOS | prompt)`` per pair ``[N]``, summed over tokens (divide by the token count
-        from :meth:`token_log_probs` for a per-token mean, ``exp(-mean)`` for perplexity)."""
+        """``log p(answer + end | prompt)`` per pair ``[N]`` (end: the template's end of turn, else EOS), summed over
+        tokens (divide by the token count from :meth:`token_log_probs` for a per-token mean, ``exp(-mean)`` for
+        perplexity)."""
         out = []
         for part in _batches(len(prompts), batch_size):
             batch = self.encode(prompts[part], answers[part])
@@ -222,7 +226,7 @@ class UnlearnedModel(nn.Module):
         return torch.cat(out)
 
     def token_log_probs(self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> list[Tensor]:
-        """Log-probability of each answer token (EOS last), one 1-D tensor per pair."""
+        """Log-probability of each answer token (the end-of-turn or EOS token last), one 1-D tensor per pair."""
         out: list[Tensor] = []
         for part in _batches(len(prompts), batch_size):
             batch = self.encode(prompts[part], answers[part])
@@ -239,18 +243,19 @@ class UnlearnedModel(nn.Module):
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 200) -> Tensor:
-        """Greedy new tokens ``[B, n]`` for a LEFT-padded batch; finished rows are padded after their EOS."""
-        tok = self.tokenizer
+        """Greedy new tokens ``[B, n]`` for a LEFT-padded batch; a row ends at its first of :attr:`stop_ids`
+        (kept) and is padded after it."""
         return self.combined.generate(input_ids.to(self.device), attention_mask.to(self.device),
-                                      max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id)
+                                      max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                                      pad_token_id=self.tokenizer.pad_token_id)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 200, batch_size: int = 8) -> list[str]:
-        """Greedy answers to questions, decoded without special tokens and stripped (as TOFU scores them)."""
+        """Greedy answers to questions, cut at the stop token, decoded without special tokens and stripped (as TOFU
+        scores them)."""
         texts: list[str] = []
         for part in _batches(len(prompts), batch_size):
             new = self.generate_ids(*self.prompt_batch(prompts[part]), max_new_tokens=max_new_tokens)
-            texts.extend(t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts.extend(decode_answers(self.tokenizer, new, self.stop_ids))
         return texts
 
     def extra_repr(self) -> str:

@@ -19,7 +19,8 @@ from torch import Tensor
 from ..evaluation.report import atomic_write_json, plot_tradeoff, print_table, summary_table
 from ..evaluation.tofu import HEADLINE, RetainReference, TofuEvaluation
 from ..losses.functional import nll_mean
-from ..models.generation import greedy_generate, offset_components
+from ..data.formatting import stop_token_ids
+from ..models.generation import decode_answers, greedy_generate, offset_components
 from ..tracking import publish_summary
 
 Batch = dict[str, Any]
@@ -51,27 +52,31 @@ class EvaluationHooks(L.LightningModule):
                     "monitor another metric such as val/forget_Q_A_ROUGE."
                 )
 
+    def stop_ids(self) -> list[int]:
+        """Where generated answers end: EOS, the models' ``generation_config`` stops and the template's end of turn."""
+        if getattr(self, "_stop_ids", None) is None:
+            models = [self.model] if self.large is None else [self.large, self.model]
+            self._stop_ids = stop_token_ids(self.tokenizer, models)
+        return self._stop_ids
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy new tokens for a left-padded batch: one KV cache per model in offset mode."""
-        tok = self.tokenizer
+        """Greedy new tokens for a left-padded batch, over the tokenizer's vocabulary (an embedding padded past it,
+        as GPT-NeoX's, must not yield ids no token has), stopping at :meth:`stop_ids`: one KV cache per model."""
         if self.large is None:
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
-                max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            )
-            return out[:, input_ids.shape[1]:]
-        # Through the module's components: with LoRA the reference is the trainable model with its adapter off,
-        # and the large model may live on its own device.
-        components = offset_components(self.large_component(), self.reference_component(), [(self.model, self.alpha)])
+            components = [(self.model, 1.0)]
+        else:  # through the module's components: with LoRA the reference is the trainable model with its adapter
+            # off, and the large model may live on its own device
+            components = offset_components(self.large_component(), self.reference_component(),
+                                           [(self.model, self.alpha)])
         return greedy_generate(
-            components, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, vocab_size=self.vocab_size,
+            components, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
+            pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size,
         )
 
     def generate_texts(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
         new = self.generate(input_ids, attention_mask, self.hparams.max_new_tokens)
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return decode_answers(self.tokenizer, new, self.stop_ids())
 
     # --- steps ----------------------------------------------------------------------------------------------
 
