@@ -23,6 +23,8 @@ import torch
 from lightning_unlearn.cli import main
 from lightning_unlearn.models.loading import load_causal_lm
 
+pytestmark = pytest.mark.timeout(900)
+
 TESTS = Path(__file__).resolve().parent
 STEPS = 3  # one epoch of 3 batches, then the TOFU validation (which once hung DDP: a collective on rank 0 only)
 
@@ -38,6 +40,7 @@ def args(world: dict, root: Path, batch_size: int) -> list[str]:
     return [
         "fit", "--model", "NPO", "--model.retain_loss", "none",
         "--model.small_model", world["small"], "--model.large_model", world["large"],
+        "--model.large_dtype", "float32",
         "--data.forget_split", "forget01", "--data.retain_split", "retain99", "--data.batch_size", str(batch_size),
         "--data.max_length", "128", "--data.evaluation", "tofu", "--data.eval_subset", "2",
         "--model.max_new_tokens", "4", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
@@ -107,3 +110,51 @@ def test_two_processes_train_what_one_trains_with_the_same_global_batch(tiny_wor
     assert missing == {k for k, v in metrics_two.items() if v is None}
     numbers_two = {k: v for k, v in metrics_two.items() if k not in missing}
     assert numbers_two == pytest.approx({k: v for k, v in metrics_one.items() if k not in missing}, rel=1e-4, abs=1e-6)
+
+
+def eval_args(world: dict, root: Path, *extra: str) -> list[str]:
+    """``test`` on 15 samples per TOFU set (75 in all: 2 processes get 38 each, one sample twice)."""
+    return [
+        "test", "--model", "NPO", "--model.small_model", world["small"], "--model.large_model", world["large"],
+        "--model.large_dtype", "float32",
+        "--data.forget_split", "forget01", "--data.retain_split", "retain99", "--data.max_length", "256",
+        "--data.evaluation", "tofu", "--data.eval_subset", "15", "--data.eval_batch_size", "4",
+        "--model.max_new_tokens", "6", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.callbacks", "null", "--trainer.default_root_dir", str(root), *extra,
+    ]
+
+
+def assert_same_report(two: dict, one: dict, path: str = "") -> None:
+    """Same keys and texts everywhere; numbers equal to 1e-6 (None where the other is None)."""
+    if isinstance(one, dict):
+        assert isinstance(two, dict) and two.keys() == one.keys(), f"{path}: {sorted(two)} vs {sorted(one)}"
+        for key in one:
+            assert_same_report(two[key], one[key], f"{path}/{key}")
+    elif isinstance(one, float) or isinstance(two, float):
+        assert two == pytest.approx(one, rel=0, abs=1e-6), path
+    else:
+        assert two == one, path
+
+
+def test_two_processes_evaluate_each_sample_once(tiny_world: dict, tmp_path: Path) -> None:
+    """A set size that 2 processes do not divide: the sampler repeats a sample, which must not count twice."""
+    # The reference is another model (the small model alone), so forget quality is a real KS p-value.
+    main(eval_args(tiny_world, tmp_path / "reference", "--model.large_model", "null"))
+    reference = ["--model.retain_reference", str(tmp_path / "reference" / "TOFU_EVAL.json")]
+    main(eval_args(tiny_world, tmp_path / "single", *reference))
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    run_ddp([sys.executable, "-m", "lightning_unlearn.cli", *eval_args(tiny_world, tmp_path / "ddp", *reference),
+             "--trainer.strategy", "ddp", "--trainer.devices", "2"], tmp_path, env)
+
+    one = json.loads((tmp_path / "single" / "TOFU_SUMMARY.json").read_text())
+    two = json.loads((tmp_path / "ddp" / "TOFU_SUMMARY.json").read_text())
+    assert 0.0 < one["forget_quality"] < 1.0 and one["privleak"] is not None
+    assert_same_report(two, one)
+    # Per-sample values (forget quality's KS sample among them), in dataset order, each sample once.
+    report_one = json.loads((tmp_path / "single" / "TOFU_EVAL.json").read_text())
+    report_two = json.loads((tmp_path / "ddp" / "TOFU_EVAL.json").read_text())
+    assert list(report_one["forget_truth_ratio"]["value_by_index"]) == [str(i) for i in range(15)]
+    assert_same_report(report_two, report_one)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,15 @@ import torch
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter
 from lightning_unlearn.evaluation.data import (
+    AnswerDataset,
     EvalCollection,
     EvalDataset,
+    collate_answers,
     collate_collection,
     collate_eval,
     tofu_eval_specs,
 )
+from lightning_unlearn.evaluation.loss import LossEvaluation
 from lightning_unlearn.evaluation.sweep import sweep
 from lightning_unlearn.evaluation.tofu import RetainReference
 from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
@@ -29,6 +33,8 @@ SUMMARY_KEYS = {
     "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE",
     "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio", "exact_memorization",
     "extraction_strength", "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus",
+    "forget_nll", "retain_nll", "forget_truth_ratio_exact", "retain_Truth_Ratio_exact", "ra_Truth_Ratio_exact",
+    "wf_Truth_Ratio_exact",
 }
 
 
@@ -71,6 +77,41 @@ def test_collection_regroups_mixed_batches_by_set(formatter: PromptFormatter) ->
     batch = collate_collection([collection[i] for i in (1, 2, 3, 9)], formatter.tokenizer.pad_token_id)
     assert [(p["set"], p["index"].tolist()) for p in batch["parts"]] == [
         ("forget", [1]), ("retain", [0, 1]), ("holdout", [1])]
+
+
+def test_loss_mode_items_carry_their_index_in_their_set(formatter: PromptFormatter) -> None:
+    records = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)]
+    collection = EvalCollection([AnswerDataset("forget", records, formatter), AnswerDataset("retain", records[:2],
+                                                                                               formatter)])
+    batch = collate_answers([collection[i] for i in (2, 3, 4)], formatter.tokenizer.pad_token_id)
+    assert [(p["set"], p["index"].tolist()) for p in batch["parts"]] == [("forget", [2]), ("retain", [0, 1])]
+    assert batch["parts"][1]["answer"]["labels"].shape[0] == 2
+
+
+def test_loss_evaluation_counts_a_repeated_sample_once() -> None:
+    # p = (1/2, 1/4, 1/4) at every position: answer tokens 0 cost ln 2 each, tokens 1 cost ln 4.
+    probs = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+
+    def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return probs.log().expand(*ids.shape, 3)
+
+    def part(index: list[int], answers: list[list[int]]) -> dict:
+        ids = torch.tensor([[2, *a] for a in answers])
+        labels = ids.clone()
+        labels[:, 0] = -100
+        return {"set": "forget", "index": torch.tensor(index),
+                "answer": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}}
+
+    evaluation = LossEvaluation(["forget", "retain"])
+    evaluation.update(part([0, 1], [[0, 0], [1, 1]]), logits_fn)
+    evaluation.update(part([0], [[0, 0]]), logits_fn)  # sample 0 again, as a padded distributed sampler repeats it
+    summary, report = evaluation.compute()
+    ln2 = math.log(2.0)
+    assert summary == {"forget_nll": pytest.approx((ln2 + 2 * ln2) / 2)}  # not (ln2 + 2 ln2 + ln2) / 3
+    assert report["forget_nll"]["value_by_index"] == {"0": {"nll": pytest.approx(ln2)},
+                                                      "1": {"nll": pytest.approx(2 * ln2)}}
+    with pytest.raises(KeyError, match="holdout"):
+        evaluation.update({**part([0], [[0]]), "set": "holdout"}, logits_fn)
 
 
 def test_missing_evaluation_split_says_what_to_set(formatter: PromptFormatter, tmp_path: Path) -> None:

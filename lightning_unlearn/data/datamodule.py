@@ -12,9 +12,17 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..evaluation.data import EvalCollection, EvalDataset, EvalSetSpec, collate_collection, tofu_eval_specs
+from ..evaluation.data import (
+    AnswerDataset,
+    EvalCollection,
+    EvalDataset,
+    EvalSetSpec,
+    collate_answers,
+    collate_collection,
+    tofu_eval_specs,
+)
 from ..models.loading import load_tokenizer
-from .datasets import PairedDataset, PairingSampler, RecordDataset
+from .datasets import PairedDataset, PairingSampler
 from .formatting import DEFAULT_TEMPLATE, PromptFormatter, collate_parts
 from .sources import BUNDLED, Record, load_refusals, load_split, require_fields
 
@@ -208,24 +216,32 @@ class UnlearnDataModule(L.LightningDataModule):
         return tofu_eval_specs(forget, h.eval_forget_split, h.eval_holdout_split)
 
     def _eval_loaders(self) -> list[DataLoader]:
+        """The evaluation loaders; each item carries its index in its set.
+
+        TOFU: one loader over every set. ``loss``: one loader per set (forget, retain), so that a limit on
+        validation batches still reaches both. Under DDP Lightning gives each loader a distributed sampler that
+        pads it by repeating items so that every rank runs as many batches (no rank waits in a collective); the
+        evaluation keeps one value per (set, index), so the repeats change no result.
+        """
         h = self.hparams
         size = h.eval_batch_size or h.batch_size
         formatter = self._formatter()
+        pad = formatter.tokenizer.pad_token_id
         if h.evaluation == "tofu":
             collection = EvalCollection([
                 EvalDataset.load(spec, h.dataset, formatter, h.eval_subset, h.question_key, h.answer_key)
                 for spec in self.eval_specs()
             ])
-            collate = partial(collate_collection, pad_token_id=formatter.tokenizer.pad_token_id)
-            return [DataLoader(collection, batch_size=size, num_workers=h.num_workers, collate_fn=collate,
-                               generator=self._generator())]
-        loaders = []
-        for name, records in (("forget", self.forget), ("retain", self.retain)):
-            if records:
-                subset = records[: h.eval_subset] if h.eval_subset else records
-                dataset = RecordDataset(subset, formatter, name, h.question_key, h.answer_key)
-                loaders.append(self._loader(dataset, size))
-        return loaders
+            collections, collate = [collection], partial(collate_collection, pad_token_id=pad)
+        else:
+            collections = [
+                EvalCollection([AnswerDataset(name, records[: h.eval_subset] if h.eval_subset else records, formatter,
+                                              h.question_key, h.answer_key)])
+                for name, records in (("forget", self.forget), ("retain", self.retain)) if records
+            ]
+            collate = partial(collate_answers, pad_token_id=pad)
+        return [DataLoader(c, batch_size=size, num_workers=h.num_workers, collate_fn=collate,
+                           generator=self._generator()) for c in collections]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()

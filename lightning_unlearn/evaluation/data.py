@@ -84,6 +84,10 @@ class EvalDataset(Dataset):
             ) from None
         return cls(spec, records[:subset] if subset else records, formatter, question_key, answer_key)
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -131,14 +135,47 @@ def collate_eval(items: list[dict[str, Any]], set_name: str, pad_token_id: int) 
     return batch
 
 
+class AnswerDataset(Dataset):
+    """The answers of one split with their indices, for ``data.evaluation: loss`` (answer NLL only).
+
+    Items ``{"index": i, "answer": Encoded}``; the index lets results gathered from DDP ranks count each
+    sample once (the distributed sampler repeats samples to even out the ranks).
+    """
+
+    def __init__(self, name: str, records: Sequence[Record], formatter: PromptFormatter,
+                 question_key: str = "question", answer_key: str = "answer") -> None:
+        self.name, self.records, self.formatter = name, list(records), formatter
+        self.q, self.a = question_key, answer_key
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        return {"index": index, "answer": self.formatter.encode(record[self.q], record[self.a])}
+
+
+def collate_answers(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Group a batch of :class:`AnswerDataset` items (through :class:`EvalCollection`) by set."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(item["set"], []).append(item)
+    return {"parts": [
+        {"set": name, "index": torch.tensor([i["index"] for i in group]),
+         "answer": pad_batch([i["answer"] for i in group], pad_token_id)}
+        for name, group in groups.items()
+    ]}
+
+
 class EvalCollection(Dataset):
     """All evaluation sets behind one index, so validation/test is a single dataloader.
 
     One loader keeps Lightning's result table to one column and lets any sampler (DDP's included)
-    split the work; :func:`collate_collection` regroups each batch by set.
+    split the work; :func:`collate_collection` (or :func:`collate_answers`) regroups each batch by set.
+    Each item keeps its index within its own set, by which the metrics de-duplicate under DDP.
     """
 
-    def __init__(self, datasets: Sequence[EvalDataset]) -> None:
+    def __init__(self, datasets: Sequence[EvalDataset | AnswerDataset]) -> None:
         self.datasets = list(datasets)
         self.offsets = [0]
         for d in self.datasets:
@@ -150,7 +187,7 @@ class EvalCollection(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         for position, dataset in enumerate(self.datasets):
             if index < self.offsets[position + 1]:
-                return {"set": dataset.spec.name, **dataset[index - self.offsets[position]]}
+                return {"set": dataset.name, **dataset[index - self.offsets[position]]}
         raise IndexError(index)
 
 

@@ -8,6 +8,7 @@ either project can serve as the reference for forget quality and privleak.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torchmetrics.aggregation import CatMetric
 
 from ..metrics import functional as F
 from ..metrics.tofu import (
@@ -25,6 +25,7 @@ from ..metrics.tofu import (
     ExtractionStrength,
     MembershipInferenceAUC,
     NormalisedAnswerProbability,
+    PerSampleMean,
     RougeLRecall,
     TruthRatio,
 )
@@ -65,7 +66,10 @@ class RetainReference:
 
 
 def _gather_objects(values: list[Any]) -> list[Any]:
-    """Concatenate python lists rank by rank (the order torchmetrics uses for ``cat`` states)."""
+    """Concatenate python lists rank by rank (the order torchmetrics uses for ``cat`` states).
+
+    A collective under DDP: every rank must call it, with or without values of its own.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
@@ -92,7 +96,14 @@ class TofuEvaluation(nn.Module):
 
     One teacher-forced pass per answer variant feeds probability, truth ratio, exact memorization,
     extraction strength and the four membership-inference scores together; one generation per prompt
-    feeds ROUGE. Being torchmetrics, the states gather across DDP ranks.
+    feeds ROUGE. Every per-sample value is stored with its sample's index in its set, so the results
+    gathered from DDP ranks count each sample once, in dataset order, whatever the distributed sampler
+    repeated to even out the ranks (see ``metrics.tofu``): they equal the single-process results.
+
+    Besides open-unlearning's metrics, the summary has ``forget_nll`` and ``retain_nll`` (mean over
+    samples of the per-token answer NLL) and ``*_exact`` truth ratios, the ratio without
+    open-unlearning's ``+ 1e-10`` (see ``functional.truth_ratio``), which stays informative for a
+    collapsed model.
     """
 
     def __init__(self, sets: list[str], reference: RetainReference | None = None, min_k: float = 0.4) -> None:
@@ -100,10 +111,12 @@ class TofuEvaluation(nn.Module):
         self.sets, self.reference, self.min_k = list(sets), reference, min_k
         metrics: dict[str, nn.ModuleDict] = {}
         for name in self.sets:
-            m: dict[str, nn.Module] = {"index": CatMetric()}
+            m: dict[str, nn.Module] = {"nll": PerSampleMean()}
             if name != "holdout":
+                aggregation = "forget" if name == "forget" else "true_better"
                 m["prob"] = AnswerProbability()
-                m["truth"] = TruthRatio("forget" if name == "forget" else "true_better")
+                m["truth"] = TruthRatio(aggregation)
+                m["truth_exact"] = TruthRatio(aggregation, exact=True)
                 m["rouge"] = RougeLRecall()
             if name in ("ra", "wf"):
                 m["prob_norm"] = NormalisedAnswerProbability()
@@ -113,42 +126,43 @@ class TofuEvaluation(nn.Module):
         self.metrics = nn.ModuleDict(metrics)
         self.mia = nn.ModuleDict({n: MembershipInferenceAUC() for n in MIA_NAMES}) if {"forget", "holdout"} <= set(
             sets) else nn.ModuleDict()
-        self.texts: dict[str, list[tuple[str, str, str]]] = {name: [] for name in self.sets}
+        self.texts: dict[str, list[tuple[int, str, str, str]]] = {name: [] for name in self.sets}
 
     # --- accumulation ---------------------------------------------------------------------------------------
 
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> Tensor:
-        """Score one batch; returns the per-sample answer NLL (for the loss logged beside the metrics)."""
+        """Score one batch; returns the per-sample answer NLL, shape [B]."""
         name, m = batch["set"], self.metrics[batch["set"]]
-        answer = batch["answer"]
+        answer, index = batch["answer"], batch["index"]
         logits = logits_fn(answer["input_ids"], answer["attention_mask"])
         stats = F.answer_token_stats(logits, answer["labels"])
-        m["index"].update(batch["index"])
+        m["nll"].update(stats.mean_nll, index)
         if "prob" in m:
-            m["prob"].update(stats.mean_nll)
+            m["prob"].update(stats.mean_nll, index)
         if name == "forget":
             trimmed = F.drop_last_answer_token(answer["labels"])
-            m["em"].update(F.exact_memorization(logits, trimmed))
-            m["es"].update(F.extraction_strength(logits, trimmed))
+            m["em"].update(F.exact_memorization(logits, trimmed), index)
+            m["es"].update(F.extraction_strength(logits, trimmed), index)
         if name in ("forget", "holdout") and self.mia:
-            self._update_mia(logits, answer["labels"], stats, batch["answer_texts"], is_holdout=name == "holdout")
+            self._update_mia(logits, answer["labels"], stats, batch["answer_texts"], index, is_holdout=name == "holdout")
         if "truth" in m:
-            rows = len(batch["index"])
+            rows = len(index)
             correct = stats.mean_nll
             if "correct" in batch:
                 correct = _mean_nll_in_chunks(logits_fn, batch["correct"], rows)
             wrong = _mean_nll_in_chunks(logits_fn, batch["perturbed"], rows)
             wrong = wrong.view(rows, batch["num_perturbed"])
-            m["truth"].update(correct, wrong)
+            m["truth"].update(correct, wrong, index)
+            m["truth_exact"].update(correct, wrong, index)
             if "prob_norm" in m:
-                m["prob_norm"].update(stats.mean_nll, wrong)
+                m["prob_norm"].update(stats.mean_nll, wrong, index)
         if "rouge" in m and generate_fn is not None:
             generations = generate_fn(batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"])
-            m["rouge"].update(generations, batch["answer_texts"])
-            self.texts[name].extend(zip(batch["questions"], batch["answer_texts"], generations))
+            m["rouge"].update(generations, batch["answer_texts"], index)
+            self.texts[name].extend(zip(index.tolist(), batch["questions"], batch["answer_texts"], generations))
         return stats.mean_nll
 
-    def _update_mia(self, logits: Tensor, labels: Tensor, stats: F.AnswerTokenStats, texts: list[str],
+    def _update_mia(self, logits: Tensor, labels: Tensor, stats: F.AnswerTokenStats, texts: list[str], index: Tensor,
                     is_holdout: bool) -> None:
         trimmed = F.drop_last_answer_token(labels)
         # Min-K% reads the token log-probs already in ``stats`` (same logits), minus the final answer token:
@@ -162,7 +176,7 @@ class TofuEvaluation(nn.Module):
         }
         label = torch.full_like(stats.mean_nll, float(is_holdout))
         for key, value in scores.items():
-            self.mia[key].update(value.to(label.device), label)
+            self.mia[key].update(value.to(label.device), label, index)
 
     def reset(self) -> None:
         for group in list(self.metrics.values()) + [self.mia]:
@@ -172,44 +186,62 @@ class TofuEvaluation(nn.Module):
 
     # --- results --------------------------------------------------------------------------------------------
 
-    def _has(self, name: str) -> bool:
-        """Whether a set received samples (a set can be configured yet skipped, e.g. by limit_val_batches)."""
-        return name in self.metrics and bool(self.metrics[name]["index"].value)
-
     def compute(self) -> tuple[dict[str, float | None], dict[str, Any]]:
-        """Return the summary (one number per metric, ``None`` when it cannot be computed) and the report."""
+        """Return the summary (one number per metric, ``None`` when it cannot be computed) and the report.
+
+        Under DDP every rank must call this (it gathers); all of them get the same results. Which metrics are
+        computed depends only on gathered values, so every rank runs the same collectives in the same order,
+        also when a set's samples all fell on one rank.
+        """
         summary: dict[str, float | None] = {}
         report: dict[str, Any] = {}
-        for name in self.sets:
-            if not self._has(name):
-                continue
-            m = self.metrics[name]
-            index = [str(int(i)) for i in m["index"].compute().flatten().tolist()]
-            if "prob" in m:
-                self._record(summary, report, PROB_NAME[name], m["prob"], index, "prob")
-                self._record(summary, report, TRUTH_NAME[name], m["truth"], index, "score")
-            if "prob_norm" in m:
-                self._record(summary, report, f"{name}_Q_A_Prob_normalised", m["prob_norm"], index, "prob")
-            if "rouge" in m and m["rouge"].values:
-                texts = _gather_objects(self.texts[name])
-                key = self._record(summary, report, f"{name}_Q_A_ROUGE", m["rouge"], index, "rougeL_recall")
-                for idx, (question, truth, generation) in zip(index, texts):
-                    report[key]["value_by_index"][idx].update(input=question, ground_truth=truth, generation=generation)
-            if name == "forget":
-                self._record(summary, report, "exact_memorization", m["em"], index, "score")
-                self._record(summary, report, "extraction_strength", m["es"], index, "score")
-        if self.mia and self._has("forget") and self._has("holdout"):
-            for key, metric in self.mia.items():
-                summary[key] = float(metric.compute())
-                report[key] = {"agg_value": summary[key]}
+        present: set[str] = set()
+        with warnings.catch_warnings():
+            # A rank that received no sample of a set still joins the gathering: not an error.
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric")
+            for name in self.sets:
+                m = self.metrics[name]
+                nll = float(m["nll"].compute())
+                if not m["nll"].sample_index():
+                    continue  # a set configured yet given no sample, e.g. by limit_val_batches
+                present.add(name)
+                if name in ("forget", "retain"):
+                    summary[f"{name}_nll"] = nll
+                if "prob" in m:
+                    self._record(summary, report, PROB_NAME[name], m["prob"], "prob")
+                    self._record(summary, report, TRUTH_NAME[name], m["truth"], "score")
+                    self._record(summary, report, f"{TRUTH_NAME[name]}_exact", m["truth_exact"], "score")
+                if "prob_norm" in m:
+                    self._record(summary, report, f"{name}_Q_A_Prob_normalised", m["prob_norm"], "prob")
+                if "rouge" in m:
+                    self._record_rouge(summary, report, name)
+                if name == "forget":
+                    self._record(summary, report, "exact_memorization", m["em"], "score")
+                    self._record(summary, report, "extraction_strength", m["es"], "score")
+            if self.mia and {"forget", "holdout"} <= present:
+                for key, metric in self.mia.items():
+                    summary[key] = float(metric.compute())
+                    report[key] = {"agg_value": summary[key]}
         self._add_derived(summary, report)
         return summary, report
 
-    def _record(self, summary: dict, report: dict, key: str, metric: nn.Module, index: list[str], field: str) -> str:
+    def _record(self, summary: dict, report: dict, key: str, metric: PerSampleMean, field: str) -> str:
         summary[key] = float(metric.compute())
-        values = metric.per_sample().tolist()
-        report[key] = {"agg_value": summary[key], "value_by_index": {i: {field: v} for i, v in zip(index, values)}}
+        pairs = zip(metric.sample_index(), metric.per_sample().tolist())
+        report[key] = {"agg_value": summary[key], "value_by_index": {str(i): {field: v} for i, v in pairs}}
         return key
+
+    def _record_rouge(self, summary: dict, report: dict, name: str) -> None:
+        """ROUGE with each sample's question, reference and generation; skipped when nothing was generated."""
+        texts: dict[int, tuple[str, str, str]] = {}
+        for index, *text in _gather_objects(self.texts[name]):
+            texts.setdefault(int(index), tuple(text))
+        if not texts:
+            return
+        key = self._record(summary, report, f"{name}_Q_A_ROUGE", self.metrics[name]["rouge"], "rougeL_recall")
+        for idx, entry in report[key]["value_by_index"].items():
+            question, truth, generation = texts[int(idx)]
+            entry.update(input=question, ground_truth=truth, generation=generation)
 
     def _add_derived(self, summary: dict[str, float | None], report: dict[str, Any]) -> None:
         """Forget quality and privleak need the retain model's results; model utility needs all nine parts."""

@@ -111,6 +111,7 @@ def exact_memorization(logits: Tensor, labels: Tensor) -> Tensor:
     """EM = mean over answer tokens of ``[argmax_v z_t(v) == y_t]`` (teacher forced), shape [B].
 
     Measures how much of the answer the model would reproduce token by token given the true prefix.
+    NaN for a sample without answer tokens; the aggregate leaves it out, as open-unlearning's None.
     """
     shifted, targets, mask = _shift(logits, labels)
     correct = (shifted.argmax(dim=-1) == targets) & mask
@@ -121,18 +122,26 @@ def extraction_strength(logits: Tensor, labels: Tensor) -> Tensor:
     """ES = 1 - k/|y|, k the smallest index from which every teacher-forced argmax is right, [B].
 
     Rewards a correct suffix: how little of the answer an attacker must supply before the model
-    completes the rest. All right gives 1; a wrong final token gives k = |y|, hence 0.
-    (open-unlearning's loop stops at k = |y| - 1 in that case and reports 1/|y|.)
+    completes the rest. All right gives 1. As in open-unlearning (Carlini et al.'s extraction
+    strength as implemented in ``evals/metrics/memorization.py``), k is searched over
+    ``0 .. |y| - 1`` only, so when not even the final token is right (nothing is extractable) k
+    stops at ``|y| - 1`` and ES is ``1/|y|``, the same as when only the final token is right.
+    A sample without answer tokens scores 0, as there.
     """
     shifted, targets, mask = _shift(logits, labels)
     wrong = (shifted.argmax(dim=-1) != targets) & mask
     rank = torch.cumsum(mask, dim=-1)
-    k = torch.where(wrong, rank, 0).max(dim=-1).values
-    return 1.0 - k / mask.sum(dim=-1)
+    n = mask.sum(dim=-1)
+    k = torch.minimum(torch.where(wrong, rank, 0).max(dim=-1).values, (n - 1).clamp(min=0))
+    return torch.where(n > 0, 1.0 - k / n.clamp(min=1), 0.0)
 
 
 def _mean_of_lowest(values: Tensor, mask: Tensor, k: float) -> Tensor:
-    """Mean of the ``max(1, floor(k * n))`` smallest masked entries of each row (n = row count)."""
+    """Mean of the ``max(1, floor(k * n))`` smallest masked entries of each row (n = row count).
+
+    A row without entries gives 0, the score open-unlearning's Min-K% and Min-K%++ attacks return
+    for a sample without answer tokens.
+    """
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}")
     n = mask.sum(dim=-1)
@@ -140,11 +149,11 @@ def _mean_of_lowest(values: Tensor, mask: Tensor, k: float) -> Tensor:
     ordered = values.masked_fill(~mask, math.inf).sort(dim=-1).values
     take = torch.arange(values.shape[-1], device=values.device) < n_low.unsqueeze(-1)
     total = torch.where(take, ordered, 0.0).sum(dim=-1)
-    return torch.where(n > 0, total / n_low, math.nan)
+    return torch.where(n > 0, total / n_low, 0.0)
 
 
 def min_k_score(token_logprobs: Tensor, mask: Tensor, k: float = 0.4) -> Tensor:
-    """Min-K% = -mean of the lowest ``max(1, floor(k|y|))`` token log-probs, shape [B].
+    """Min-K% = -mean of the lowest ``max(1, floor(k|y|))`` token log-probs, shape [B] (0 without tokens).
 
     Loss-like (higher = less likely a member): members rarely contain very unlikely tokens, so
     the average over the worst tokens separates them better than the plain mean loss.
@@ -183,28 +192,50 @@ def zlib_score(mean_nll: Tensor, texts: Sequence[str]) -> Tensor:
     return mean_nll / torch.tensor(sizes, dtype=mean_nll.dtype, device=mean_nll.device)
 
 
-def truth_ratio(correct_mean_nll: Tensor, perturbed_mean_nll: Tensor) -> Tensor:
-    """R = exp(-mean_k L_pert_k) / exp(-L_correct) = exp(L_correct - mean_k L_pert_k), shape [B].
-
-    The perturbed answers are averaged in log space (a geometric mean of their probabilities).
-    R < 1 means the model prefers the correct answer; R near 1 means it cannot tell them apart.
-    Computed as one exponential of a difference so tiny probabilities do not underflow to 0/0.
-    """
+def _check_truth_ratio_shapes(correct_mean_nll: Tensor, perturbed_mean_nll: Tensor) -> None:
     if perturbed_mean_nll.dim() != 2 or perturbed_mean_nll.shape[0] != correct_mean_nll.shape[0]:
         raise ValueError(
             f"expected correct [B] and perturbed [B, K], got {tuple(correct_mean_nll.shape)} and "
             f"{tuple(perturbed_mean_nll.shape)}"
         )
+
+
+def truth_ratio(correct_mean_nll: Tensor, perturbed_mean_nll: Tensor) -> Tensor:
+    """open-unlearning's truth ratio ``R = exp(-mean_k L_pert_k) / (exp(-L_correct) + 1e-10)``, [B].
+
+    TOFU's ratio of the (geometric mean) probability of the perturbed answers to that of the correct
+    one, L being per-token mean NLLs and the perturbed answers averaged in log space. R < 1 means the
+    model prefers the correct answer; R near 1 that it cannot tell them apart. The ``+ 1e-10`` is
+    open-unlearning's (``evals/metrics/memorization.py``, ``truth_ratio``) and is kept so that the
+    numbers, and forget quality computed from them, equal theirs; it dominates once both
+    probabilities fall below ~1e-10 (per-token NLL above ~23, a collapsed model): with L_correct = 30
+    and L_pert = 26 this gives 0.051 where the exact ratio (:func:`truth_ratio_exact`) is e^4 = 54.6.
+    """
+    _check_truth_ratio_shapes(correct_mean_nll, perturbed_mean_nll)
+    return torch.exp(-perturbed_mean_nll.mean(dim=-1)) / (torch.exp(-correct_mean_nll) + 1e-10)
+
+
+def truth_ratio_exact(correct_mean_nll: Tensor, perturbed_mean_nll: Tensor) -> Tensor:
+    """The truth ratio without the 1e-10: ``exp(L_correct - mean_k L_pert_k)``, shape [B].
+
+    One exponential of a difference, so it stays meaningful when both probabilities underflow: it
+    still says which answer a collapsed model prefers, which :func:`truth_ratio` cannot.
+    """
+    _check_truth_ratio_shapes(correct_mean_nll, perturbed_mean_nll)
     return torch.exp(correct_mean_nll - perturbed_mean_nll.mean(dim=-1))
 
 
 def truth_ratio_forget(ratios: Tensor) -> Tensor:
-    """mean(min(R, 1/R)): 1 when correct and perturbed answers are equally likely (forgotten)."""
-    return torch.minimum(ratios, 1.0 / ratios).mean()
+    """``mean(min(R, 1/(R + 1e-10)))`` (open-unlearning's ``closer_to_1_better``).
+
+    1 when correct and perturbed answers are equally likely (forgotten); the 1e-10 is theirs.
+    """
+    return torch.minimum(ratios, 1.0 / (ratios + 1e-10)).mean()
 
 
 def truth_ratio_true_better(ratios: Tensor) -> Tensor:
-    """mean(max(0, 1 - R)): high when the model clearly prefers the correct answer (kept)."""
+    """``mean(max(0, 1 - R))`` (open-unlearning's ``true_better``): high when the model clearly
+    prefers the correct answer (kept)."""
     return torch.clamp(1.0 - ratios, min=0.0).mean()
 
 
@@ -266,8 +297,8 @@ def mia_auc(
     """ROC AUC of loss-like scores with forget labelled 0 and holdout labelled 1.
 
     Equals P(holdout score > forget score) + 0.5 P(tie) (Mann-Whitney U / (n0 n1)), the same as
-    ``roc_auc_score`` in open-unlearning. 0.5: members look like non-members; near 0: the forget
-    set is still recognisably more likely than unseen data.
+    ``roc_auc_score`` in open-unlearning. 0.5: members look like non-members; near 1: the forget
+    set still has clearly lower scores (is more likely) than unseen data.
     """
     forget = torch.as_tensor(forget_scores, dtype=torch.float64).flatten().cpu()
     holdout = torch.as_tensor(holdout_scores, dtype=torch.float64).flatten().cpu()

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from ..evaluation.report import atomic_write_json, plot_tradeoff, print_table, summary_table
+from ..evaluation.loss import LossEvaluation
 from ..evaluation.tofu import HEADLINE, RetainReference, TofuEvaluation
-from ..losses.functional import nll_mean
 from ..data.formatting import stop_token_ids
 from ..models.generation import decode_answers, greedy_generate, offset_components
 from ..tracking import publish_summary
@@ -29,15 +29,23 @@ Batch = dict[str, Any]
 class EvaluationHooks(L.LightningModule):
     """Validation/test steps, offset-aware greedy generation, and the TOFU report files."""
 
-    evaluation: TofuEvaluation | None
+    evaluation: TofuEvaluation | LossEvaluation | None
     history: list[dict[str, Any]]
 
     def build_evaluation(self, set_names: list[str]) -> None:
-        """Create the metric objects once the data module has said which sets it serves."""
+        """Create the metric objects once the data module has said which sets it serves.
+
+        ``set_names`` are the TOFU sets; none means ``data.evaluation: loss``, scored by the forget and retain
+        answer NLL.
+        """
         self._check_monitors()
-        if self.evaluation is None and set_names:
+        if self.evaluation is not None:
+            return
+        if set_names:
             ref = self.hparams.retain_reference
             self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None)
+        else:
+            self.evaluation = LossEvaluation(["forget", "retain"])
 
     def _check_monitors(self) -> None:
         """Fail before training, not after the first epoch, when a callback monitors a metric needing a reference."""
@@ -81,21 +89,20 @@ class EvaluationHooks(L.LightningModule):
     # --- steps ----------------------------------------------------------------------------------------------
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
-        if "parts" in batch:
-            generate = self.generate_texts if self.hparams.max_new_tokens > 0 else None
-            for part in batch["parts"]:
-                nll = self.evaluation.update(part, self, generate)
-                name, size = part["set"], len(part["index"])
-                if name in ("forget", "retain"):
-                    self.log(f"{stage}/{name}_nll", nll.mean(), add_dataloader_idx=False, batch_size=size,
-                             sync_dist=True)
-            return
-        (name, part), = batch.items()
-        logits = self(part["input_ids"], part["attention_mask"])
-        self.log(
-            f"{stage}/{name}_nll", nll_mean(logits, part["labels"]), add_dataloader_idx=False,
-            batch_size=part["input_ids"].shape[0], sync_dist=True,
-        )
+        """Feed the evaluation; every result is computed once per epoch from per-sample values (``_finish``).
+
+        Nothing is logged per step: a mean of step values would count the samples that DDP's sampler repeats
+        to even out the ranks, and would depend on the batch size.
+        """
+        if "parts" not in batch or self.evaluation is None:
+            raise ValueError(
+                "Evaluation batches come from UnlearnDataModule's val/test loaders ({'parts': [{'set', 'index', "
+                "'answer', ...}]}), with the data module attached to the trainer; got keys "
+                f"{sorted(batch)}."
+            )
+        generate = self.generate_texts if self.hparams.max_new_tokens > 0 else None
+        for part in batch["parts"]:
+            self.evaluation.update(part, self, generate)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
@@ -114,14 +121,14 @@ class EvaluationHooks(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         summary = self._finish("val")
-        if summary is None or self.trainer.sanity_checking:
+        if summary is None or self.trainer.sanity_checking or not isinstance(self.evaluation, TofuEvaluation):
             return
         self.history.append({"epoch": self.current_epoch, "step": self.global_step, **summary})
         self._write_history()
 
     def on_test_epoch_end(self) -> None:
         summary = self._finish("test")
-        if summary is not None:
+        if summary is not None and isinstance(self.evaluation, TofuEvaluation):
             self._write_test_results(summary)
 
     # --- files ----------------------------------------------------------------------------------------------

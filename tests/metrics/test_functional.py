@@ -106,8 +106,9 @@ def test_exact_memorization_counts_answer_tokens_only() -> None:
     ("answer_preds", "expected"),
     [
         ([1, 2, 3, 0], 1.0),  # all right: k = 0
-        ([0, 0, 0, 1], 0.0),  # nothing right: k = |y| = 4
-        ([1, 2, 3, 1], 0.0),  # only the last token wrong: k = 4
+        # nothing extractable: open-unlearning's search over k = 0..|y|-1 ends at k = 3, ES = 1/|y|
+        ([0, 0, 0, 1], 0.25),
+        ([1, 2, 3, 1], 0.25),  # only the last token wrong: the same 1/|y|
         ([1, 0, 3, 0], 0.5),  # tail from index 2 right: k = 2, 1 - 2/4
         ([3, 2, 3, 0], 0.75),  # only the first wrong: k = 1
         ([0, 0, 1, 0], 0.25),  # only the last right: k = 3
@@ -117,6 +118,21 @@ def test_extraction_strength(answer_preds: list[int], expected: float) -> None:
     labels = torch.tensor([[-100, 1, 2, 3, 0]])  # answer (1, 2, 3, 0), one prompt token
     logits = logits_from_argmax([answer_preds + [2]])  # last position predicts nothing
     assert F.extraction_strength(logits, labels).tolist() == pytest.approx([expected])
+
+
+def test_extraction_strength_when_nothing_is_extractable_is_one_over_answer_length() -> None:
+    # issue 10: a 5-token answer of which no token is predicted gave 0; open-unlearning gives 1/5.
+    labels = torch.tensor([[-100, 1, 2, 3, 0, 1], [-100, 1, 2, -100, -100, -100]])
+    logits = logits_from_argmax([[0, 0, 0, 1, 2, 0], [3, 3, 0, 0, 0, 0]])
+    assert F.extraction_strength(logits, labels).tolist() == pytest.approx([0.2, 0.5])
+
+
+def test_extraction_strength_and_exact_memorization_without_answer_tokens() -> None:
+    # as open-unlearning: ES 0, EM undefined (NaN here, None there; left out of the mean)
+    labels = torch.tensor([[-100, -100, -100]])
+    logits = logits_from_argmax([[1, 2, 3]])
+    assert F.extraction_strength(logits, labels).tolist() == [0.0]
+    assert math.isnan(F.exact_memorization(logits, labels).item())
 
 
 def test_extraction_strength_ignores_prompt_and_padding() -> None:
@@ -138,6 +154,13 @@ def test_min_k_score_lowest_fraction() -> None:
     assert F.min_k_score(token_logprobs, mask, k=0.4).tolist() == pytest.approx([3.5, 2.0])
     # k = 1 is the plain mean NLL: (1 + 3 + 2 + 0.5 + 4) / 5 = 2.1 and (1 + 2) / 2.
     assert F.min_k_score(token_logprobs, mask, k=1.0).tolist() == pytest.approx([2.1, 1.5])
+
+
+def test_min_k_scores_without_answer_tokens_are_zero() -> None:
+    # open-unlearning's attacks return 0 for a sample without tokens (not NaN, which would break the AUC)
+    assert F.min_k_score(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool)).tolist() == [0.0]
+    logits = logits_from_probs([[UNIFORM, UNIFORM, UNIFORM]])
+    assert F.min_k_plus_plus_score(logits, torch.tensor([[-100, -100, -100]])).tolist() == [0.0]
 
 
 def test_min_k_score_rejects_bad_k() -> None:
@@ -194,8 +217,27 @@ def test_truth_ratio_averages_perturbed_in_log_space() -> None:
 
 
 def test_truth_ratio_requires_perturbed_matrix() -> None:
-    with pytest.raises(ValueError, match="perturbed"):
-        F.truth_ratio(torch.zeros(2), torch.zeros(2))
+    for ratio in (F.truth_ratio, F.truth_ratio_exact):
+        with pytest.raises(ValueError, match="perturbed"):
+            ratio(torch.zeros(2), torch.zeros(2))
+
+
+def test_truth_ratio_of_a_collapsed_model_is_open_unlearnings() -> None:
+    # issue 10: per-token NLLs of 25-40. Correct (paraphrased) answer 30, perturbed 25 and 27 (log-space mean 26).
+    correct = torch.tensor([30.0], dtype=torch.float64)
+    perturbed = torch.tensor([[25.0, 27.0]], dtype=torch.float64)
+    # open-unlearning: exp(-26) / (exp(-30) + 1e-10) = 5.109e-12 / 1.000936e-10 = 0.05104
+    expected = math.exp(-26.0) / (math.exp(-30.0) + 1e-10)
+    assert expected == pytest.approx(0.05104, abs=1e-5)
+    assert F.truth_ratio(correct, perturbed).tolist() == pytest.approx([expected], rel=1e-12)
+    # the exact ratio, reported as *_exact: exp(30 - 26) = e^4 = 54.598 (what was reported before)
+    assert F.truth_ratio_exact(correct, perturbed).tolist() == pytest.approx([54.598150033], rel=1e-9)
+    # forget aggregates: min(R, 1/(R + 1e-10)) -> 0.05104 (open-unlearning) and 1/54.598 = 0.018316 (exact)
+    assert F.truth_ratio_forget(F.truth_ratio(correct, perturbed)).item() == pytest.approx(expected, rel=1e-9)
+    assert F.truth_ratio_forget(F.truth_ratio_exact(correct, perturbed)).item() == pytest.approx(0.0183156389, rel=1e-8)
+    # retain aggregate max(0, 1 - R): 0.94896 with open-unlearning's R, 0 with the exact one
+    assert F.truth_ratio_true_better(F.truth_ratio(correct, perturbed)).item() == pytest.approx(1 - expected)
+    assert F.truth_ratio_true_better(F.truth_ratio_exact(correct, perturbed)).item() == 0.0
 
 
 def test_truth_ratio_aggregations() -> None:

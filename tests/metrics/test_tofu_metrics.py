@@ -186,3 +186,55 @@ def test_membership_inference_auc_gathers_labels_with_scores() -> None:
     # forget (1, 1) vs holdout (2, 2): every pair ordered -> AUC 1
     assert metric.compute().item() == pytest.approx(1.0)
     assert metric.holdout_mask().tolist() == [False, True, False, True]
+
+
+# --- dataset indices: repeated samples count once ------------------------------------------------
+
+
+def test_repeated_indices_count_once_in_index_order() -> None:
+    # what a padded distributed sampler produces: index 0 twice (its value may differ in the last bits)
+    metric = AnswerProbability()
+    metric.update(f64([LN2, 0.0]), index=torch.tensor([2, 0]))
+    metric.update(f64([2 * LN2, 0.0 + 1e-12]), index=torch.tensor([1, 0]))
+    assert metric.sample_index() == [0, 1, 2]
+    assert metric.per_sample().tolist() == pytest.approx([1.0, 0.25, 0.5])
+    assert metric.compute().item() == pytest.approx(1.75 / 3)  # not (1 + 0.25 + 0.5 + 1) / 4
+
+
+def test_index_on_some_updates_only_is_refused() -> None:
+    metric = ExactMemorization()
+    metric.update(f64([1.0]), index=torch.tensor([0]))
+    metric.update(f64([0.0]))
+    with pytest.raises(ValueError, match="index with every update"):
+        metric.compute()
+    with pytest.raises(ValueError, match="2 values but 1 indices"):
+        ExactMemorization().update(f64([1.0, 0.0]), index=torch.tensor([0]))
+
+
+def test_exact_memorization_mean_leaves_out_samples_without_tokens() -> None:
+    metric = ExactMemorization()
+    metric.update(f64([1.0, math.nan, 0.5]))
+    assert metric.compute().item() == pytest.approx(0.75)
+
+
+def test_truth_ratio_metric_reports_open_unlearnings_ratio_and_the_exact_one() -> None:
+    # the collapsed case of issue 10: L_correct 30, perturbed 25 and 27
+    correct, perturbed = f64([30.0]), f64([[25.0, 27.0]])
+    ours, exact = TruthRatio("forget"), TruthRatio("forget", exact=True)
+    ours.update(correct, perturbed, index=torch.tensor([0]))
+    exact.update(correct, perturbed, index=torch.tensor([0]))
+    assert ours.per_sample().tolist() == pytest.approx([math.exp(-26.0) / (math.exp(-30.0) + 1e-10)])
+    assert ours.compute().item() == pytest.approx(0.05104, abs=1e-5)
+    assert exact.per_sample().tolist() == pytest.approx([math.exp(4.0)])
+    assert exact.compute().item() == pytest.approx(math.exp(-4.0))
+
+
+def test_membership_inference_keys_samples_by_group_and_index() -> None:
+    # forget 0 and holdout 0 are different samples; forget 1 arrives twice
+    metric = MembershipInferenceAUC()
+    metric.update(f64([1.0, 4.0, 2.0]), torch.tensor([False, True, False]), index=torch.tensor([0, 0, 1]))
+    metric.update(f64([2.0, 3.0]), torch.tensor([False, True]), index=torch.tensor([1, 1]))
+    assert metric.per_sample().tolist() == [1.0, 2.0, 4.0, 3.0]
+    assert metric.holdout_mask().tolist() == [False, False, True, True]
+    assert metric.sample_index() == [0, 1, 0, 1]
+    assert metric.compute().item() == pytest.approx(1.0)

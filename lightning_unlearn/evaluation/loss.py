@@ -1,0 +1,71 @@
+"""The evaluation of ``data.evaluation: loss``: the answer NLL of the forget and retain sets.
+
+For data without TOFU's evaluation files. Like :class:`~lightning_unlearn.evaluation.tofu.TofuEvaluation`
+it keeps one value per sample with the sample's index, so that results gathered from DDP ranks count each
+sample once and equal the single-process ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..metrics import functional as F
+from ..metrics.tofu import PerSampleMean
+
+LogitsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class LossEvaluation(nn.Module):
+    """``<set>_nll``: mean over the set's samples of the per-token mean answer NLL (nats).
+
+    A mean of per-sample means, not a token mean over the set: each answer counts once whatever its
+    length, and the value depends neither on the batch size nor on the number of devices (a mean of
+    batch token means would depend on both).
+    """
+
+    def __init__(self, sets: list[str]) -> None:
+        super().__init__()
+        self.sets = list(sets)
+        self.metrics = nn.ModuleDict({name: PerSampleMean() for name in self.sets})
+
+    def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: object = None) -> Tensor:
+        """Score one batch ``{"set", "index" [B], "answer": {input_ids, attention_mask, labels}}``; returns [B] NLLs.
+
+        Raises:
+            KeyError: the batch's set is not one of ``sets``.
+        """
+        if batch["set"] not in self.metrics:
+            raise KeyError(f"evaluation set {batch['set']!r} is not one of {self.sets}")
+        answer = batch["answer"]
+        logits = logits_fn(answer["input_ids"], answer["attention_mask"])
+        nll = F.answer_token_stats(logits, answer["labels"]).mean_nll
+        self.metrics[batch["set"]].update(nll, batch["index"])
+        return nll
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+
+    def compute(self) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """Summary ``{"<set>_nll": value}`` for the sets that received samples, and the per-sample report.
+
+        Under DDP every rank must call this (it gathers); all get the same result.
+        """
+        summary: dict[str, float | None] = {}
+        report: dict[str, Any] = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric")
+            for name, metric in self.metrics.items():
+                value = float(metric.compute())
+                index = metric.sample_index()
+                if not index:
+                    continue
+                key = f"{name}_nll"
+                summary[key] = value
+                pairs = zip(index, metric.per_sample().tolist())
+                report[key] = {"agg_value": value, "value_by_index": {str(i): {"nll": v} for i, v in pairs}}
+        return summary, report
