@@ -1,11 +1,11 @@
 """A diverging run stops with a message naming the step, the loss and what to change, and never saves
 non-finite weights; gradient ascent stops at a bound on the forget NLL.
 
-Before: gradient ascent at a large learning rate ran on (losses of -6.5e5 and beyond) and NPO at lr 1e4
-trained on with ``nan`` losses, saving a checkpoint of NaN weights, without a word. Now, on the tiny test
-models (AdamW, batch 4 of forget01): GA at lr 1e3 reaches a loss of -9.2e6 with infinite gradients at step 1,
-NPO at lr 1e4 infinite gradients at step 1 (loss 19.2); both raise ``DivergenceError`` before applying that
-update, and ``last.ckpt`` keeps step 1's finite weights.
+On the tiny test models (AdamW, batches of 4 from forget01, a checkpoint after every step, 40 steps), before:
+GA at lr 1e3 went from a loss of -6.0 (step 0) to -9.7e6 (step 1) and nan from step 2, NPO at lr 1e4 to nan
+losses from step 2; both ran to step 40 without a word and left a last.ckpt of NaN weights. Now the
+gradients of step 1 are infinite in both runs (losses -9.68e6 and 18.7): ``DivergenceError`` is raised before
+that update is applied, and last.ckpt keeps the finite weights after step 0 (global step 1).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def fit(world: dict, root: Path, loss: str, lr: float, *extra: str):
         "fit", "--model", loss, "--model.small_model", world["small"], "--model.large_model", world["large"],
         "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", str(lr),
         "--data.forget_split", "forget01", "--data.retain_split", "retain99", "--data.batch_size", "4",
-        "--data.max_length", "128", "--data.evaluation", "loss", "--data.eval_subset", "4",
+        "--data.max_length", "256", "--data.evaluation", "loss", "--data.eval_subset", "4",
         "--trainer.max_steps", str(MAX_STEPS), "--trainer.accelerator", "cpu", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
@@ -108,7 +108,7 @@ def test_checkpoints_and_exports_of_non_finite_weights_are_refused(tiny_world: d
 def test_the_forget_nll_bound_stops_gradient_ascent_once_reached(
     tiny_world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """GA at lr 0.1 ascends to a forget loss of -600 in 40 steps; a bound of 30 stops it once reached."""
+    """GA at lr 0.1 ascends to a forget loss of -606 in 40 steps; a bound of 30 stops it once reached."""
     messages: list[str] = []
     monkeypatch.setattr(divergence, "rank_zero_info", messages.append)
     cli = fit(tiny_world, tmp_path, "GA", 0.1, "--model.stop_forget_nll", "30")
@@ -121,3 +121,11 @@ def test_the_forget_nll_bound_stops_gradient_ascent_once_reached(
     assert float(message.split()[3]) > 30
     assert -cli.model.last_losses["forget_loss"].item() > 30  # one micro-batch per step: the step's NLL
     assert saved(tmp_path)["global_step"] == step  # the step that reached the bound was applied and saved
+
+
+@pytest.mark.parametrize("loss", ["GD", "KL", "EUL", "LLMU"])
+def test_every_ascent_loss_takes_the_bound(loss: str, tiny_world: dict, tmp_path: Path) -> None:
+    large = [] if loss == "EUL" else ["--model.large_model", tiny_world["large"]]
+    cli = main(["--model", loss, "--model.small_model", tiny_world["small"], *large,
+                "--model.stop_forget_nll", "12.5", "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert isinstance(cli.model, divergence.ForgetNLLBound) and cli.model.hparams.stop_forget_nll == 12.5
