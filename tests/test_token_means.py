@@ -87,8 +87,10 @@ def test_logged_losses_are_means_over_the_micro_batch(tiny_world: dict, data: Pa
 
 def plan(n: int, replicas: int, batch_size: int, accumulate: int, limit: int | float = 1.0) -> list[list[StepIndex]]:
     """Every rank's indices of one epoch of ``n`` examples."""
-    return [list(StepSampler(list(range(n)), num_replicas=replicas, rank=r, seed=3, batch_size=batch_size,  # type: ignore[arg-type]
-                             accumulate_grad_batches=accumulate, limit_train_batches=limit)) for r in range(replicas)]
+    samplers = [StepSampler(list(range(n)), num_replicas=replicas, rank=r, seed=3,  # type: ignore[arg-type]
+                            batch_size=batch_size, accumulate_grad_batches=accumulate, limit_train_batches=limit)
+                for r in range(replicas)]
+    return [list(sampler) for sampler in samplers]
 
 
 @pytest.mark.parametrize(("n", "replicas", "batch_size", "accumulate", "limit"),
@@ -161,6 +163,9 @@ def test_one_micro_batch_per_step_gives_plain_means_and_a_mismatched_plan_is_ref
     stepped = module.compute_losses(batch)
     assert stepped["step_loss"].item() == pytest.approx(stepped["loss"].item(), rel=1e-6)
     assert stepped["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-6)
+    module.eval()  # validation and test take plain means, whatever the batch carries
+    assert "step_loss" not in module.compute_losses(batch)
+    module.train()
     module._trainer = SimpleNamespace(accumulate_grad_batches=2, world_size=1)
     with pytest.raises(RuntimeError, match="planned for 1 micro-batches per optimizer step, but the trainer runs 2"):
         module.compute_losses(batch)

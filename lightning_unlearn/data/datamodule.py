@@ -167,8 +167,10 @@ class UnlearnDataModule(L.LightningDataModule):
         trainer = self.trainer
         replicas, rank, accumulate, limit = (1, 0, 1, 1.0) if trainer is None else (
             trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches, trainer.limit_train_batches)
-        self.sampler = StepSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=h.seed,
-                                   batch_size=h.batch_size, accumulate_grad_batches=accumulate, limit_train_batches=limit)
+        self.sampler = StepSampler(
+            dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=h.seed, batch_size=h.batch_size,
+            accumulate_grad_batches=accumulate, limit_train_batches=limit,
+        )
         self._apply_resume()
         return self._loader(StepDataset(dataset), h.batch_size, self.sampler, collate_steps)
 

@@ -77,7 +77,9 @@ class DivergenceGuard(L.Callback):
         self._losses: list[dict[str, Tensor]] = []
         self._checked_step = -1
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._finite is None:
             self._losses = []
 

@@ -103,6 +103,7 @@ class LLMU(ForgetNLLBound, UnlearnModule):
         forget, mismatch, retain = out["forget"], out["forget_random"], out["retain"]
         losses = llmu_objective(forget, mismatch, retain, h.gamma, h.random_weight, h.retain_weight)
         self.note_forget_nll(forget, losses["forget_nll"])
-        terms = [(-h.gamma * losses["forget_nll"], forget, "tokens"), (h.random_weight * losses["random_loss"], mismatch,
-                 "tokens"), (h.retain_weight * losses["retain_loss"], retain, "tokens")]
+        terms = [(-h.gamma * losses["forget_nll"], forget, "tokens"),
+                 (h.random_weight * losses["random_loss"], mismatch, "tokens"),
+                 (h.retain_weight * losses["retain_loss"], retain, "tokens")]
         return with_step_loss(losses, terms)
