@@ -15,7 +15,7 @@ from lightning_unlearn.data.datasets import PairedDataset
 from lightning_unlearn.data.formatting import IGNORE_INDEX, PromptFormatter, collate_parts
 from lightning_unlearn.models.loading import load_tokenizer
 from lightning_unlearn.modules import LLMU, PartOutput
-from lightning_unlearn.modules import llmu
+from lightning_unlearn.modules import divergence
 from lightning_unlearn.modules.llmu import llmu_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_stop_bound_on_forget_nll_stops_training(
     bound: float, steps: int, tiny_world: dict, tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     messages: list[str] = []
-    monkeypatch.setattr(llmu, "rank_zero_info", messages.append)
+    monkeypatch.setattr(divergence, "rank_zero_info", messages.append)  # the bound is shared with GA and EUL
     cli = main(["fit", "--config", FAST, "--model", "LLMU", *model_args(tiny_world, False),
                 "--model.num_random_answers", "1", "--model.stop_forget_nll", str(bound),
                 "--trainer.fast_dev_run", "false", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",

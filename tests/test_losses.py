@@ -14,6 +14,7 @@ from lightning_unlearn.losses.functional import (
     npo_loss,
     sequence_logp,
     simnpo_loss,
+    step_scale,
 )
 
 LN = math.log
@@ -103,3 +104,21 @@ def test_simnpo_loss_by_hand() -> None:
     loss = simnpo_loss(torch.tensor([-6.0, -1.0]), torch.tensor([3, 2]), beta=1.5, margin=0.5)
     expected = -(2 / 1.5) * (logsigmoid(1.5 * 6 / 3 - 0.5) + logsigmoid(1.5 * 1 / 2 - 0.5)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_step_scale_turns_micro_batch_means_into_the_step_mean(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Row 0 (2 tokens) and row 1 (1 token) as two accumulated micro-batches: the scaled means, averaged as
+    Lightning averages accumulated losses, are the token mean over both rows: (ln 4/3 + ln 2 + ln 5) / 3."""
+    logits, labels = batch
+    step_tokens = torch.tensor(3)
+    shares = []
+    for row in (0, 1):
+        part_logits, part_labels = logits[row : row + 1], labels[row : row + 1]
+        local = (part_labels[:, 1:] != -100).sum()
+        shares.append(nll_mean(part_logits, part_labels) * step_scale(local, step_tokens, micro_batches=2))
+    assert (sum(shares) / 2).item() == pytest.approx((LN(4 / 3) + LN(2) + LN(5)) / 3, rel=1e-6)
+    assert (sum(shares) / 2).item() == pytest.approx(nll_mean(logits, labels).item(), rel=1e-6)
+    assert step_scale(torch.tensor(3), step_tokens, micro_batches=1).item() == 1.0  # one micro-batch: a plain mean
+    assert step_scale(torch.tensor(0), torch.tensor(0), micro_batches=2).item() == 0.0
+    with pytest.raises(ValueError, match="4 items to average but its whole optimizer step only 3"):
+        step_scale(torch.tensor(4), step_tokens, micro_batches=2)

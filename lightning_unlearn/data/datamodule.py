@@ -22,8 +22,9 @@ from ..evaluation.data import (
     tofu_eval_specs,
 )
 from ..models.loading import load_tokenizer
-from .datasets import PairedDataset, PairingSampler
+from .datasets import PairedDataset
 from .formatting import DEFAULT_TEMPLATE, PromptFormatter, collate_parts
+from .steps import StepDataset, StepSampler, collate_steps
 from .sources import BUNDLED, Record, load_refusals, load_split, require_fields
 
 
@@ -93,7 +94,7 @@ class UnlearnDataModule(L.LightningDataModule):
         self.refusals: list[str] = []
         self.answer_pool: list[str] = []
         self.num_random_answers = 5
-        self.sampler: PairingSampler | None = None
+        self.sampler: StepSampler | None = None
         self._resume: tuple[int, int] | None = None
 
     def connect(
@@ -140,14 +141,14 @@ class UnlearnDataModule(L.LightningDataModule):
             )
         return self.formatter
 
-    def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler=None, collate=collate_parts) -> DataLoader:
         formatter = self._formatter()
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.hparams.num_workers,
-            collate_fn=partial(collate_parts, pad_token_id=formatter.tokenizer.pad_token_id),
+            collate_fn=partial(collate, pad_token_id=formatter.tokenizer.pad_token_id),
             persistent_workers=self.hparams.num_workers > 0,
             generator=self._generator(),
         )
@@ -169,11 +170,17 @@ class UnlearnDataModule(L.LightningDataModule):
             self.forget, self.retain, self._formatter(), self.parts, self.refusals, h.question_key, h.answer_key,
             self.answer_pool, self.num_random_answers,
         )
+        # Each batch carries the label counts of its whole optimizer step (all micro-batches and processes), so
+        # that token and sequence means are taken over the step, however it is split (see data/steps.py).
         trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self.sampler = PairingSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=h.seed)
+        replicas, rank, accumulate, limit = (1, 0, 1, 1.0) if trainer is None else (
+            trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches, trainer.limit_train_batches)
+        self.sampler = StepSampler(
+            dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=h.seed, batch_size=h.batch_size,
+            accumulate_grad_batches=accumulate, limit_train_batches=limit,
+        )
         self._apply_resume()
-        return self._loader(dataset, h.batch_size, self.sampler)
+        return self._loader(StepDataset(dataset), h.batch_size, self.sampler, collate_steps)
 
     # --- resumption: Lightning saves and restores these with the checkpoint ---------------------------------
 

@@ -124,13 +124,17 @@ class PairingSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.skip = skip
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def epoch_pairs(self) -> list[tuple[int, int]]:
+        """The epoch's global order of ``(forget_index, draw)`` pairs, padded by wrapping around to a multiple
+        of ``num_replicas``; rank ``r`` takes pairs ``r, r + num_replicas, ...``."""
         n = len(self.dataset)  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         draws = torch.randint(0, 2**62, (n,), generator=generator)
         pairs = list(zip(order.tolist(), draws.tolist()))
         total = math.ceil(n / self.num_replicas) * self.num_replicas
-        pairs += pairs[: total - n]
+        return (pairs * math.ceil(total / n))[:total]  # a set smaller than the world size is repeated whole
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         skip, self.skip = self.skip, 0
-        return iter(pairs[self.rank : total : self.num_replicas][skip:])
+        return iter(self.epoch_pairs()[self.rank :: self.num_replicas][skip:])

@@ -75,3 +75,33 @@ def dpo_loss(
 def simnpo_loss(logp: Tensor, lengths: Tensor, beta: float = 4.5, margin: float = 0.0) -> Tensor:
     """SimNPO: ``-(2/beta) * mean logsigmoid(-(beta/|y|) * logp(y|x) - gamma_m)``; reference-free."""
     return -(2.0 / beta) * F.logsigmoid(-(beta / lengths.clamp_min(1)) * logp - margin).mean()
+
+
+def step_scale(local_count: Tensor, step_count: Tensor, micro_batches: int) -> Tensor:
+    """Factor that turns a mean over one micro-batch into its share of the mean over the whole optimizer step.
+
+    An optimizer step back-propagates ``micro_batches = accumulate_grad_batches x world_size`` losses and
+    averages their gradients (Lightning divides each loss by ``accumulate_grad_batches``, DDP averages over
+    processes). The step's mean of per-token (or per-sequence) values ``x`` over its ``N`` tokens
+    (sequences) is ``sum_all x / N = (1 / micro_batches) * sum_j mean_j(x) * n_j * micro_batches / N``, so
+    multiplying micro-batch ``j``'s mean over its ``n_j`` items by ``n_j * micro_batches / N`` makes the
+    averaged gradient that of the step's mean, however the step is split. With one micro-batch per step the
+    factor is exactly 1. This is the fix Hugging Face's Trainer adopted for gradient accumulation (the
+    ``num_items_in_batch`` normaliser, transformers 4.46).
+
+    Args:
+        local_count: labelled tokens (or sequences) of this micro-batch, scalar tensor.
+        step_count: the same count over every micro-batch of the step on every process, scalar tensor.
+        micro_batches: ``accumulate_grad_batches * world_size``.
+
+    Returns:
+        A float32 scalar (0 when the step has nothing to count, where the mean is 0 anyway).
+
+    Raises:
+        ValueError: if this micro-batch counts more than its whole step (a data plan that does not match).
+    """
+    local, step = local_count.float(), step_count.to(local_count.device).float()
+    if bool(local > step):
+        raise ValueError(f"A micro-batch has {int(local)} items to average but its whole optimizer step only "
+                         f"{int(step)}: the step plan of the data does not match this batch.")
+    return torch.where(step > 0, local * micro_batches / step.clamp_min(1), torch.zeros_like(local))

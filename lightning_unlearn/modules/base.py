@@ -17,17 +17,19 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from ..losses.functional import kl_on_labelled, nll_mean
+from ..losses.functional import IGNORE_INDEX, kl_on_labelled, nll_mean, step_scale
 from ..models.generation import LogitsComponent
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
 from ..models.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from ..models.offset import cached_offset_logits, offset_logits
 from ..models.placement import DeviceComponent
+from .divergence import DivergenceGuard, require_finite_weights
 from .evaluation import EvaluationHooks
 from .rng import RestoreRNG
 
 RetainLoss = Literal["none", "nll", "kl"]
+MeanOver = Literal["tokens", "sequences"]
 FROZEN_PREFIXES = ("large.", "reference.")
 # Test-time knobs: kept out of checkpoint hyperparameters, which LightningCLI would otherwise let override
 # the command line when --ckpt_path is given (``--model.alpha 0.5`` must win at test time).
@@ -36,11 +38,43 @@ TEST_TIME_HPARAMS = ("alpha", "retain_reference", "max_new_tokens")
 
 @dataclass
 class PartOutput:
-    """Logits of the model being unlearned on one data part, the reference logits, and the labels."""
+    """Logits of the model being unlearned on one data part, the reference logits, and the labels.
+
+    ``token_scale`` and ``sequence_scale`` turn this micro-batch's token (sequence) mean into its share of the
+    mean over the whole optimizer step (:func:`~lightning_unlearn.losses.functional.step_scale`); ``None``
+    outside training or when the batch carries no step counts, where the micro-batch mean is the step's.
+    """
 
     logits: Tensor
     ref_logits: Tensor | None
     labels: Tensor
+    token_scale: Tensor | None = None
+    sequence_scale: Tensor | None = None
+
+    def step_share(self, mean: Tensor, over: MeanOver = "tokens") -> Tensor | None:
+        """``mean`` (over this part's tokens or sequences) times its step factor; ``None`` without one."""
+        scale = self.token_scale if over == "tokens" else self.sequence_scale
+        return None if scale is None else mean * scale
+
+
+def with_step_loss(
+    losses: dict[str, Tensor], terms: list[tuple[Tensor, PartOutput, MeanOver]]
+) -> dict[str, Tensor]:
+    """Add ``step_loss = sum_i term_i * scale_i`` to ``losses`` when the parts carry step factors.
+
+    Each term is a weighted mean over the tokens or sequences of one part; its factor (see
+    :meth:`PartOutput.step_share`) makes the gradient averaged over the step's micro-batches and processes
+    that of the mean over the whole step. ``losses`` is returned unchanged outside training.
+
+    Raises:
+        ValueError: if some parts carry step factors and others do not.
+    """
+    shares = [part.step_share(value, over) for value, part, over in terms]
+    if all(share is None for share in shares):
+        return losses
+    if any(share is None for share in shares):
+        raise ValueError("Some data parts of the batch carry the counts of their optimizer step and others do not.")
+    return {**losses, "step_loss": sum(shares[1:], shares[0])}
 
 
 class UnlearnModule(EvaluationHooks):
@@ -97,6 +131,7 @@ class UnlearnModule(EvaluationHooks):
     needs_reference: ClassVar[bool] = False
     extra_parts: ClassVar[tuple[str, ...]] = ()
     retain_loss: RetainLoss = "none"
+    forget_mean: ClassVar[MeanOver] = "tokens"  # what the forget loss averages over (NPO & co: sequences)
 
     def __init__(
         self,
@@ -135,6 +170,7 @@ class UnlearnModule(EvaluationHooks):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.evaluation = None
         self.history: list[dict[str, Any]] = []
+        self.last_losses: dict[str, Tensor] = {}  # the last training micro-batch's means, as logged
         self.strict_loading = False
         if logit_cache == "disk" and not logit_cache_dir:
             raise ValueError("logit_cache: disk needs a folder: set model.logit_cache_dir.")
@@ -341,8 +377,36 @@ class UnlearnModule(EvaluationHooks):
         logit_parts = logits.split(sizes)
         ref_parts = ref.split(sizes) if ref is not None else [None] * len(names)
         return {
-            n: PartOutput(lg, rf, batch[n]["labels"]) for n, lg, rf in zip(names, logit_parts, ref_parts)
+            n: PartOutput(lg, rf, batch[n]["labels"], *self.step_scales(batch[n]))
+            for n, lg, rf in zip(names, logit_parts, ref_parts)
         }
+
+    def step_scales(self, part: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """The factors of a part's token and sequence means that make them shares of the optimizer step's means.
+
+        They need the step's counts, which the data module's training batches carry (``step_tokens``,
+        ``step_sequences``), and the trainer's ``accumulate_grad_batches x world_size``; ``(None, None)``
+        outside training or without counts (plain means over the micro-batch).
+
+        Raises:
+            RuntimeError: if the data was planned for another number of micro-batches per step than the
+                trainer runs (e.g. ``accumulate_grad_batches`` changed by a scheduler during the epoch).
+        """
+        if not self.training or "step_tokens" not in part or self._trainer is None:
+            return None, None
+        micro_batches = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        planned = int(part["step_micro_batches"])
+        if planned != micro_batches:
+            raise RuntimeError(
+                f"The training batches were planned for {planned} micro-batches per optimizer step, but the trainer "
+                f"runs {micro_batches} (accumulate_grad_batches x devices): token means over the step would be "
+                "wrong. Keep accumulate_grad_batches fixed during an epoch."
+            )
+        labels = part["labels"]
+        tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+        sequences = torch.tensor(labels.shape[0], device=labels.device)
+        return (step_scale(tokens, part["step_tokens"], micro_batches),
+                step_scale(sequences, part["step_sequences"], micro_batches))
 
     # --- losses -------------------------------------------------------------------------------------------
 
@@ -360,22 +424,33 @@ class UnlearnModule(EvaluationHooks):
         return kl_on_labelled(retain.ref_logits, retain.logits, retain.labels)
 
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``loss = gamma * forget_loss + retain_weight * retain_loss``, each a mean over the micro-batch, and
+        during training ``step_loss``: the same with each mean scaled to its share of the optimizer step's
+        mean (what is back-propagated; equal to ``loss`` with one device and no accumulation)."""
         out = self.run_parts(batch, with_reference=self.uses_reference)
         forget, retain = self.forget_loss(out), self.retain_term(out)
-        total = self.hparams.gamma * forget + self.hparams.retain_weight * retain
-        return {"loss": total, "forget_loss": forget, "retain_loss": retain}
+        h = self.hparams
+        losses = {"loss": h.gamma * forget + h.retain_weight * retain, "forget_loss": forget, "retain_loss": retain}
+        terms = [(h.gamma * forget, out["forget"], self.forget_mean)]
+        if self.retain_loss != "none":
+            terms.append((h.retain_weight * retain, out["retain"], "tokens"))
+        return with_step_loss(losses, terms)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        """Back-propagate ``step_loss`` (the step-normalised objective) and log the micro-batch means."""
         losses = self.compute_losses(batch)
+        objective = losses.pop("step_loss", losses["loss"])
+        self.last_losses = {k: v.detach() for k, v in losses.items()}
         size = batch["forget"]["input_ids"].shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=size)
-        return losses["loss"]
+        self.log_dict({f"train/{k}": v for k, v in self.last_losses.items()}, prog_bar=True, batch_size=size)
+        return objective
 
     # --- optimisation and checkpoints ---------------------------------------------------------------------
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Checkpoint the RNG state too, so that resuming gives the run it interrupted (Lightning does not)."""
-        return [RestoreRNG()]
+        """Checkpoint the RNG state too, so that resuming gives the run it interrupted (Lightning does not), and
+        stop a diverging run before it applies or saves non-finite values."""
+        return [RestoreRNG(), DivergenceGuard()]
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimise only what requires a gradient: the frozen models never reach the optimizer."""
@@ -397,7 +472,9 @@ class UnlearnModule(EvaluationHooks):
         return {k for k in self.state_dict() if k.startswith("model.")}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the frozen models out of checkpoints: they are reloaded from their ids, unchanged."""
+        """Keep the frozen models out of checkpoints: they are reloaded from their ids, unchanged; refuse to
+        write non-finite weights (raises ``DivergenceError``), so the last checkpoint stays a good one."""
+        require_finite_weights(self, "to write a checkpoint")
         state = checkpoint["state_dict"]
         keep = self.checkpointed_keys() if self.uses_lora else None
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES) or (keep is not None and k not in keep)]:
@@ -410,7 +487,12 @@ class UnlearnModule(EvaluationHooks):
             self.export(self.hparams.export_dir)
 
     def export(self, directory: str | Path) -> Path:
-        """Save the trainable model (and the offset manifest) to ``directory``, replacing it atomically."""
+        """Save the trainable model (and the offset manifest) to ``directory``, replacing it atomically.
+
+        Raises:
+            DivergenceError: if a trainable weight is non-finite (nothing is written).
+        """
+        require_finite_weights(self, f"to export to {directory}")
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))

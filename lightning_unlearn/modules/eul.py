@@ -20,7 +20,8 @@ from ..models.adapters import (
     insert_adapters, load_adapter_set, load_grams, recording_grams, save_adapter_set,
 )
 from ..models.loading import DType, freeze, load_causal_lm, resolve_dtype
-from .base import PartOutput, UnlearnModule
+from .base import PartOutput, UnlearnModule, with_step_loss
+from .divergence import ForgetNLLBound
 
 Schedule = Literal["mixed", "alternate"]
 ADAPTER_KEY = f".{ATTRIBUTE}."
@@ -51,7 +52,7 @@ def eul_objective(
     }
 
 
-class EUL(UnlearnModule):
+class EUL(ForgetNLLBound, UnlearnModule):
     """Efficient unlearning with unlearning layers: only the adapters train, the model stays frozen.
 
     ``L = alpha * KL(F||F')_retain - KL(F||F')_forget + retain_weight * NLL(retain) - gamma * NLL(forget)``
@@ -77,6 +78,8 @@ class EUL(UnlearnModule):
         adapters: directory of a saved (e.g. fused) adapter set to start from or to test; its Gram
             matrices are not carried over (a run records only its own data).
         record_grams: accumulate the Gram matrices (float64, ``(d+1)^2`` per layer) needed for fusion.
+        stop_forget_nll: stop training once the forget NLL of an optimizer step exceeds this (its forget terms
+            are ascent, unbounded; see :class:`.divergence.ForgetNLLBound`); ``null``: no bound.
         large_model: must stay ``null``: EUL unlearns one model directly.
     """
 
@@ -93,6 +96,7 @@ class EUL(UnlearnModule):
         adapter_seed: int = 0,
         adapters: str | None = None,
         record_grams: bool = True,
+        stop_forget_nll: float | None = None,
         large_model: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -162,7 +166,15 @@ class EUL(UnlearnModule):
         finally:
             self._recording = False
         h = self.hparams
-        return eul_objective(out.get("forget"), out.get("retain"), h.alpha, h.retain_weight, h.gamma)
+        forget, retain = out.get("forget"), out.get("retain")
+        losses = eul_objective(forget, retain, h.alpha, h.retain_weight, h.gamma)
+        terms = []  # each half is a combination of token means over one part
+        if forget is not None:
+            self.note_forget_nll(forget, losses["nll_forget"])
+            terms.append((losses["forget_loss"], forget, "tokens"))
+        if retain is not None:
+            terms.append((losses["retain_loss"], retain, "tokens"))
+        return with_step_loss(losses, terms)
 
     # --- the request's adapter set and checkpoints ----------------------------------------------------------
 

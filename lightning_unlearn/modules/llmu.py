@@ -11,22 +11,22 @@ Differences from the public code (kevinyaobytedance/llm_unlearn), on purpose:
 - the random-answer NLL is taken on the answer tokens only: the public code's answer start is
   ``len()`` of a tokenizer output (its number of fields), so it trains on the question too;
 - each forget question draws its own K distinct answers (the public code draws K for the whole batch);
-- NLLs are token means over the batch as for every loss here (the public code averages per-sequence
+- NLLs are token means over the optimizer step as for every loss here (the public code averages per-sequence
   means), and the KL is ``kl_on_labelled`` on retain answer tokens (the public code's cross-entropy to
   the original, same gradient, averages over every position, prompt and padding included);
-- the stop bound is checked after every step: the public loop compares the *negated* NLL with it and
-  only between passes over the data, so it never stops there.
+- the stop bound is checked after every optimizer step, on the step's forget NLL: the public loop compares
+  the *negated* NLL with it and only between passes over the data, so it never stops there.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..losses.functional import kl_on_labelled, nll_mean
-from .base import PartOutput, RetainLoss, UnlearnModule
+from .base import PartOutput, RetainLoss, UnlearnModule, with_step_loss
+from .divergence import ForgetNLLBound
 
 
 def llmu_objective(
@@ -53,7 +53,7 @@ def llmu_objective(
     }
 
 
-class LLMU(UnlearnModule):
+class LLMU(ForgetNLLBound, UnlearnModule):
     """LLMU: ``L = gamma * (-NLL(forget)) + random_weight * NLL(forget q, random a) + retain_weight * KL``.
 
     The paper's ``eps1, eps2, eps3`` are ``gamma`` (the base's forget weight, 0.5 here),
@@ -68,9 +68,10 @@ class LLMU(UnlearnModule):
         random_weight: eps2, weight of the NLL of forget questions paired with random answers.
         retain_weight: eps3, weight of the KL to the original model on retain data.
         num_random_answers: K, random answers per forget question (each is one more sequence per step).
-        stop_forget_nll: stop training once the forget NLL (mean over forget answer tokens, averaged over
-            devices) exceeds this, as the paper does; the step that detects it still applies its update.
-            ``null``: run to ``max_steps``/``max_epochs``.
+        stop_forget_nll: stop training once the forget NLL of an optimizer step (mean over its forget answer
+            tokens on every device) exceeds this, as the paper does; the step that reaches it still applies its
+            update (:class:`.divergence.ForgetNLLBound`, shared with GA, GD, KL and EUL). ``null``: run to
+            ``max_steps``/``max_epochs``.
     """
 
     needs_reference: ClassVar[bool] = True
@@ -89,38 +90,20 @@ class LLMU(UnlearnModule):
         if num_random_answers < 1:
             raise ValueError(f"num_random_answers must be at least 1, got {num_random_answers}.")
         super().__init__(gamma=gamma, retain_weight=retain_weight, **kwargs)
-        self._forget_nll: Tensor | None = None
 
     @property
     def data_options(self) -> dict[str, Any]:
         return {"num_random_answers": self.hparams.num_random_answers}
 
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-        """The three LLMU terms from one forward pass over forget, random-answer and retain rows."""
+        """The three LLMU terms from one forward pass over forget, random-answer and retain rows, each a token
+        mean of its part; while training also ``step_loss``, the objective with token means over the step."""
         h = self.hparams
         out = self.run_parts(batch, with_reference=True)
-        losses = llmu_objective(out["forget"], out["forget_random"], out["retain"], h.gamma, h.random_weight,
-                                h.retain_weight)
-        self._forget_nll = losses["forget_nll"].detach()
-        return losses
-
-    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        loss = super().training_step(batch, batch_idx)
-        if self.hparams.stop_forget_nll is not None:
-            self.stop_when_forgotten(self._forget_nll)
-        return loss
-
-    def stop_when_forgotten(self, forget_nll: Tensor) -> None:
-        """Ask the trainer to stop once ``forget_nll`` exceeds ``stop_forget_nll``.
-
-        The value is averaged over devices first, so every rank takes the same decision (a rank stopping
-        alone would hang the others at their next collective).
-        """
-        bound = self.hparams.stop_forget_nll
-        value = float(self.trainer.strategy.reduce(forget_nll, reduce_op="mean"))
-        if value > bound:
-            self.trainer.should_stop = True
-            rank_zero_info(
-                f"LLMU: forget NLL {value:.4g} exceeds stop_forget_nll={bound:g} at step {self.global_step}: "
-                "stopping training."
-            )
+        forget, mismatch, retain = out["forget"], out["forget_random"], out["retain"]
+        losses = llmu_objective(forget, mismatch, retain, h.gamma, h.random_weight, h.retain_weight)
+        self.note_forget_nll(forget, losses["forget_nll"])
+        terms = [(-h.gamma * losses["forget_nll"], forget, "tokens"),
+                 (h.random_weight * losses["random_loss"], mismatch, "tokens"),
+                 (h.retain_weight * losses["retain_loss"], retain, "tokens")]
+        return with_step_loss(losses, terms)

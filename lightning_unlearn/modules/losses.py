@@ -6,31 +6,46 @@ runs the models (offset or direct) and adds the terms. A new loss is one more cl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from ..losses.functional import dpo_loss, nll_mean, npo_loss, sequence_logp, simnpo_loss
-from .base import PartOutput, RetainLoss, UnlearnModule
+from .base import MeanOver, PartOutput, RetainLoss, UnlearnModule
+from .divergence import ForgetNLLBound
 
 
-class GA(UnlearnModule):
-    """Gradient ascent: ``L = -NLL_mean(forget)``, no retain term."""
+class GA(ForgetNLLBound, UnlearnModule):
+    """Gradient ascent: ``L = -NLL_mean(forget)``, no retain term.
+
+    Args:
+        stop_forget_nll: stop training once the forget NLL of an optimizer step (mean over its forget answer
+            tokens) exceeds this, instead of ascending without bound (see :class:`.divergence.ForgetNLLBound`);
+            ``null``: run to ``max_steps``/``max_epochs``.
+    """
 
     retain_loss: RetainLoss = "none"
 
+    def __init__(self, stop_forget_nll: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
     def forget_loss(self, out: dict[str, PartOutput]) -> Tensor:
-        return -nll_mean(out["forget"].logits, out["forget"].labels)
+        forget = out["forget"]
+        nll = nll_mean(forget.logits, forget.labels)
+        self.note_forget_nll(forget, nll)
+        return -nll
 
 
 class GD(GA):
-    """Gradient difference: ``L = -NLL_mean(forget) + retain_weight * NLL_mean(retain)``."""
+    """Gradient difference: ``L = -NLL_mean(forget) + retain_weight * NLL_mean(retain)``; ``stop_forget_nll``
+    as in :class:`GA`."""
 
     retain_loss: RetainLoss = "nll"
 
 
 class KL(GA):
-    """Gradient ascent with ``KL(p_ref || p)`` on retain data, averaged over answer tokens."""
+    """Gradient ascent with ``KL(p_ref || p)`` on retain data, averaged over answer tokens; ``stop_forget_nll``
+    as in :class:`GA`."""
 
     retain_loss: RetainLoss = "kl"
 
@@ -56,6 +71,7 @@ class NPO(_WithRetainChoice):
     """
 
     needs_reference = True
+    forget_mean: ClassVar[MeanOver] = "sequences"
 
     def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
         super().__init__(retain_loss=retain_loss, **kwargs)
@@ -80,6 +96,7 @@ class DPO(_WithRetainChoice):
 
     needs_reference = True
     extra_parts = ("forget_idk",)
+    forget_mean: ClassVar[MeanOver] = "sequences"  # of the forget part, as many as refusals
 
     def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
         super().__init__(retain_loss=retain_loss, **kwargs)
@@ -106,6 +123,8 @@ class SimNPO(_WithRetainChoice):
         margin: the reward margin gamma_m (open-unlearning writes it as delta = gamma_m / beta).
         retain_loss: retain term: ``none``, ``nll`` or ``kl``.
     """
+
+    forget_mean: ClassVar[MeanOver] = "sequences"
 
     def __init__(self, beta: float = 4.5, margin: float = 0.0, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
         super().__init__(retain_loss=retain_loss, **kwargs)
