@@ -79,8 +79,9 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 def quiet_known_notices(fitting: bool) -> None:
     """Ignore the warnings in :data:`NOTICES` (and, unless ``fitting``, the ModelCheckpoint notices
-    :data:`CHECKPOINT_CALLBACKS_NOTICE` and :data:`CHECKPOINT_DIRPATH_NOTICE`), matched by exact message so that every other warning of the same
-    category still shows. Call it inside ``warnings.catch_warnings()`` to keep the change to one run."""
+    :data:`CHECKPOINT_CALLBACKS_NOTICE` and :data:`CHECKPOINT_DIRPATH_NOTICE`), matched by exact message so
+    that every other warning of the same category still shows. Call it inside ``warnings.catch_warnings()``
+    to keep the change to one run."""
     for message in NOTICES:
         warnings.filterwarnings("ignore", message=message)
     if not fitting:
