@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
 from .data import UnlearnDataModule
@@ -33,8 +38,255 @@ def _share_cores() -> None:
     torch.set_num_threads(max(1, cores // processes))
 
 
+NOTICES = (
+    # The frozen models (large, reference) are in eval mode on purpose: UnlearnModule.train keeps them there
+    # and puts the trained model in train mode.
+    r"Found \d+ module\(s\) in eval mode at the start of training\.",
+    # Raised inside Lightning's own pytree code by newer torch; nothing a user can change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+"""Warnings Lightning and torch raise on every run that say nothing about the user's run (exact messages)."""
+
+CHECKPOINT_CALLBACKS_NOTICE = (
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided during "
+    r"`Trainer` instantiation\. Please add the following callbacks: "
+    r"\[\"ModelCheckpoint\{[^{}]*\}\"(, \"ModelCheckpoint\{[^{}]*\}\")*\]\.$"
+)
+"""Lightning's notice that a checkpoint holds ModelCheckpoint states that no callback takes: a genuine warning
+when resuming a fit (no checkpoint would be written), none when testing (those states are only file paths)."""
+
+CHECKPOINT_DIRPATH_NOTICE = (
+    r"The dirpath has changed from .* therefore `best_model_score`, `kth_best_model_path`, `kth_value`, "
+    r"`last_model_path` and `best_k_models` won't be reloaded\. Only `best_model_path` will be reloaded\.$"
+)
+"""ModelCheckpoint's notice that a restored callback writes elsewhere now: it matters when resuming a fit, not
+when testing, where no checkpoint is written."""
+
+ADVERTISING = "💡 Tip:"
+
+
+class _DropAdvertising(logging.Filter):
+    """Drops Lightning's log lines that advertise its cloud products (litlogger, litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(ADVERTISING)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    if not any(isinstance(f, _DropAdvertising) for f in logging.getLogger(_name).filters):
+        logging.getLogger(_name).addFilter(_DropAdvertising())
+
+
+def quiet_known_notices(fitting: bool) -> None:
+    """Ignore the warnings in :data:`NOTICES` (and, unless ``fitting``, the ModelCheckpoint notices
+    :data:`CHECKPOINT_CALLBACKS_NOTICE` and :data:`CHECKPOINT_DIRPATH_NOTICE`), matched by exact message so
+    that every other warning of the same category still shows. Call it inside ``warnings.catch_warnings()``
+    to keep the change to one run."""
+    for message in NOTICES:
+        warnings.filterwarnings("ignore", message=message)
+    if not fitting:
+        for message in (CHECKPOINT_CALLBACKS_NOTICE, CHECKPOINT_DIRPATH_NOTICE):
+            warnings.filterwarnings("ignore", message=message)
+
+
 class UnlearnCLI(LightningCLI):
-    """LightningCLI with the model's losses as subclasses and the data module fixed."""
+    """LightningCLI with the model's losses as subclasses and the data module fixed, where the values a user
+    gives (on the command line or in a ``--config`` file) are the values used.
+
+    Two behaviours of LightningCLI and jsonargparse are changed for that:
+
+    * With ``--ckpt_path FILE``, LightningCLI parses the checkpoint's model hyper-parameters over the whole
+      configuration, command line included, so ``test --model.large_model NEW --ckpt_path CKPT`` loaded the
+      large model named in the checkpoint. Here the order is: parser defaults, then the checkpoint's model
+      and data hyper-parameters, then everything the user gave; a checkpoint fills only what the user left
+      unset (a run is tested with the settings it was trained with unless told otherwise). A stored key the
+      chosen class does not accept (a checkpoint of an older version or another loss) is skipped with a
+      warning.
+    * Choosing a class for an argument whose default is an instance of another class
+      (``--model.optimizer torch.optim.SGD``, default AdamW) kept the default's values that the new class
+      also accepts (SGD got AdamW's ``weight_decay`` 0.01, RMSprop AdamW's ``lr`` 1e-3 instead of its 1e-2;
+      jsonargparse issue #460). Here a chosen class gets its own defaults plus the values the user gave.
+
+    ``--print_config`` prints the configuration after both; the subcommand runs with Lightning's notices
+    that do not concern the user filtered out (see :func:`quiet_known_notices`).
+    """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` (``sys.argv[1:]`` if None), then what the user gave alone, with no defaults.
+
+        Unlike LightningCLI's, this does not warn when ``args`` are given while ``sys.argv`` holds other
+        arguments: in-process runs (the demo, notebooks) pass the command line they mean on purpose.
+        """
+        if args is None:
+            args = sys.argv[1:]
+        self._print_config_flags: tuple[str, bool] | None = None
+        if isinstance(args, list):
+            args, self._print_config_flags = _take_print_config(args)
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+            self._given = parser.parse_object(args, defaults=False)
+        else:
+            self.config = parser.parse_args(args)
+            self._given = parser.parse_args(args, defaults=False)
+
+    def _parse_ckpt_path(self) -> None:
+        """Merge the checkpoint's hyper-parameters under the user's values, give chosen classes their own
+        defaults, then print the configuration if ``--print_config`` asked for it."""
+        self._merge_checkpoint_hparams()
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        given = self._given[subcommand] if subcommand else self._given
+        for key in ("model", "data"):
+            section, user = config.get(key), given.get(key)
+            if isinstance(user, Namespace) and "class_path" in user:  # the section's class: no default to inherit
+                section, user = section.get("init_args"), user.get("init_args")
+            if isinstance(section, Namespace) and isinstance(user, Namespace):
+                _own_class_defaults(section, user)
+        if self._print_config_flags is not None:
+            flags, in_subcommand = self._print_config_flags
+            parser = self._parser(subcommand) if subcommand and in_subcommand else self.parser
+            dumped = config if subcommand and in_subcommand else self.config
+            sys.stdout.write(parser.dump(dumped, **_dump_options(flags)))
+            raise SystemExit(0)
+
+    def _merge_checkpoint_hparams(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        config, given = self.config[subcommand], self._given[subcommand]
+        update: dict[str, Any] = {}
+        model = _checkpoint_model(checkpoint.get("hyper_parameters") or {}, given.get("model"), config.get("model"),
+                                  ckpt_path)
+        if model:
+            update["model"] = model
+        data = _unset_values(checkpoint.get("datamodule_hyper_parameters") or {}, given.get("data"),
+                             config.get("data"), f"data module {self._datamodule_class.__name__}", ckpt_path)
+        if data:
+            update["data"] = data
+        if update:
+            try:
+                self.config = self.parser.parse_object({subcommand: update}, self.config)
+            except SystemExit:
+                sys.stderr.write(f"The hyper-parameters stored in {ckpt_path} do not parse (see above).\n")
+                raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with warnings.catch_warnings():
+            quiet_known_notices(fitting=subcommand == "fit")
+            super()._run_subcommand(subcommand)
+
+
+def _take_print_config(args: list[str]) -> tuple[list[str], tuple[str, bool] | None]:
+    """Remove ``--print_config[=flags]`` from ``args``; return the rest and (flags, whether it came after the
+    subcommand), so that the configuration is printed once it is complete."""
+    subcommands = set(LightningCLI.subcommands())
+    found: tuple[str, bool] | None = None
+    rest: list[str] = []
+    seen_subcommand = False
+    for arg in args:
+        if arg == "--print_config" or arg.startswith("--print_config="):
+            found = (arg.partition("=")[2], seen_subcommand)
+            continue
+        seen_subcommand = seen_subcommand or arg in subcommands
+        rest.append(arg)
+    return rest, found
+
+
+def _dump_options(flags: str) -> dict[str, bool]:
+    """``parser.dump`` options of ``--print_config=flags`` (flags as jsonargparse takes them)."""
+    names = {"comments": "with_comments", "skip_default": "skip_default", "skip_unset": "skip_unset",
+             "skip_null": "skip_unset"}
+    options = {"skip_unset": False}
+    for flag in filter(None, flags.split(",")):
+        if flag not in names:
+            raise SystemExit(f"--print_config: unknown flag {flag!r}; use one or more of {sorted(names)}.")
+        options[names[flag]] = True
+    return options
+
+
+def _import(path: str) -> Any:
+    """The object at a dotted import path (``torch.optim.SGD``)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _signature_default(target: Any, name: str) -> Any:
+    """Default of parameter ``name`` of a class (its ``__init__``, or a base class's ``__init__`` reached through
+    ``**kwargs``, as jsonargparse resolves them) or of a function; ``inspect.Parameter.empty`` if it has none."""
+    functions = [k.__dict__["__init__"] for k in inspect.getmro(target) if "__init__" in k.__dict__] \
+        if inspect.isclass(target) else [target]
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            break
+        if name in parameters:
+            return parameters[name].default
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break
+    return inspect.Parameter.empty
+
+
+def _own_class_defaults(config: Namespace, given: Namespace) -> None:
+    """Where ``given`` (what the user set) chooses a class, reset every argument of that class the user did not
+    set to the class's own default, in place in ``config``; recurse into nested values."""
+    if "class_path" in given and isinstance(config.get("init_args"), Namespace):
+        user = given.get("init_args") or Namespace()
+        try:
+            target = _import(config["class_path"])
+        except (ImportError, AttributeError, ValueError):
+            target = None
+        init_args = config["init_args"]
+        for key in list(vars(init_args)):
+            if key in user or target is None:
+                continue
+            default = _signature_default(target, key)
+            if default is not inspect.Parameter.empty:
+                init_args[key] = default
+        config, given = init_args, user
+    for key, value in vars(given).items():
+        if isinstance(value, Namespace) and isinstance(config.get(key), Namespace):
+            _own_class_defaults(config[key], value)
+
+
+def _user_keys(given: Namespace | None) -> set[str]:
+    """Top-level argument names the user set in one section (``init_args`` and ``dict_kwargs`` of a subclass)."""
+    if not isinstance(given, Namespace):
+        return set()
+    if "class_path" in given or "init_args" in given:
+        return {k for part in ("init_args", "dict_kwargs") for k in vars(given.get(part) or Namespace())}
+    return set(vars(given))
+
+
+def _unset_values(stored: dict[str, Any], given: Namespace | None, current: Namespace | None, owner: str,
+                  ckpt_path: str) -> dict[str, Any]:
+    """The stored hyper-parameters the user did not set, among those ``current`` (the parsed section) accepts."""
+    stored = {k: v for k, v in stored.items() if not k.startswith("_")}
+    user = _user_keys(given)
+    accepted = set(vars(current)) if isinstance(current, Namespace) else set(stored)
+    unknown = sorted(set(stored) - accepted - user)
+    if unknown:
+        warnings.warn(f"{ckpt_path} stores hyper-parameters {unknown} that {owner} does not take: they are ignored.",
+                      stacklevel=3)
+    return {k: v for k, v in stored.items() if k in accepted and k not in user}
+
+
+def _checkpoint_model(stored: dict[str, Any], given: Namespace | None, current: Namespace | None,
+                      ckpt_path: str) -> dict[str, Any]:
+    """The model section a checkpoint contributes: its loss class unless the user chose one, and its stored
+    arguments that the user did not set and the class takes."""
+    stored = dict(stored)
+    class_path = (given.get("class_path") if isinstance(given, Namespace) else None) or stored.get("_class_path")
+    if class_path is None:
+        return {}
+    current_args = current.get("init_args") if isinstance(current, Namespace) else None
+    same_class = isinstance(current, Namespace) and current.get("class_path") == class_path
+    kwargs = _unset_values(stored, given, current_args if same_class else None, class_path, ckpt_path)
+    return {"class_path": class_path, "init_args": kwargs}
 
 
 def _commented_print_config(args: list[str]) -> list[str]:
@@ -47,8 +299,6 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
     _share_cores()
     if args is None:
         args = sys.argv[1:]
-        # Lightning warns when args are given beside a command line; here they *are* the command line.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if isinstance(args, list):
         args = _commented_print_config(args)
     cli = UnlearnCLI(

@@ -19,12 +19,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers.utils import logging as hf_logging
 
 from .cli import main as cli_main
 from .evaluation.report import atomic_write_json, print_table, summary_table
@@ -64,6 +70,10 @@ QUICK = {
 (and EUL's retain set: the 20 retain pairs the quick model knows)."""
 
 
+TEST = ["--verbose", "false"]
+"""Options of the ``test`` stages: the TOFU table is printed, not Lightning's table of the same metrics."""
+
+
 def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, int], epochs: int | None,
            quick: bool = False) -> list[Stage]:
     q = QUICK if quick else {}
@@ -95,16 +105,16 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
                                   "--trainer.default_root_dir", f"{r}/logs/finetune_retain",
                                   *q.get("finetune_retain", [])],
               root / "models/large_retain", ["init"]),
-        Stage("eval_retain", ["test", "--config", ev, "--model.small_model", f"{r}/models/large_retain",
+        Stage("eval_retain", ["test", *TEST, "--config", ev, "--model.small_model", f"{r}/models/large_retain",
                               "--trainer.default_root_dir", f"{r}/eval/retain", *q.get("eval", [])],
               root / "eval/retain", ["finetune_retain"]),
-        Stage("eval_finetuned", ["test", "--config", ev, "--model.small_model", f"{r}/models/large_ft",
+        Stage("eval_finetuned", ["test", *TEST, "--config", ev, "--model.small_model", f"{r}/models/large_ft",
                                  "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
                                  "--trainer.default_root_dir", f"{r}/eval/finetuned", *q.get("eval", [])],
               root / "eval/finetuned", ["finetune_large", "eval_retain"]),
         Stage("unlearn", ["fit", *unlearn_common], root / "logs/unlearn",
               ["finetune_large", "finetune_small", "eval_retain"]),
-        Stage("eval_unlearned", ["test", *unlearn_common, "--trainer.callbacks", "null",
+        Stage("eval_unlearned", ["test", *TEST, *unlearn_common, "--trainer.callbacks", "null",
                                  "--ckpt_path", f"{r}/logs/unlearn/checkpoints/last.ckpt",
                                  "--trainer.default_root_dir", f"{r}/eval/unlearned"],
               root / "eval/unlearned", ["unlearn"]),
@@ -121,18 +131,42 @@ def run_stage(stage: Stage, upstream: dict[str, str], force: bool) -> bool:
         return False
     if stage.output.exists():
         shutil.rmtree(stage.output)
-    command = ("python -m lightning_unlearn.models.tiny " if stage.args[0] == "tiny" else "python main.py ")
-    print(f"\n[demo] {stage.name}: {command}{shlex.join(stage.args[1:] if stage.args[0] == 'tiny' else stage.args)}")
+    tiny = stage.args[0] == "tiny"
+    args = stage.args if tiny or not sys.stdout.isatty() else [*stage.args, "--trainer.enable_progress_bar", "true"]
+    command = "python -m lightning_unlearn.models.tiny " if tiny else "python main.py "
+    print(f"\n[demo] {stage.name}: {command}{shlex.join(args[1:] if tiny else args)}", flush=True)
     start = time.perf_counter()
-    if stage.args[0] == "tiny":
+    if tiny:
         opts = stage.args[2:]
         make_tiny_pair(stage.args[1], large=tuple(map(int, opts[1:3])), small=tuple(map(int, opts[4:6])))
     else:
-        cli_main(stage.args)
+        cli_main(args)
     stage.output.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key)
     print(f"[demo] {stage.name}: done in {time.perf_counter() - start:.0f} s")
     return True
+
+
+@contextmanager
+def quiet_console() -> Iterator[None]:
+    """Keep the demo's console to its stage lines, progress bars, results and warnings.
+
+    Lightning's info lines (seed, accelerators, "Loading `train_dataloader`...", "`Trainer.fit` stopped") and
+    transformers' bars for loading and saving a tiny model say nothing a demo user acts on; warnings pass.
+    """
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def report(root: Path) -> dict[str, dict]:
@@ -166,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     root = Path(args.root)
     start = time.perf_counter()
     upstream: dict[str, str] = {}
-    for stage in stages(root, args.method, tuple(args.large), tuple(args.small), args.epochs, args.quick):
-        run_stage(stage, upstream, args.force)
+    with quiet_console():
+        for stage in stages(root, args.method, tuple(args.large), tuple(args.small), args.epochs, args.quick):
+            run_stage(stage, upstream, args.force)
     columns = report(root)
     print(f"[demo] total {time.perf_counter() - start:.0f} s")
     return columns

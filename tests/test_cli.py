@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_unlearn.cli import main
@@ -64,3 +66,90 @@ def test_every_config_parses_and_instantiates(config: Path, tiny_world: dict, tm
     cli = main(["--config", str(ROOT / config), *extra], run=False)
     assert isinstance(cli.model, UnlearnModule) and cli.model.model is None
     assert isinstance(cli.datamodule, UnlearnDataModule)
+
+
+def test_values_given_win_over_the_checkpoints_and_the_rest_comes_from_it(tiny_world: dict, tmp_cwd: Path) -> None:
+    """Train, move the large model and delete its old folder, then test with the new path and another dtype.
+
+    Before: LightningCLI parsed the checkpoint's hyper-parameters over the command line, so ``test`` loaded the
+    large model from the deleted folder in bfloat16 (only alpha, retain_reference and max_new_tokens were exempt).
+    """
+    large = tmp_cwd / "large"
+    shutil.copytree(tiny_world["large"], large)
+    trained = main(["fit", "--config", FAST, "--model", "NPO", "--model.small_model", tiny_world["small"],
+                    "--model.large_model", str(large), "--model.beta", "0.3", "--model.alpha", "0.7",
+                    "--data.seed", "5"])
+    assert trained.model.hparams.large_dtype == "bfloat16"
+    checkpoint = tmp_cwd / "run.ckpt"
+    trained.trainer.save_checkpoint(checkpoint)
+    moved = tmp_cwd / "moved" / "large"
+    shutil.copytree(large, moved)
+    shutil.rmtree(large)
+    (tmp_cwd / "dtype.yaml").write_text("model:\n  init_args:\n    large_dtype: float32\n")
+
+    for dtype_args in (["--model.large_dtype", "float32"], ["--config", str(tmp_cwd / "dtype.yaml")]):
+        cli = main(["test", "--config", FAST, "--model", "NPO", "--model.small_model", tiny_world["small"],
+                    "--model.large_model", str(moved), *dtype_args, "--data.max_length", "128",
+                    "--ckpt_path", str(checkpoint)])
+        module = cli.model
+        assert module.hparams.large_model == str(moved) and module.large.name_or_path == str(moved)
+        assert module.hparams.large_dtype == "float32"
+        assert {p.dtype for p in module.large.parameters()} == {torch.float32}
+        assert cli.datamodule.hparams.max_length == 128
+        # Not given: the checkpoint's values, not the defaults (beta 0.1, alpha 1.0, seed 0).
+        assert module.hparams.beta == 0.3 and module.alpha == 0.7 and cli.datamodule.hparams.seed == 5
+        assert "test/forget_nll" in cli.trainer.callback_metrics
+
+
+def test_print_config_shows_the_checkpoints_values_under_the_given_ones(tiny_world: dict, tmp_cwd: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    trained = main(["fit", "--config", FAST, "--model", "NPO", "--model.small_model", tiny_world["small"],
+                    "--model.large_model", tiny_world["large"], "--model.beta", "0.3"])
+    trained.trainer.save_checkpoint(tmp_cwd / "run.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["test", "--config", FAST, "--model", "NPO", "--model.small_model", tiny_world["small"],
+              "--model.large_dtype", "float16", "--ckpt_path", str(tmp_cwd / "run.ckpt"), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert (model["large_model"], model["beta"], model["large_dtype"]) == (tiny_world["large"], 0.3, "float16")
+
+
+OPTIMIZERS = ["AdamW", "SGD", "Adam", "RMSprop"]
+
+
+def own_defaults(name: str) -> dict:
+    return getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(1))]).defaults
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_chosen_optimizer_gets_its_own_defaults(name: str, tiny_world: dict, tmp_cwd: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """Before: the default AdamW's values that the chosen class also takes carried over to it (SGD, Adam and
+    RMSprop got weight_decay 0.01 instead of 0; RMSprop lr 0.001 instead of its 0.01)."""
+    choice = [] if name == "AdamW" else ["--model.optimizer", f"torch.optim.{name}"]
+    command = ["fit", "--config", FAST, "--model", "GA", "--model.small_model", tiny_world["small"], *choice]
+    with pytest.raises(SystemExit):
+        main([*command, "--print_config"])
+    resolved = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["optimizer"]
+    own = own_defaults(name)
+    assert resolved["class_path"] == f"torch.optim.{name}"
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in resolved["init_args"].items()} == {
+        k: own[k] for k in resolved["init_args"]}
+    assert resolved["init_args"]["weight_decay"] == {"AdamW": 0.01}.get(name, 0)
+    assert resolved["init_args"]["lr"] == {"RMSprop": 0.01}.get(name, 0.001)
+
+    cli = main([*command, "--model.optimizer.lr", "0.02"])  # what the user sets is kept
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer) is getattr(torch.optim, name)
+    group = optimizer.param_groups[0]
+    assert {k: group[k] for k in own} == {**own, "lr": 0.02}
+
+
+def test_optimizer_values_set_in_a_config_stay_when_the_class_changes_later(tiny_world: dict, tmp_cwd: Path) -> None:
+    """Values the user wrote (here in a config, for AdamW) are the user's: they follow the class chosen after."""
+    (tmp_cwd / "adamw.yaml").write_text("model:\n  init_args:\n    optimizer:\n      class_path: torch.optim.AdamW\n"
+                                        "      init_args:\n        lr: 1.0e-05\n")
+    cli = main(["--config", FAST, "--model", "GA", "--model.small_model", tiny_world["small"], "--config",
+                str(tmp_cwd / "adamw.yaml"), "--model.optimizer", "torch.optim.SGD"], run=False)
+    init_args = cli.config.model.init_args.optimizer.init_args
+    assert (init_args.lr, init_args.weight_decay, init_args.momentum) == (1e-5, 0, 0)

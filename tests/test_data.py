@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_local_folder_with_custom_keys(tmp_path: Path, tokenizer) -> None:
 def test_missing_field_names_split_row_and_fix(tmp_path: Path) -> None:
     write_split(tmp_path, "mine", [{"question": "Who?", "answer": "Me."}, {"question": "No answer"}])
     dm = UnlearnDataModule("mine", None, dataset=str(tmp_path))
-    with pytest.raises(ValueError, match="forget split 'mine': row 1 has no field 'answer'.*answer_key"):
+    with pytest.raises(ValueError, match=r"mine\.jsonl, line 2: no field 'answer'.*answer_key"):
         dm.setup("fit")
 
 
@@ -203,3 +204,100 @@ def test_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch: pytest.Mo
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(FileNotFoundError, match="dataset: bundled or a local folder"):
         load_split("locuslab/TOFU", "forget01")
+
+
+BAD_VALUES = {"number": (42, r"a number \(42\)"), "null": (None, "null"), "list": (["Me."], r"a list \(\['Me.'\]\)"),
+              "object": ({"text": "Me."}, r"an object \({'text': 'Me.'}\)"), "boolean": (True, r"a boolean \(true\)")}
+
+
+@pytest.mark.parametrize("field", ["question", "answer"])
+@pytest.mark.parametrize("kind", sorted(BAD_VALUES))
+def test_a_field_that_is_not_text_is_refused_with_file_line_and_field(kind: str, field: str, tmp_path: Path) -> None:
+    """Before: accepted here, then a crash inside the tokenizer about pretokenized input."""
+    value, shown = BAD_VALUES[kind]
+    rows = [{"question": "Who?", "answer": "Me."}, {"question": "Where?", "answer": "Here."}]
+    rows[1][field] = value
+    write_split(tmp_path, "mine", rows)
+    dm = UnlearnDataModule("mine", None, dataset=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"mine\.jsonl, line 2: field '{field}' is {shown}, not text"):
+        dm.setup("fit")
+
+
+def test_rows_of_a_slice_are_named_by_their_line_in_the_file(tmp_path: Path) -> None:
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(5)]
+    rows[3]["answer"] = 3
+    write_split(tmp_path, "mine", rows)
+    assert len(load_split(str(tmp_path), "mine[:3]", ("question", "answer"))) == 3
+    with pytest.raises(ValueError, match=r"mine\.jsonl, line 4: field 'answer' is a number \(3\)"):
+        load_split(str(tmp_path), "mine[2:4]", ("question", "answer"))
+
+
+def test_retain_rows_are_checked_too(tmp_path: Path) -> None:
+    write_split(tmp_path, "forget", [{"question": "Who?", "answer": "Me."}])
+    write_split(tmp_path, "keep", [{"question": None, "answer": "That."}])
+    with pytest.raises(ValueError, match=r"keep\.jsonl, line 1: field 'question' is null"):
+        UnlearnDataModule("forget", "keep", dataset=str(tmp_path)).setup("fit")
+
+
+def test_a_bad_row_in_the_bundled_files_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_unlearn.data import sources
+
+    write_split(tmp_path, "forget01", [{"question": "Who?", "answer": ["a", "list"]}])
+    monkeypatch.setattr(sources, "bundled_dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match=rf"{tmp_path}/forget01\.jsonl, line 1: field 'answer' is a list"):
+        UnlearnDataModule("forget01", None).setup("fit")
+
+
+def test_a_bad_row_of_a_hub_dataset_names_dataset_configuration_and_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split: [
+        {"question": "q", "answer": "a"}, {"question": "q", "answer": 7.5}])
+    with pytest.raises(ValueError, match=r"hub dataset 'someone/data', configuration 'forget01', row 1: field 'answer' "
+                                         r"is a number \(7\.5\)"):
+        UnlearnDataModule("forget01", None, dataset="someone/data").setup("fit")
+
+
+def test_an_empty_answer_is_kept_with_one_warning(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    rows = [{"question": "Who?", "answer": "Me."}, {"question": "Where?", "answer": ""},
+            {"question": "When?", "answer": "  "}]
+    write_split(tmp_path, "mine", rows)
+    dm = UnlearnDataModule("mine", None, dataset=str(tmp_path))
+    dm.setup("fit")
+    assert len(dm.forget) == 3
+    messages = [str(w.message) for w in recwarn if "is empty" in str(w.message)]
+    assert len(messages) == 1
+    assert re.match(r".*mine\.jsonl: field 'answer' is empty in 2 row\(s\) \(line 2, line 3\)", messages[0])
+
+
+def write_eval_world(folder: Path, forget_row: dict) -> None:
+    """A folder with the TOFU evaluation files whose forget set is one given row (the others are valid)."""
+    good = {"question": "Q?", "answer": "A.", "paraphrased_answer": "A!", "perturbed_answer": ["B.", "C."]}
+    write_split(folder, "mine_perturbed", [good, {**good, **forget_row}])
+    for split in ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
+        write_split(folder, split, [good])
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    ({"perturbed_answer": ["B.", 12]}, r"field 'perturbed_answer\[1\]' is a number \(12\), not text"),
+    ({"perturbed_answer": "B."}, r"field 'perturbed_answer' must be a non-empty list of texts, not text"),
+    ({"perturbed_answer": []}, r"field 'perturbed_answer' must be a non-empty list of texts, not a list"),
+    ({"paraphrased_answer": None}, r"field 'paraphrased_answer' is null, not text"),
+    ({"answer": 1}, r"field 'answer' is a number \(1\), not text"),
+], ids=["perturbed-item", "perturbed-not-list", "perturbed-empty", "paraphrase", "answer"])
+def test_evaluation_rows_and_perturbed_options_are_checked(row: dict, expected: str, tmp_path: Path, tokenizer) -> None:
+    from lightning_unlearn.evaluation.data import EvalDataset, tofu_eval_specs
+
+    write_eval_world(tmp_path, row)
+    spec = tofu_eval_specs("mine", None, None)[0]
+    with pytest.raises(ValueError, match=rf"mine_perturbed\.jsonl, line 2: {expected}"):
+        EvalDataset.load(spec, str(tmp_path), PromptFormatter(tokenizer))
+
+
+def test_records_built_in_code_are_checked_by_the_datasets(tokenizer) -> None:
+    formatter = PromptFormatter(tokenizer)
+    with pytest.raises(ValueError, match=r"forget records, row 0: field 'answer' is null"):
+        PairedDataset([{"question": "Who?", "answer": None}], [], formatter, ("forget",))
+    with pytest.raises(ValueError, match=r"answer pool, item 1: a number"):
+        PairedDataset([{"question": "Who?", "answer": "Me."}], [], formatter, ("forget", "forget_random"),
+                      answer_pool=["x", 2, "y"], num_random_answers=2)

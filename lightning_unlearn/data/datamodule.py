@@ -25,7 +25,7 @@ from ..models.loading import load_tokenizer
 from .datasets import PairedDataset
 from .formatting import DEFAULT_TEMPLATE, PromptFormatter, collate_parts
 from .steps import StepDataset, StepSampler, collate_steps
-from .sources import BUNDLED, Record, load_refusals, load_split, require_fields
+from .sources import BUNDLED, Record, load_refusals, load_split
 
 
 class UnlearnDataModule(L.LightningDataModule):
@@ -123,13 +123,11 @@ class UnlearnDataModule(L.LightningDataModule):
         keys = (h.question_key, h.answer_key)
         if not self.forget:
             splits = [h.forget_split] if isinstance(h.forget_split, str) else list(h.forget_split)
-            self.forget = [row for split in splits for row in load_split(h.dataset, split)]
+            self.forget = [row for split in splits for row in load_split(h.dataset, split, keys)]
             if not self.forget:
                 raise ValueError(f"The forget split {h.forget_split!r} of {h.dataset!r} is empty: nothing to unlearn.")
-            require_fields(self.forget, keys, f"forget split {h.forget_split!r}")
         if h.retain_split and not self.retain:
-            self.retain = load_split(h.dataset, h.retain_split)
-            require_fields(self.retain, keys, f"retain split {h.retain_split!r}")
+            self.retain = load_split(h.dataset, h.retain_split, keys)
         if h.tokenizer is not None and self.formatter is None:
             self._set_formatter(load_tokenizer(h.tokenizer))
 
@@ -163,8 +161,7 @@ class UnlearnDataModule(L.LightningDataModule):
         if "forget_idk" in self.parts and not self.refusals:
             self.refusals = load_refusals(h.dataset)
         if "forget_random" in self.parts and not self.answer_pool:
-            pool = load_split(h.dataset, h.answer_pool_split) if h.answer_pool_split else self.retain
-            require_fields(pool, (h.answer_key,), f"answer pool split {h.answer_pool_split or h.retain_split!r}")
+            pool = load_split(h.dataset, h.answer_pool_split, (h.answer_key,)) if h.answer_pool_split else self.retain
             self.answer_pool = [row[h.answer_key] for row in pool]
         dataset = PairedDataset(
             self.forget, self.retain, self._formatter(), self.parts, self.refusals, h.question_key, h.answer_key,

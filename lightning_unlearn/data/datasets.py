@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from .formatting import Encoded, PromptFormatter
-from .sources import Record
+from .sources import Record, describe, require_fields
 
 PARTS = ("forget", "retain", "forget_idk", "forget_random")
 
@@ -53,6 +53,14 @@ class PairedDataset(Dataset):
                 f"This loss pairs each forget question with {num_random_answers} distinct random answers but the "
                 f"answer pool holds {len(answer_pool)}: set data.retain_split or data.answer_pool_split."
             )
+        # Files are checked with their lines when read; records built in code are checked here (types only).
+        require_fields(forget, (question_key, answer_key), "forget records", warn_empty=False)
+        if "retain" in parts:
+            require_fields(retain, (question_key, answer_key), "retain records", warn_empty=False)
+        for name, texts in (("answer pool", answer_pool), ("refusals", refusals)):
+            bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+            if bad is not None:
+                raise ValueError(f"{name}, item {bad}: {describe(texts[bad])}, not text.")
         self.forget, self.retain, self.refusals = forget, retain, refusals
         self.answer_pool, self.num_random_answers = answer_pool, num_random_answers
         self.formatter, self.parts = formatter, tuple(parts)
@@ -87,6 +95,7 @@ class RecordDataset(Dataset):
         self, records: Sequence[Record], formatter: PromptFormatter, name: str, question_key: str = "question",
         answer_key: str = "answer",
     ) -> None:
+        require_fields(records, (question_key, answer_key), f"{name} records", warn_empty=False)
         self.records, self.formatter, self.name = records, formatter, name
         self.q, self.a = question_key, answer_key
 

@@ -55,6 +55,16 @@ def tofu_eval_specs(forget_split: str, eval_forget_split: str | None, holdout_sp
     return specs
 
 
+def _text_fields(spec: EvalSetSpec, question_key: str, answer_key: str) -> tuple[str, ...]:
+    """Fields of an evaluation row that must hold text: question, answer and the answer counted as correct."""
+    return tuple(k for k in (question_key, answer_key, spec.correct_key) if k)
+
+
+def _list_fields(spec: EvalSetSpec) -> tuple[str, ...]:
+    """Fields that must hold a non-empty list of texts: the perturbed (wrong) answers of the truth ratio."""
+    return (spec.perturbed_key,) if spec.perturbed_key else ()
+
+
 class EvalDataset(Dataset):
     """One evaluation set: every item holds the encodings of all the answers it is scored on."""
 
@@ -62,8 +72,9 @@ class EvalDataset(Dataset):
         self, spec: EvalSetSpec, records: Sequence[Record], formatter: PromptFormatter,
         question_key: str = "question", answer_key: str = "answer",
     ) -> None:
-        fields = tuple(k for k in (question_key, answer_key, spec.correct_key, spec.perturbed_key) if k)
-        require_fields(list(records), fields, f"evaluation split {spec.split!r}")
+        # Rows read from a file were checked (and empty texts warned about) with their file and line on loading.
+        require_fields(records, _text_fields(spec, question_key, answer_key), f"evaluation split {spec.split!r}",
+                       _list_fields(spec), warn_empty=False)
         if spec.perturbed_key:
             counts = {len(r[spec.perturbed_key]) for r in records}
             if len(counts) != 1:
@@ -75,7 +86,7 @@ class EvalDataset(Dataset):
     def load(cls, spec: EvalSetSpec, dataset: str, formatter: PromptFormatter, subset: int | None = None,
              question_key: str = "question", answer_key: str = "answer") -> EvalDataset:
         try:
-            records = load_split(dataset, spec.split)
+            records = load_split(dataset, spec.split, _text_fields(spec, question_key, answer_key), _list_fields(spec))
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"TOFU evaluation needs split {spec.split!r} ({spec.name} set): {err} Set data.evaluation: loss "

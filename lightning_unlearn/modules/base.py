@@ -31,9 +31,6 @@ from .rng import RestoreRNG
 RetainLoss = Literal["none", "nll", "kl"]
 MeanOver = Literal["tokens", "sequences"]
 FROZEN_PREFIXES = ("large.", "reference.")
-# Test-time knobs: kept out of checkpoint hyperparameters, which LightningCLI would otherwise let override
-# the command line when --ckpt_path is given (``--model.alpha 0.5`` must win at test time).
-TEST_TIME_HPARAMS = ("alpha", "retain_reference", "max_new_tokens")
 
 
 @dataclass
@@ -479,8 +476,6 @@ class UnlearnModule(EvaluationHooks):
         keep = self.checkpointed_keys() if self.uses_lora else None
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES) or (keep is not None and k not in keep)]:
             del state[key]
-        for key in TEST_TIME_HPARAMS:
-            checkpoint.get("hyper_parameters", {}).pop(key, None)
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:

@@ -196,8 +196,6 @@ class EUL(ForgetNLLBound, UnlearnModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapters (the base model reloads from its id) and the Gram matrices so far."""
         super().on_save_checkpoint(checkpoint)
-        if "hyper_parameters" in checkpoint:  # the base drops "alpha" as the offset strength; here it is a loss weight
-            checkpoint["hyper_parameters"]["alpha"] = self.hparams.alpha
         state = checkpoint["state_dict"]
         for key in [k for k in state if ADAPTER_KEY not in k]:
             del state[key]
