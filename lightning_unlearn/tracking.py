@@ -53,13 +53,13 @@ def publish_summary(loggers: Iterable[Logger], summary: dict[str, Any], files: I
 
 
 def finish_runs(loggers: Iterable[Logger]) -> None:
-    """End the W&B run when the command ends.
+    """End each W&B run of the command when the command ends, and wait until its records are written.
 
-    Lightning leaves it open, for a ``trainer.test`` later in the same script; a second command run in the
-    same process (tests, notebooks) would otherwise log into the first one's run instead of its own.
+    Lightning leaves the run open, for a ``trainer.test`` later in the same script; a second command run in
+    the same process (tests, notebooks) would otherwise log into the first one's run instead of its own.
+    Each logger's own run is finished (not ``wandb.run``, which names the latest run of the process), so an
+    offline run's file holds its summary once the command returns.
     """
-    if any(isinstance(logger, WandbLogger) for logger in loggers):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.run.finish()
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
