@@ -135,6 +135,7 @@ def test_reference_gives_forget_quality_and_privleak(tiny_world: dict, tmp_cwd: 
     assert summary["privleak"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.timeout(300)  # a fit, four tests and a sweep in-process: about 15 s on one thread
 def test_fit_evaluates_every_epoch_and_keeps_the_best_checkpoint(tiny_world: dict, tmp_cwd: Path) -> None:
     reference = run_test(tiny_world, tmp_cwd) / "TOFU_EVAL.json"
     cli = main(["fit", "--config", TOFU_EVAL, "--model", "NPO", "--model.small_model", tiny_world["small"],
