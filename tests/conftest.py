@@ -1,12 +1,24 @@
-"""Shared fixtures: a tokenizer trained on TOFU text and tiny Llama models, all built locally."""
+"""Shared fixtures: a tokenizer trained on TOFU text and tiny Llama models, all built locally.
+
+The suite never needs the network: the hub, transformers, datasets and W&B are put offline here, before any of
+them is imported, so that a test that would reach out fails at once instead of downloading or hanging (DDP
+subprocesses inherit the environment). W&B runs are written offline (``disabled`` is kept if set).
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+os.environ.update(OFFLINE)
+if os.environ.get("WANDB_MODE") != "disabled":
+    os.environ["WANDB_MODE"] = "offline"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 

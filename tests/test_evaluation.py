@@ -176,11 +176,7 @@ def test_reference_gives_forget_quality_and_privleak(tiny_world: dict, tmp_cwd: 
     assert summary["privleak"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_alpha_rescales_the_offset_at_test_time(tiny_world: dict, tmp_cwd: Path) -> None:
-    out = run_test(tiny_world, tmp_cwd, "--model.alpha", "0.5")
-    assert json.loads((out / "TOFU_SUMMARY.json").read_text())["alpha"] == 0.5
-
-
+@pytest.mark.timeout(300)  # a fit, four tests and a sweep in-process: about 15 s on one thread
 def test_fit_evaluates_every_epoch_and_keeps_the_best_checkpoint(tiny_world: dict, tmp_cwd: Path) -> None:
     reference = run_test(tiny_world, tmp_cwd) / "TOFU_EVAL.json"
     cli = main(["fit", "--config", TOFU_EVAL, "--model", "NPO", "--model.small_model", tiny_world["small"],
@@ -194,13 +190,15 @@ def test_fit_evaluates_every_epoch_and_keeps_the_best_checkpoint(tiny_world: dic
     assert best.monitor == "val/forget_quality" and Path(best.best_model_path).is_file()
     assert best.best_model_score == pytest.approx(max(h["forget_quality"] for h in history))
 
-    results = sweep(TOFU_EVAL, [0.0, 1.0], tmp_cwd / "sweep", str(out / "checkpoints" / "last.ckpt"), [
+    results = sweep(TOFU_EVAL, [0.0, 0.5, 1.0], tmp_cwd / "sweep", str(out / "checkpoints" / "last.ckpt"), [
         "--model", "NPO", "--model.small_model", tiny_world["small"], "--model.large_model", tiny_world["large"],
         "--model.retain_reference", str(reference), "--trainer.callbacks", "null"])
     untrained = json.loads((reference.parent / "TOFU_SUMMARY.json").read_text())
-    assert [r["alpha"] for r in results] == [0.0, 1.0]
-    assert results[0]["forget_Q_A_Prob"] == pytest.approx(untrained["forget_Q_A_Prob"]), "alpha 0 is the large model"
-    assert results[1]["forget_Q_A_Prob"] != pytest.approx(untrained["forget_Q_A_Prob"])
+    for alpha in (0.0, 0.5, 1.0):  # each run used the alpha given at test time, not the checkpoint's
+        assert json.loads((tmp_cwd / "sweep" / f"alpha_{alpha:g}" / "TOFU_SUMMARY.json").read_text())["alpha"] == alpha
+    prob = [r["forget_Q_A_Prob"] for r in results]
+    assert prob[0] == pytest.approx(untrained["forget_Q_A_Prob"], rel=1e-6), "alpha 0 is the large model"
+    assert prob[0] > prob[1] > prob[2], "NPO lowered the forget answers' probability, more at full strength"
     assert (tmp_cwd / "sweep" / "ALPHA_SWEEP.json").is_file() and (tmp_cwd / "sweep" / "alpha_sweep.png").is_file()
 
 

@@ -88,7 +88,12 @@ def test_large_model_in_bfloat16_still_gives_float32_logits(tiny_world: dict) ->
     module = built(GA, small_model=tiny_world["small"], large_model=tiny_world["large"], large_dtype="bfloat16")
     assert next(module.large.parameters()).dtype == torch.bfloat16
     batch = make_batch(tiny_world["tokenizer"])["forget"]
-    assert module(batch["input_ids"], batch["attention_mask"]).dtype == torch.float32
+    large = load_causal_lm(tiny_world["large"], "bfloat16").eval()
+    with torch.no_grad():
+        combined = module(batch["input_ids"], batch["attention_mask"])
+        z_l = large(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert combined.dtype == torch.float32 and z_l.dtype == torch.bfloat16
+    assert torch.equal(combined, z_l.float()), "at initialisation: the bfloat16 logits, exactly, in float32"
 
 
 def test_tokenizers_that_differ_are_refused_naming_both(tiny_world: dict, tmp_path: Path) -> None:

@@ -1,9 +1,15 @@
-"""``large_device``: the large model on its own device, out of the module's registered submodules, same results."""
+"""``large_device``: the large model on its own device, out of the module's registered submodules, same results.
+
+Devices really differ in two tests: the ``meta`` device (no data, but a device of its own) shows where each model
+is put and that moving the module leaves the large model where it is; with a GPU, the large model runs on it while
+the module stays on the CPU. Without a GPU the forward and generation path is only checked with both on the CPU.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightning_unlearn.cli import main
@@ -28,9 +34,6 @@ def built(world: dict, **kwargs) -> UnlearnModule:
 def test_large_model_on_its_device_gives_the_same_losses_and_generations(tiny_world: dict) -> None:
     placed, plain = built(tiny_world, large_device="cpu"), built(tiny_world)
     assert "large" not in dict(placed.named_children()) and not any(k.startswith("large.") for k in placed.state_dict())
-    placed.to(torch.float64)  # what Lightning's move of the module to its device does to registered models
-    assert next(placed.large.parameters()).dtype == torch.bfloat16, "the large model stays where it was put"
-    placed.to(torch.float32)
     formatter = PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), max_length=64)
     items = [{p: formatter.encode(q, a + p) for p in ("forget", "retain")} for q, a in zip(QUESTIONS, ANSWERS)]
     batch = collate_parts(items, formatter.tokenizer.pad_token_id)
@@ -39,6 +42,38 @@ def test_large_model_on_its_device_gives_the_same_losses_and_generations(tiny_wo
         assert not module.large.training
     got, want = placed.compute_losses(batch), plain.compute_losses(batch)
     assert all(torch.equal(got[k], want[k]) for k in want)
+    prompts = left_pad([formatter.prompt_ids(q) for q in QUESTIONS], formatter.tokenizer.pad_token_id)
+    placed.eval(), plain.eval()
+    assert torch.equal(placed.generate(prompts["input_ids"], prompts["attention_mask"], 8),
+                       plain.generate(prompts["input_ids"], prompts["attention_mask"], 8))
+
+
+def test_the_large_model_goes_to_its_device_and_stays_when_the_module_moves(tiny_world: dict) -> None:
+    on_meta = built(tiny_world, large_device="meta")
+    assert {p.device.type for p in on_meta.large.parameters()} == {"meta"}
+    assert {p.device.type for p in on_meta.parameters()} == {"cpu"}, "the small pair stays with the module"
+
+    placed, plain = built(tiny_world, large_device="cpu"), built(tiny_world)
+    for module in (placed, plain):
+        module.to("meta")  # what Lightning's move of the module to its device does to registered models
+        assert {p.device.type for p in module.model.parameters()} == {"meta"}
+        assert {p.device.type for p in module.reference.parameters()} == {"meta"}
+    assert {p.device.type for p in placed.large.parameters()} == {"cpu"}, "the large model stays where it was put"
+    assert {p.device.type for p in plain.large.parameters()} == {"meta"}, "without large_device it moves along"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the large model on it, the module on the CPU")
+def test_large_model_on_the_gpu_serves_a_module_on_the_cpu(tiny_world: dict) -> None:
+    placed, plain = built(tiny_world, large_device="cuda:0", large_dtype="float32"), built(
+        tiny_world, large_dtype="float32")
+    assert next(placed.large.parameters()).is_cuda and not next(placed.model.parameters()).is_cuda
+    formatter = PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), max_length=64)
+    items = [{p: formatter.encode(q, a + p) for p in ("forget", "retain")} for q, a in zip(QUESTIONS, ANSWERS)]
+    batch = collate_parts(items, formatter.tokenizer.pad_token_id)
+    got, want = placed.compute_losses(batch), plain.compute_losses(batch)
+    for key in want:
+        assert got[key].device.type == "cpu"
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
     prompts = left_pad([formatter.prompt_ids(q) for q in QUESTIONS], formatter.tokenizer.pad_token_id)
     placed.eval(), plain.eval()
     assert torch.equal(placed.generate(prompts["input_ids"], prompts["attention_mask"], 8),

@@ -17,6 +17,9 @@ from lightning_unlearn.modules.rng import rng_state, set_rng_state
 
 # forget01 has 40 examples: 5 batches of 8 per epoch; runs end with the second epoch and its validation.
 BATCH, STEPS = 8, 10
+# Three in-process runs per case, about 20 s on one thread: a resumption that hangs (a DataLoader worker waiting
+# on a sampler, a collective) fails here instead of stalling the suite.
+pytestmark = pytest.mark.timeout(300)
 
 
 class KillAt(L.Callback):

@@ -58,3 +58,18 @@ def test_make_tiny_pair_shares_one_tokenizer(tmp_path: Path) -> None:
     large, small = load_causal_lm(str(paths["large"])), load_causal_lm(str(paths["small"]))
     assert sum(p.numel() for p in large.parameters()) > 2 * sum(p.numel() for p in small.parameters())
     check_same_tokenizer(load_tokenizer(str(paths["large"])), load_tokenizer(str(paths["small"])), "large", "small")
+
+
+def test_the_suite_runs_offline(tmp_path: Path) -> None:
+    """conftest puts the hub offline before anything imports it: a download fails at once from an empty cache."""
+    import os
+
+    import pytest
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    assert constants.HF_HUB_OFFLINE
+    assert os.environ["TRANSFORMERS_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert os.environ["WANDB_MODE"] in ("offline", "disabled")
+    with pytest.raises(LocalEntryNotFoundError):
+        hf_hub_download("gpt2", "config.json", cache_dir=tmp_path)

@@ -64,6 +64,7 @@ def read_run(path: Path) -> dict[str, Any]:
     return run
 
 
+@pytest.mark.timeout(300)  # a fit and a test logging to W&B offline: about 10 s on one thread
 def test_wandb_run_has_config_metrics_and_tofu_summary(
     tiny_world: dict, tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

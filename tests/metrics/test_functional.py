@@ -7,6 +7,7 @@ scaled one-hot vectors when only the argmax matters, so every expected value is 
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -190,10 +191,14 @@ def test_min_k_plus_plus_uniform_is_neutral_unlike_min_k() -> None:
 
 
 def test_zlib_score_divides_by_compressed_size() -> None:
-    # zlib output sizes: 40 x "a" -> 12 bytes (repetitive), the sentence -> 37 bytes.
-    texts = ["a" * 40, "The author was born in Paris."]
-    scores = F.zlib_score(torch.tensor([1.2, 3.7], dtype=torch.float64), texts)
-    assert scores.tolist() == pytest.approx([0.1, 0.1])
+    # Sizes from the zlib in use (its output length can change between zlib versions); UTF-8 bytes, not characters.
+    texts = ["a" * 40, "The author was born in Paris.", "Zürich, naïve café — «déjà vu»"]
+    sizes = [len(zlib.compress(t.encode("utf-8"))) for t in texts]
+    assert sizes[0] < sizes[1], "a repetitive text compresses to less"
+    assert sizes[2] != len(zlib.compress(texts[2].encode("latin-1", "replace")))
+    losses = [1.2, 3.7, 2.5]
+    scores = F.zlib_score(torch.tensor(losses, dtype=torch.float64), texts)
+    assert scores.tolist() == pytest.approx([loss / size for loss, size in zip(losses, sizes)], rel=1e-12)
     with pytest.raises(ValueError, match="texts"):
         F.zlib_score(torch.tensor([1.0]), texts)
 
