@@ -95,7 +95,7 @@ class EUL(UnlearnModule):
         record_grams: bool = True,
         large_model: str | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block
         if large_model is not None:
             raise ValueError(
                 f"EUL runs in direct mode only (large_model={large_model!r} given): its unlearning layers sit "

