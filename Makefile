@@ -11,7 +11,13 @@ THREADS ?= 2
 METHOD ?= NPO
 DEMO_ARGS ?=
 
-.PHONY: install test test-fast demo clean
+# Mutation testing (mutmut, configured in setup.cfg [mutmut]): losses/, modules/, metrics/ and evaluation/
+# against the fast tests; MUTATE=lightning_unlearn/losses/ (a folder or a .py file) tests one part only.
+MUTATE ?=
+MUTANT_WORKERS ?= 1
+MUTANT_FILTER := $(if $(MUTATE),"$(subst /,.,$(patsubst %/,%,$(patsubst %.py,%,$(MUTATE)))).*")
+
+.PHONY: install test test-fast demo mutants clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +37,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m lightning_unlearn.demo --method $(METHOD) $(DEMO_ARGS)
 
+# Each mutant runs the fast tests that reach the mutated function, on one thread per worker; results are
+# cached in mutants/ (a second run only tests what changed). Survivors: $(BIN)/mutmut show NAME.
+mutants: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTANT_WORKERS) $(MUTANT_FILTER)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) lightning_logs runs
+	rm -rf $(VENV) lightning_logs runs mutants

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -37,8 +38,16 @@ from .evaluation.report import atomic_write_json, print_table, summary_table
 from .models.tiny import make_tiny_pair
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
-TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE", "model_utility",
-              "forget_quality", "privleak", "extraction_strength")
+TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE",
+              "retain_heldout_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE", "model_utility", "forget_quality", "privleak",
+              "extraction_strength")
+RETAIN_TERM_ROWS = {"offset": (40, 10), "EUL": (40, 10)}
+"""How many of the first ``retain_perturbed`` rows the unlearning retain term uses (full world, ``--quick``).
+The evaluation scores the first 40 (20) rows the models were fine-tuned on; the rows past this count are known
+to the model but outside the retain term, so they show whether retention carries beyond the rows it is trained
+on. The full world keeps both retain authors in the retain term (as calibrated; its real authors and world
+facts are outside it); ``--quick`` splits its one retain author in halves."""
+NLL_SETS = ("forget", "retain_term", "retain_heldout", "ra", "wf")
 
 
 @dataclass
@@ -64,10 +73,43 @@ QUICK = {
     "finetune": ["--data.forget_split", f"[forget01, {_QUICK_SPLITS}]"],
     "finetune_retain": ["--data.forget_split", f"[{_QUICK_SPLITS}]"],
     "eval": ["--data.eval_subset", "20"],
-    "eul": ["--data.retain_split", "retain_perturbed[:20]"],
+    "unlearn": ["--trainer.check_val_every_n_epoch", "5"],
 }
-"""Overrides of ``--quick``: 20 retain, real-author and world-fact pairs instead of 40, 20 evaluated per set
-(and EUL's retain set: the 20 retain pairs the quick model knows)."""
+"""Overrides of ``--quick``: 20 retain, real-author and world-fact pairs instead of 40, 20 evaluated per set,
+offset unlearning evaluated every 5 epochs (the evaluation does not change the training)."""
+
+
+def retain_term_rows(method: str, quick: bool) -> int:
+    """Rows of ``retain_perturbed`` in the unlearning retain term (see :data:`RETAIN_TERM_ROWS`)."""
+    return RETAIN_TERM_ROWS["EUL" if method == "EUL" else "offset"][int(quick)]
+
+
+def selectivity(report: dict, retain_rows: int) -> dict[str, float | None]:
+    """Per-set mean answer NLL and the retain ROUGE of the rows outside the retain term, from a ``TOFU_EVAL.json``.
+
+    ``report`` holds per-sample ``*_Q_A_Prob`` values ``exp(-mean token NLL)`` of each answer; the mean NLL of a
+    set is the mean over its samples of ``-log`` of them (nats per answer token). ``retain_rows``: how many of
+    the first retain samples the retain term trains on; the others are the ``retain_heldout`` set. Returns
+    ``{set}_mean_nll`` for ``forget``, ``retain_term``, ``retain_heldout``, ``ra``, ``wf`` and the ROUGE of
+    both retain parts, ``retain_term_Q_A_ROUGE`` and ``retain_heldout_Q_A_ROUGE`` (None where a part has no
+    sample).
+    """
+    def values(key: str, field: str, keep=lambda i: True) -> list[float]:
+        by_index = report.get(key, {}).get("value_by_index", {})
+        return [v[field] for i, v in by_index.items() if keep(int(i)) and v.get(field) is not None]
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    def nll(key: str, keep=lambda i: True) -> float | None:
+        return mean([-math.log(p) for p in values(key, "prob", keep)])
+
+    term, heldout = (lambda i: i < retain_rows), (lambda i: i >= retain_rows)
+    return {"forget_mean_nll": nll("forget_Q_A_Prob"), "retain_term_mean_nll": nll("retain_Q_A_Prob", term),
+            "retain_heldout_mean_nll": nll("retain_Q_A_Prob", heldout), "ra_mean_nll": nll("ra_Q_A_Prob"),
+            "wf_mean_nll": nll("wf_Q_A_Prob"),
+            "retain_term_Q_A_ROUGE": mean(values("retain_Q_A_ROUGE", "rougeL_recall", term)),
+            "retain_heldout_Q_A_ROUGE": mean(values("retain_Q_A_ROUGE", "rougeL_recall", heldout))}
 
 
 TEST = ["--verbose", "false"]
@@ -75,40 +117,45 @@ TEST = ["--verbose", "false"]
 
 
 def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, int], epochs: int | None,
-           quick: bool = False) -> list[Stage]:
+           quick: bool = False, seed: int = 0) -> list[Stage]:
+    """The pipeline's stages; ``seed`` seeds the tiny models' initialisation and every ``main.py`` command."""
     q = QUICK if quick else {}
     r = str(root)
+    seeded = ["--seed_everything", str(seed)]
+    retain_term = ["--data.retain_split", f"retain_perturbed[:{retain_term_rows(method, quick)}]"]
     ft, ft_retain, ev, un = (os.path.relpath(CONFIGS / f) for f in ("finetune.yaml", "finetune_retain.yaml", "eval.yaml",
                                                         "unlearn.yaml"))
     if method == "EUL":  # unlearning layers inside the fine-tuned large model itself (direct mode)
         unlearning = ["--config", os.path.relpath(CONFIGS / "eul.yaml"), "--model.small_model", f"{r}/models/large_ft",
-                      *q.get("eul", [])]
+                      "--model.adapter_seed", str(seed)]
     else:
         unlearning = ["--config", un, "--model", method, "--model.large_model", f"{r}/models/large_ft",
                       "--model.small_model", f"{r}/models/small_ft"]
-    unlearn_common = unlearning + [
+    unlearn_common = unlearning + seeded + retain_term + [
         "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
         "--trainer.default_root_dir", f"{r}/logs/unlearn",
-    ] + (["--trainer.max_epochs", str(epochs)] if epochs else []) + q.get("eval", [])
+    ] + (["--trainer.max_epochs", str(epochs)] if epochs else []) + q.get("eval", []) + (
+        q.get("unlearn", []) if method != "EUL" else [])
     return [
-        Stage("init", ["tiny", f"{r}/init", "--large", *map(str, large), "--small", *map(str, small)], root / "init"),
-        Stage("finetune_large", ["fit", "--config", ft, "--model.small_model", f"{r}/init/large",
+        Stage("init", ["tiny", f"{r}/init", "--large", *map(str, large), "--small", *map(str, small), "--seed", str(seed)],
+              root / "init"),
+        Stage("finetune_large", ["fit", "--config", ft, *seeded, "--model.small_model", f"{r}/init/large",
                                  "--model.export_dir", f"{r}/models/large_ft",
                                  "--trainer.default_root_dir", f"{r}/logs/finetune_large", *q.get("finetune", [])],
               root / "models/large_ft", ["init"]),
-        Stage("finetune_small", ["fit", "--config", ft, "--model.small_model", f"{r}/init/small",
+        Stage("finetune_small", ["fit", "--config", ft, *seeded, "--model.small_model", f"{r}/init/small",
                                  "--model.export_dir", f"{r}/models/small_ft",
                                  "--trainer.default_root_dir", f"{r}/logs/finetune_small", *q.get("finetune", [])],
               root / "models/small_ft", ["init"]),
-        Stage("finetune_retain", ["fit", "--config", ft_retain, "--model.small_model", f"{r}/init/large",
+        Stage("finetune_retain", ["fit", "--config", ft_retain, *seeded, "--model.small_model", f"{r}/init/large",
                                   "--model.export_dir", f"{r}/models/large_retain",
                                   "--trainer.default_root_dir", f"{r}/logs/finetune_retain",
                                   *q.get("finetune_retain", [])],
               root / "models/large_retain", ["init"]),
-        Stage("eval_retain", ["test", *TEST, "--config", ev, "--model.small_model", f"{r}/models/large_retain",
+        Stage("eval_retain", ["test", *TEST, "--config", ev, *seeded, "--model.small_model", f"{r}/models/large_retain",
                               "--trainer.default_root_dir", f"{r}/eval/retain", *q.get("eval", [])],
               root / "eval/retain", ["finetune_retain"]),
-        Stage("eval_finetuned", ["test", *TEST, "--config", ev, "--model.small_model", f"{r}/models/large_ft",
+        Stage("eval_finetuned", ["test", *TEST, "--config", ev, *seeded, "--model.small_model", f"{r}/models/large_ft",
                                  "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
                                  "--trainer.default_root_dir", f"{r}/eval/finetuned", *q.get("eval", [])],
               root / "eval/finetuned", ["finetune_large", "eval_retain"]),
@@ -138,7 +185,8 @@ def run_stage(stage: Stage, upstream: dict[str, str], force: bool) -> bool:
     start = time.perf_counter()
     if tiny:
         opts = stage.args[2:]
-        make_tiny_pair(stage.args[1], large=tuple(map(int, opts[1:3])), small=tuple(map(int, opts[4:6])))
+        make_tiny_pair(stage.args[1], large=tuple(map(int, opts[1:3])), small=tuple(map(int, opts[4:6])),
+                       seed=int(opts[7]))
     else:
         cli_main(args)
     stage.output.mkdir(parents=True, exist_ok=True)
@@ -169,12 +217,16 @@ def quiet_console() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def report(root: Path) -> dict[str, dict]:
-    """Print the before/after table and gather the summaries into ``DEMO_SUMMARY.json``."""
-    columns = {
-        name: json.loads((root / "eval" / folder / "TOFU_SUMMARY.json").read_text())
-        for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), ("unlearned", "unlearned"))
-    }
+def report(root: Path, retain_rows: int) -> dict[str, dict]:
+    """Print the before/after table and gather the summaries into ``DEMO_SUMMARY.json``.
+
+    Each model's column is its ``TOFU_SUMMARY.json`` plus :func:`selectivity` of its ``TOFU_EVAL.json``.
+    """
+    columns = {}
+    for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), ("unlearned", "unlearned")):
+        results = root / "eval" / folder
+        columns[name] = {**json.loads((results / "TOFU_SUMMARY.json").read_text()),
+                         **selectivity(json.loads((results / "TOFU_EVAL.json").read_text()), retain_rows)}
     history = root / "logs/unlearn/TOFU_HISTORY.json"
     atomic_write_json(root / "DEMO_SUMMARY.json", {"models": columns,
                                                    "epochs": json.loads(history.read_text()) if history.is_file() else []})
@@ -196,14 +248,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--small", type=int, nargs=2, default=(64, 2), metavar=("HIDDEN", "LAYERS"))
     parser.add_argument("--epochs", type=int, default=None, help="unlearning epochs (default: the config's)")
     parser.add_argument("--quick", action="store_true", help="a reduced world (80 pairs, 20 evaluation samples)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny models' initialisation and of every "
+                        "stage (seed_everything; EUL: adapter_seed)")
     args = parser.parse_args(argv)
     root = Path(args.root)
     start = time.perf_counter()
     upstream: dict[str, str] = {}
     with quiet_console():
-        for stage in stages(root, args.method, tuple(args.large), tuple(args.small), args.epochs, args.quick):
+        for stage in stages(root, args.method, tuple(args.large), tuple(args.small), args.epochs, args.quick,
+                            args.seed):
             run_stage(stage, upstream, args.force)
-    columns = report(root)
+    columns = report(root, retain_term_rows(args.method, args.quick))
     print(f"[demo] total {time.perf_counter() - start:.0f} s")
     return columns
 

@@ -156,7 +156,7 @@ class UnlearnModule(EvaluationHooks):
         logit_cache_dir: str | None = None,
         logit_cache_dtype: DType = "float16",
         large_device: str | None = None,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer

@@ -99,7 +99,7 @@ class EUL(ForgetNLLBound, UnlearnModule):
         stop_forget_nll: float | None = None,
         large_model: str | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block
         if large_model is not None:
             raise ValueError(
                 f"EUL runs in direct mode only (large_model={large_model!r} given): its unlearning layers sit "

@@ -86,7 +86,7 @@ class LLMU(ForgetNLLBound, UnlearnModule):
         num_random_answers: int = 5,
         stop_forget_nll: float | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block
         if num_random_answers < 1:
             raise ValueError(f"num_random_answers must be at least 1, got {num_random_answers}.")
         super().__init__(gamma=gamma, retain_weight=retain_weight, **kwargs)

@@ -53,7 +53,7 @@ class KL(GA):
 class _WithRetainChoice(UnlearnModule):
     """Base of the losses whose retain term is a choice (none / nll / kl)."""
 
-    def __init__(self, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(**kwargs)
         self.retain_loss = retain_loss
 
@@ -73,7 +73,7 @@ class NPO(_WithRetainChoice):
     needs_reference = True
     forget_mean: ClassVar[MeanOver] = "sequences"
 
-    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(retain_loss=retain_loss, **kwargs)
         self.beta = beta
 
@@ -98,7 +98,7 @@ class DPO(_WithRetainChoice):
     extra_parts = ("forget_idk",)
     forget_mean: ClassVar[MeanOver] = "sequences"  # of the forget part, as many as refusals
 
-    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, beta: float = 0.1, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(retain_loss=retain_loss, **kwargs)
         self.beta = beta
 
@@ -126,7 +126,7 @@ class SimNPO(_WithRetainChoice):
 
     forget_mean: ClassVar[MeanOver] = "sequences"
 
-    def __init__(self, beta: float = 4.5, margin: float = 0.0, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:
+    def __init__(self, beta: float = 4.5, margin: float = 0.0, retain_loss: RetainLoss = "nll", **kwargs: Any) -> None:  # pragma: no mutate block
         super().__init__(retain_loss=retain_loss, **kwargs)
         self.beta, self.margin = beta, margin
 
