@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from pathlib import Path
 from typing import Any
 
 import pytest

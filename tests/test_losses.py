@@ -122,3 +122,22 @@ def test_step_scale_turns_micro_batch_means_into_the_step_mean(batch: tuple[torc
     assert step_scale(torch.tensor(0), torch.tensor(0), micro_batches=2).item() == 0.0
     with pytest.raises(ValueError, match="4 items to average but its whole optimizer step only 3"):
         step_scale(torch.tensor(4), step_tokens, micro_batches=2)
+
+
+def test_default_hyper_parameters_are_the_papers() -> None:
+    """Called without them, the functions use the published defaults: NPO and IdkDPO beta 0.1 (Zhang et al.
+    2024; Maini et al. 2024), SimNPO beta 4.5 and margin 0 (Fan et al. 2024, open-unlearning's TOFU config)."""
+    logp, ref = torch.tensor([-6.0]), torch.tensor([-2.0])
+    assert npo_loss(logp, ref).item() == pytest.approx(-(2 / 0.1) * logsigmoid(0.1 * 4.0), rel=1e-6)
+    assert dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), logp, ref).item() == pytest.approx(
+        -(2 / 0.1) * logsigmoid(0.1 * (2.0 + 4.0)), rel=1e-6)
+    lengths = torch.tensor([3])
+    assert simnpo_loss(logp, lengths).item() == pytest.approx(-(2 / 4.5) * logsigmoid(4.5 * 6.0 / 3), rel=1e-6)
+
+
+def test_simnpo_normalises_a_one_token_answer_by_one() -> None:
+    """A one-token answer is divided by its length 1 (the clamp only guards empty answers, whose logp is 0)."""
+    logp = torch.tensor([-0.5, 0.0])
+    got = simnpo_loss(logp, torch.tensor([1, 0]), beta=2.0, margin=0.25).item()
+    want = -(2 / 2.0) * (logsigmoid(2.0 * 0.5 - 0.25) + logsigmoid(-0.25)) / 2
+    assert got == pytest.approx(want, rel=1e-6)
