@@ -11,6 +11,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lightning_unlearn.models.generation import (
     OffsetCausalLM,
+    cache_keyword,
     greedy_generate,
     offset_components,
     position_ids_from_mask,
@@ -213,7 +214,7 @@ def test_each_component_gets_its_own_persistent_cache(models, batch) -> None:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                **{cache_keyword(model): cache},
                 use_cache=True,
             ).logits
 
@@ -235,20 +236,21 @@ def test_shared_cache_corrupts_offset(models, batch) -> None:
     step = torch.full((3, 1), 7)
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     step_pos = pos[:, -1:] + 1
+    KV = cache_keyword(reference)
     with torch.no_grad():
         own = DynamicCache(config=reference.config)
-        reference(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=own, use_cache=True)
+        reference(input_ids=ids, attention_mask=mask, position_ids=pos, **{KV: own}, use_cache=True)
         good = reference(
-            input_ids=step, attention_mask=step_mask, position_ids=step_pos, past_key_values=own, use_cache=True
+            input_ids=step, attention_mask=step_mask, position_ids=step_pos, **{KV: own}, use_cache=True
         ).logits
         shared = DynamicCache(config=small.config)
-        small(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=shared, use_cache=True)
-        reference(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=shared, use_cache=True)
+        small(input_ids=ids, attention_mask=mask, position_ids=pos, **{KV: shared}, use_cache=True)
+        reference(input_ids=ids, attention_mask=mask, position_ids=pos, **{KV: shared}, use_cache=True)
         bad = reference(
             input_ids=step,
             attention_mask=torch.cat([mask, step_mask], dim=1),
             position_ids=step_pos,
-            past_key_values=shared,
+            **{KV: shared},
             use_cache=True,
         ).logits
     assert shared.get_seq_length() == 2 * ids.shape[1] + 1, "S0 silently attends to S's keys too"
@@ -288,3 +290,19 @@ def test_right_padding_is_rejected(models, batch) -> None:
     ids, mask = batch
     with pytest.raises(ValueError, match="LEFT"):
         greedy_generate([(large, 1.0)], ids.flip(1), mask.flip(1), max_new_tokens=2, eos_token_id=2, pad_token_id=PAD)
+
+
+def test_offset_generation_passes_the_cache_under_the_models_own_keyword(models, batch) -> None:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` and warns at every call with the old name: the
+    KV cache goes under the name the model's forward takes, so generation prints no deprecation per step."""
+    import inspect
+    import warnings
+
+    large, small, reference = models
+    for model in models:
+        assert cache_keyword(model) in inspect.signature(type(model).forward).parameters
+    ids, mask = batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        greedy_generate(offset_components(large, reference, [(small, 1.0)]), ids, mask, max_new_tokens=3,
+                        eos_token_id=999, pad_token_id=PAD)

@@ -17,6 +17,9 @@ because the trainable small model is usually shared with a training loop.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -79,17 +82,27 @@ class CausalLMComponent(LogitsComponent):
         position_ids: Tensor,
         past_key_values: DynamicCache | None,
     ) -> Tensor:
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-        ).logits
+        kwargs = {cache_keyword(self.model): past_key_values, "use_cache": past_key_values is not None}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          **kwargs).logits
 
     def new_cache(self) -> DynamicCache:
         config = getattr(self.model, "config", None)
         return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+@functools.cache
+def _cache_keyword(forward_type: type) -> str:
+    forward = forward_type.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes a KV cache: ``cache`` from transformers 5.x on (which
+    deprecates ``past_key_values`` with a warning at every call), ``past_key_values`` before. A peft model
+    passes its keywords through to the model it wraps, so that model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_keyword(type(base))
 
 
 def as_component(model: nn.Module | ComponentFn) -> LogitsComponent | ComponentFn:

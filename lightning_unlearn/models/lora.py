@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from .generation import LogitsComponent
+from .generation import LogitsComponent, cache_keyword
 from .manifest import ADAPTER_CONFIG
 
 __all__ = ["AdapterComponent", "add_lora", "adapter_base_model", "attach_adapters", "reference_mode"]
@@ -108,7 +108,7 @@ class AdapterComponent(LogitsComponent):
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values: DynamicCache | None
     ) -> Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "past_key_values": past_key_values, "use_cache": past_key_values is not None}
+                  cache_keyword(self.model): past_key_values, "use_cache": past_key_values is not None}
         if self.adapter is None:
             with reference_mode(self.model):
                 return self.model(**kwargs).logits
