@@ -1,30 +1,32 @@
 """Slow: EUL (configs/demo/eul.yaml, direct mode) on the reduced tiny TOFU world forgets the forget author and
 keeps the retain rows it was asked to keep.
 
-The bounds were set from runs at two seeds (``--seed``: tiny models, ``seed_everything``, ``adapter_seed``)
-(mean answer NLL in nats per token, fine-tuned -> EUL; see ``lightning_unlearn.demo.selectivity``):
+The bounds were set from runs at several seeds (``--seed``: tiny models, ``seed_everything``, ``adapter_seed``)
+(mean answer NLL in nats per token, fine-tuned -> EUL; see ``lightning_unlearn.demo.selectivity``). The first
+two columns: the quick world fine-tuned 30 epochs, 1 thread (seed 1 gave the same digits at 2 threads); the
+last two: fine-tuned 60 epochs, as now (30 left seed 2 half-trained; see ``test_end_to_end.py``), 2 threads:
 
-    statistic                                s0/1t     s1/1t
-    forget ROUGE before                      0.962     0.962
-    forget ROUGE after/before                    0   0.00173
-    forget NLL rise                           22.3        22
-    forget truth ratio rise                  0.215     0.181
-    retain-term NLL rise                    0.0464     0.208
-    retain-term ROUGE after/before               1     0.896
-    held-out retain NLL rise                   1.8      1.44
-    held-out retain ROUGE after/before       0.431       0.3
-    real-authors NLL rise                     8.95      13.9
-    world-facts NLL rise                      17.1      17.8
-    forget rise - largest control rise        5.21      4.16
-    model utility before                     0.922     0.912
-    model utility after                      0.232     0.122
+    statistic                                s0/1t     s1/1t     s0/2t     s2/2t
+    forget ROUGE before                      0.962     0.962     0.962     0.962
+    forget ROUGE after/before                    0   0.00173         0    0.0095
+    forget NLL rise                           22.3        22      23.4      24.7
+    forget truth ratio rise                  0.215     0.181     0.281     0.125
+    retain-term NLL rise                    0.0464     0.208    0.0446     0.094
+    retain-term ROUGE after/before               1     0.896         1         1
+    held-out retain NLL rise                   1.8      1.44      1.05      1.42
+    held-out retain ROUGE after/before       0.431       0.3     0.461     0.248
+    real-authors NLL rise                     8.95      13.9      7.71      19.9
+    world-facts NLL rise                      17.1      17.8        20      19.5
+    forget rise - largest control rise        5.21      4.16      3.39      4.78
+    model utility before                     0.922     0.912      0.94     0.923
+    model utility after                      0.232     0.122     0.216         0
 
-(OMP 1 thread: the 2-thread runs did not finish on the loaded 2-core machine.) Bounds: forget ROUGE ratio
+Bounds: forget ROUGE ratio
 <= 0.2; forget NLL rise > 5 nats; truth ratio rise > 0.05; the retain term's rows kept (NLL rise < 0.5,
 ROUGE >= 0.75x: 0.896x at seed 1, hence not the former 0.9x); forget rise > the retain author's rises + 5
 and > the real-author and world-fact rises + 1. EUL's forget terms are unbounded and its retain term holds
-only the rows it trains on: the real authors and world facts lose 9-18 nats (configs/demo/eul.yaml says so
-for the full world) and model utility drops to 0.1-0.2, so no model-utility floor is set.
+only the rows it trains on: the real authors and world facts lose 8-20 nats (configs/demo/eul.yaml says so
+for the full world) and model utility drops to 0-0.23, so no model-utility floor is set.
 """
 
 from __future__ import annotations
