@@ -88,25 +88,6 @@ class PairedDataset(Dataset):
         return item
 
 
-class RecordDataset(Dataset):
-    """Plain items ``{name: Encoded}`` over one split, for validation losses."""
-
-    def __init__(
-        self, records: Sequence[Record], formatter: PromptFormatter, name: str, question_key: str = "question",
-        answer_key: str = "answer",
-    ) -> None:
-        require_fields(records, (question_key, answer_key), f"{name} records", warn_empty=False)
-        self.records, self.formatter, self.name = records, formatter, name
-        self.q, self.a = question_key, answer_key
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Encoded]:
-        record = self.records[index]
-        return {self.name: self.formatter.encode(record[self.q], record[self.a])}
-
-
 class PairingSampler(DistributedSampler):
     """Yields ``(forget_index, draw)`` pairs: a shuffled pass over the forget set, one random draw each.
 
