@@ -81,12 +81,12 @@ def evaluate(
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     """``{"task/metric": value}`` from lm-eval's ``results``, filters other than ``none`` kept in the name
-    (``"gsm8k/exact_match,strict-match"``), standard errors and non-numbers dropped; groups included."""
+    (``"gsm8k/exact_match,strict-match"``), standard errors, sample counts and non-numbers dropped; groups included."""
     flat: dict[str, float] = {}
     for section in ("results", "groups"):
         for task, metrics in results.get(section, {}).items():
             for key, value in metrics.items():
-                if "_stderr" in key or key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                if "_stderr" in key or key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 metric, _, filt = key.partition(",")
                 name = metric if filt in ("", "none") else key
