@@ -208,3 +208,32 @@ def test_unknown_task_lists_close_names() -> None:
     """Slow: an unknown name makes the index of lm-eval's ~15,000 built-in task files (10-30 s)."""
     with pytest.raises(ValueError, match="tofu_world_facts_mc"):
         task_manager(["tofu_world_fact_mc"])
+
+
+@pytest.mark.timeout(300)
+def test_fit_and_test_log_lm_eval_metrics_beside_tofu(tiny_world: dict, tmp_cwd: Path) -> None:
+    """``data.lm_eval_tasks`` in ``fit``: every validation logs ``val/<task>/<metric>``, the history holds it, a
+    checkpoint can monitor it; ``test`` logs ``test/<task>/<metric>`` into TOFU_SUMMARY.json. About 20 s."""
+    from lightning_unlearn.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tests" / "tofu_eval.yaml"
+    (tmp_cwd / "monitor.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
+        "        monitor: val/tofu_world_facts_mc/acc\n        mode: max\n        save_last: true\n"
+        "data:\n  lm_eval_tasks: [tofu_world_facts_mc]\n  lm_eval_limit: 6\n")
+    common = ["--model", "NPO", "--model.small_model", tiny_world["small"], "--model.large_model", tiny_world["large"]]
+    cli = main(["fit", "--config", str(config), "--config", str(tmp_cwd / "monitor.yaml"), *common])
+    out = Path(cli.trainer.log_dir)
+    history = json.loads((out / "TOFU_HISTORY.json").read_text())
+    accs = [h["tofu_world_facts_mc/acc"] for h in history]
+    assert len(accs) == 2 and all(a in {k / 6 for k in range(7)} for a in accs)
+    assert "tofu_world_facts_mc/acc_norm" in history[0] and "forget_Q_A_Prob" in history[0]
+    best = cli.trainer.checkpoint_callback
+    assert float(best.best_model_score) == pytest.approx(max(accs))
+    assert cli.trainer.callback_metrics["val/tofu_world_facts_mc/acc"] == pytest.approx(accs[-1])
+
+    tested = main(["test", "--config", str(config), "--config", str(tmp_cwd / "monitor.yaml"), *common,
+                   "--trainer.callbacks", "null", "--ckpt_path", str(out / "checkpoints" / "last.ckpt")])
+    summary = json.loads((Path(tested.trainer.log_dir) / "TOFU_SUMMARY.json").read_text())
+    assert summary["tofu_world_facts_mc/acc"] == pytest.approx(accs[-1])  # the last epoch's model, evaluated again
+    assert "test/tofu_world_facts_mc/acc" in tested.trainer.callback_metrics

@@ -8,20 +8,22 @@
 * ``python -m lightning_unlearn.lm_eval EXPORT_DIR ... --tasks ...``: the command line (:mod:`.__main__`).
 
 This package is named after the library it wraps; inside it ``import lm_eval`` is the installed library
-(absolute imports), which is checked here so that running a script from inside ``lightning_unlearn/`` (which
+(absolute imports), which :mod:`.model` checks so that running a script from inside ``lightning_unlearn/`` (which
 would put this folder first on ``sys.path``) fails clearly instead of importing itself.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lm_eval as _lm_eval
-
-if Path(_lm_eval.__file__).resolve().parent == Path(__file__).resolve().parent:  # pragma: no cover
-    raise ImportError("`import lm_eval` found lightning_unlearn/lm_eval instead of lm-evaluation-harness: run from "
-                      "the repository root (python -m lightning_unlearn.lm_eval), not from inside lightning_unlearn/.")
-
-from .model import UnlearnedLM  # noqa: E402  (after the check above)
+from typing import Any
 
 __all__ = ["UnlearnedLM"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the training modules import :mod:`.hooks` from here, and lm-eval (a second or two to import) is
+    # loaded only when a run asks for lm-eval tasks.
+    if name == "UnlearnedLM":
+        from .model import UnlearnedLM
+
+        return UnlearnedLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import lm_eval
 import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
@@ -41,6 +42,10 @@ from ..models.manifest import compose
 from ..models.unlearned import UnlearnedModel
 
 __all__ = ["CombinedLM", "UnlearnedLM", "max_context_length"]
+
+if os.path.dirname(os.path.abspath(lm_eval.__file__)) == os.path.dirname(os.path.abspath(__file__)):  # pragma: no cover
+    raise ImportError("`import lm_eval` found lightning_unlearn/lm_eval instead of lm-evaluation-harness: run from "
+                      "the repository root (python -m lightning_unlearn.lm_eval), not from inside lightning_unlearn/.")
 
 LLRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 
