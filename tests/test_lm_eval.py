@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
@@ -237,3 +238,24 @@ def test_fit_and_test_log_lm_eval_metrics_beside_tofu(tiny_world: dict, tmp_cwd:
     summary = json.loads((Path(tested.trainer.log_dir) / "TOFU_SUMMARY.json").read_text())
     assert summary["tofu_world_facts_mc/acc"] == pytest.approx(accs[-1])  # the last epoch's model, evaluated again
     assert "test/tofu_world_facts_mc/acc" in tested.trainer.callback_metrics
+
+
+PAPER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "tofu").rglob("*.yaml"))
+
+
+@pytest.mark.timeout(300)
+def test_paper_config_runs_offline_with_local_tasks(tiny_world: dict, tmp_cwd: Path) -> None:
+    """Every paper config lists the delta paper's four general tasks (hub data); one runs with fast_dev_run offline
+    when they are swapped for the shipped local ones, the swap the offline test suite relies on."""
+    from lightning_unlearn.cli import main
+
+    paper = ["arc_easy", "hellaswag", "winogrande", "openbookqa"]
+    for config in PAPER_CONFIGS:
+        assert yaml.safe_load(config.read_text())["data"]["lm_eval_tasks"] == paper, config
+    config = next(c for c in PAPER_CONFIGS if c.parent.name == "offset" and c.name == "npo.yaml")
+    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--trainer.precision", "32-true",
+                "--model.large_model", tiny_world["large"], "--model.small_model", tiny_world["small"],
+                "--model.small_dtype", "float32", "--model.gradient_checkpointing", "false",
+                "--model.max_new_tokens", "4", "--data.batch_size", "2", "--data.eval_subset", "2",
+                "--data.lm_eval_tasks", "[tofu_world_facts_mc]", "--data.lm_eval_limit", "4"])
+    assert "val/tofu_world_facts_mc/acc" in cli.trainer.callback_metrics
