@@ -210,11 +210,12 @@ class UnlearnedLM(TemplateLM):
             inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
             width = max(len(ids) for ids in inputs)
             ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(inputs), width), dtype=torch.long)
             for row, tokens in enumerate(inputs):
                 ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                mask[row, : len(tokens)] = 1
-            log_probs = F.log_softmax(self.model.logits(ids, mask).float(), dim=-1)
+            # No padding mask: in a causal model no real position attends to the right padding after it, so
+            # the scored positions are exact without one, and an all-ones mask lets attention take its causal
+            # fast path (lm-eval's hf model passes none either).
+            log_probs = F.log_softmax(self.model.logits(ids, torch.ones_like(ids)).float(), dim=-1)
             for (strings, ctx, cont), row_log_probs, tokens in zip(chunk, log_probs, inputs):
                 scored = row_log_probs[len(tokens) - len(cont): len(tokens)].unsqueeze(0)  # [1, |cont|, V]
                 greedy = scored.argmax(dim=-1)

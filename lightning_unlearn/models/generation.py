@@ -159,7 +159,9 @@ def combine_logits(logits: Sequence[Tensor], weights: Sequence[float], vocab_siz
         raise ValueError(f"vocab_size={vocab_size} exceeds a component's logits width {min(widths)}")
     total: Tensor | None = None
     for z, w in zip(logits, weights, strict=True):
-        term = z[..., :vocab_size].float() * w
+        term = z[..., :vocab_size].float()
+        if w != 1.0:  # the large (or a direct) model's weight: no pass over [B, T, V] for nothing
+            term = term * w
         total = term if total is None else total + term
     if total is None:
         raise ValueError("at least one component is required")
