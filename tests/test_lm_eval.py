@@ -259,3 +259,27 @@ def test_paper_config_runs_offline_with_local_tasks(tiny_world: dict, tmp_cwd: P
                 "--model.max_new_tokens", "4", "--data.batch_size", "2", "--data.eval_subset", "2",
                 "--data.lm_eval_tasks", "[tofu_world_facts_mc]", "--data.lm_eval_limit", "4"])
     assert "val/tofu_world_facts_mc/acc" in cli.trainer.callback_metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ddp_ranks_log_rank_zeros_lm_eval_numbers(tiny_world: dict, tmp_path: Path) -> None:
+    """Under DDP (2 CPU processes, gloo) rank 0 runs lm-eval and broadcasts: ``test`` writes the numbers one process
+    writes. Slow: two fresh interpreters import torch, Lightning and lm-eval (about 1 min on 2 idle cores)."""
+    import os
+    import sys
+
+    from test_ddp import eval_args, run_ddp
+
+    from lightning_unlearn.cli import main
+
+    lm_eval_args = ["--data.lm_eval_tasks", "[tofu_world_facts_mc]", "--data.lm_eval_limit", "8"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    run_ddp([sys.executable, "-m", "lightning_unlearn.cli", *eval_args(tiny_world, tmp_path / "ddp", *lm_eval_args),
+             "--trainer.strategy", "ddp", "--trainer.devices", "2"], tmp_path, env, timeout=800)
+    main(eval_args(tiny_world, tmp_path / "single", *lm_eval_args))
+    two, one = (json.loads(next((tmp_path / d).rglob("TOFU_SUMMARY.json")).read_text()) for d in ("ddp", "single"))
+    keys = {k for k in one if "/" in k}
+    assert keys == {"tofu_world_facts_mc/acc", "tofu_world_facts_mc/acc_norm"}
+    assert {k: two[k] for k in keys} == {k: one[k] for k in keys}

@@ -105,6 +105,7 @@ class UnlearnedLM(TemplateLM):
         reference_model: likewise for the frozen small reference.
         large_dtype: dtype of the large model.
         small_dtype: dtype of the small models.
+        lm_eval_options: options lm-eval passes every model (``max_batch_size``, ...), not used here.
 
     Raises:
         ValueError: neither ``pretrained`` nor ``model``, or ``batch_size`` is not a positive int.
@@ -125,7 +126,7 @@ class UnlearnedLM(TemplateLM):
         reference_model: str | None = None,
         large_dtype: str = "bfloat16",
         small_dtype: str = "float32",
-        **unused: Any,
+        **lm_eval_options: Any,
     ) -> None:
         super().__init__()
         if model is None:
