@@ -8,7 +8,8 @@ Every stage is an ordinary command (printed before it runs) that works the same 
 4. offset unlearning of the fine-tuned pair (``configs/demo/unlearn.yaml``, NPO unless ``--method``; with
    ``--method EUL`` unlearning layers in the fine-tuned large model, ``configs/demo/eul.yaml``),
    evaluated every epoch (EUL: every 5), then the final model evaluated;
-5. a before/after table and the per-epoch forget quality vs model utility plot.
+5. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
+   and the per-epoch forget quality vs model utility plot.
 
 A stage whose outputs exist and whose command, configs and inputs are unchanged is skipped, so a second
 run only redoes what changed; ``--force`` redoes everything.
@@ -40,7 +41,7 @@ from .models.tiny import make_tiny_pair
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE",
               "retain_heldout_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE", "model_utility", "forget_quality", "privleak",
-              "extraction_strength")
+              "extraction_strength", "tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc")
 RETAIN_TERM_ROWS = {"offset": (40, 10), "EUL": (40, 10)}
 """How many of the first ``retain_perturbed`` rows the unlearning retain term uses (full world, ``--quick``).
 The evaluation scores the first 40 (20) rows the models were fine-tuned on; the rows past this count are known
@@ -113,6 +114,10 @@ def selectivity(report: dict, retain_rows: int) -> dict[str, float | None]:
             "retain_heldout_Q_A_ROUGE": mean(values("retain_Q_A_ROUGE", "rougeL_recall", heldout))}
 
 
+GENERAL = ["--data.lm_eval_tasks", "[tofu_general]"]
+"""The unlearned model's ``test`` adds the lm-eval tasks that ``configs/demo/eval.yaml`` gives the other two
+(not in ``configs/demo/unlearn.yaml``: they would run at every validation of the unlearning too)."""
+
 TEST = ["--verbose", "false"]
 """Options of the ``test`` stages: the TOFU table is printed, not Lightning's table of the same metrics."""
 
@@ -162,7 +167,7 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
               root / "eval/finetuned", ["finetune_large", "eval_retain"]),
         Stage("unlearn", ["fit", *unlearn_common], root / "logs/unlearn",
               ["finetune_large", "finetune_small", "eval_retain"]),
-        Stage("eval_unlearned", ["test", *TEST, *unlearn_common, "--trainer.callbacks", "null",
+        Stage("eval_unlearned", ["test", *TEST, *unlearn_common, "--trainer.callbacks", "null", *GENERAL,
                                  "--ckpt_path", f"{r}/logs/unlearn/checkpoints/last.ckpt",
                                  "--trainer.default_root_dir", f"{r}/eval/unlearned"],
               root / "eval/unlearned", ["unlearn"]),

@@ -60,6 +60,13 @@ class UnlearnDataModule(L.LightningDataModule):
             (``null``: the retain split's answers).
         num_workers: DataLoader workers.
         seed: seed of the shuffling and of the forget/retain pairing.
+        lm_eval_tasks: lm-evaluation-harness tasks run beside the evaluation above in validation and ``test``,
+            logged as ``val/<task>/<metric>`` (e.g. ``[arc_easy, hellaswag]``; ``tofu_general`` is the package's
+            offline pair of multiple-choice tasks); ``null``: none. See :mod:`lightning_unlearn.lm_eval.hooks`.
+        lm_eval_include_path: extra folder of lm-eval task YAML (lm-eval's ``--include_path``).
+        lm_eval_limit: documents per lm-eval task (a fraction when below 1); ``null``: all.
+        lm_eval_num_fewshot: few-shot examples per lm-eval prompt; ``null``: each task's default.
+        lm_eval_batch_size: requests per forward pass in lm-eval; ``null`` uses ``eval_batch_size``.
     """
 
     def __init__(
@@ -82,6 +89,11 @@ class UnlearnDataModule(L.LightningDataModule):
         answer_pool_split: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        lm_eval_tasks: list[str] | None = None,
+        lm_eval_include_path: str | None = None,
+        lm_eval_limit: float | None = None,
+        lm_eval_num_fewshot: int | None = None,
+        lm_eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:

@@ -29,6 +29,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 __all__ = [
     "CausalLMComponent",
     "ComponentFn",
+    "StopFn",
     "LogitsComponent",
     "OffsetCausalLM",
     "combine_logits",
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 ComponentFn = Callable[[Tensor, Tensor, Tensor, DynamicCache | None], Tensor]
+
+StopFn = Callable[[Tensor], Tensor]
+"""``new_tokens [B, n] -> bool [B]``: the rows to end now although no stop id came (e.g. their decoded text
+reached a stop string, as lm-evaluation-harness's ``until``)."""
 """``(input_ids, attention_mask, position_ids, past_key_values) -> logits [B, T, V]``.
 
 ``attention_mask`` covers the cached tokens plus ``input_ids``; when
@@ -154,7 +159,9 @@ def combine_logits(logits: Sequence[Tensor], weights: Sequence[float], vocab_siz
         raise ValueError(f"vocab_size={vocab_size} exceeds a component's logits width {min(widths)}")
     total: Tensor | None = None
     for z, w in zip(logits, weights, strict=True):
-        term = z[..., :vocab_size].float() * w
+        term = z[..., :vocab_size].float()
+        if w != 1.0:  # the large (or a direct) model's weight: no pass over [B, T, V] for nothing
+            term = term * w
         total = term if total is None else total + term
     if total is None:
         raise ValueError("at least one component is required")
@@ -190,6 +197,7 @@ def greedy_generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     vocab_size: int | None = None,
+    stop: StopFn | None = None,
 ) -> Tensor:
     """Greedy decoding of ``argmax sum_k w_k z_k``; returns only the new tokens.
 
@@ -198,7 +206,8 @@ def greedy_generate(
     would be read off a pad). Each component is called with its own
     ``DynamicCache``. A sequence stops at its first id of ``eos_token_id`` (an int
     or every stop id of :func:`~lightning_unlearn.data.formatting.stop_token_ids`;
-    kept in the output); later positions hold ``pad_token_id``. The result is ``[B, n]`` with
+    kept in the output), or once ``stop`` (called after every step with the tokens so far) says so; later
+    positions hold ``pad_token_id``. The result is ``[B, n]`` with
     ``n <= max_new_tokens``: the loop ends once every sequence has finished.
     Models must already be in eval mode.
     """
@@ -224,6 +233,8 @@ def greedy_generate(
             token = token.masked_fill(finished, pad_token_id)
             new_tokens.append(token)
             finished |= torch.isin(token, eos)
+            if stop is not None and not bool(finished.all()):
+                finished |= stop(torch.stack(new_tokens, dim=1)).to(device)
             if bool(finished.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
@@ -278,6 +289,7 @@ class OffsetCausalLM(nn.Module):
         max_new_tokens: int,
         eos_token_id: int | Sequence[int],
         pad_token_id: int,
+        stop: StopFn | None = None,
     ) -> Tensor:
         """New tokens only; see :func:`greedy_generate`."""
         return greedy_generate(
@@ -288,4 +300,5 @@ class OffsetCausalLM(nn.Module):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             vocab_size=self.vocab_size,
+            stop=stop,
         )

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data.formatting import DEFAULT_TEMPLATE, PromptFormatter, pad_batch, stop_token_ids
 from ..evaluation.data import left_pad
 from ..losses.functional import sequence_logp, token_nll
-from .generation import OffsetCausalLM, decode_answers, offset_components
+from .generation import OffsetCausalLM, StopFn, decode_answers, offset_components
 from .loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
 from .lora import AdapterComponent, adapter_base_model, attach_adapters
 from .manifest import Composition, PathLike, compose
@@ -242,12 +242,14 @@ class UnlearnedModel(nn.Module):
         batch = left_pad([self.formatter.prompt_ids(q) for q in prompts], self.tokenizer.pad_token_id)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 200) -> Tensor:
+    def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 200,
+                     stop: StopFn | None = None) -> Tensor:
         """Greedy new tokens ``[B, n]`` for a LEFT-padded batch; a row ends at its first of :attr:`stop_ids`
-        (kept) and is padded after it."""
+        (kept) or when ``stop`` says so (see :func:`~lightning_unlearn.models.generation.greedy_generate`), and is
+        padded after it."""
         return self.combined.generate(input_ids.to(self.device), attention_mask.to(self.device),
                                       max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+                                      pad_token_id=self.tokenizer.pad_token_id, stop=stop)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 200, batch_size: int = 8) -> list[str]:
         """Greedy answers to questions, cut at the stop token, decoded without special tokens and stripped (as TOFU

@@ -3,7 +3,8 @@
 Kept apart from the training logic in ``base.py``; the module mixes it in. Validation runs the same
 evaluation as ``test`` (on ``data.eval_subset`` samples if set) every ``trainer.check_val_every_n_epoch``
 epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json``, which is what a
-checkpoint callback monitoring ``val/forget_quality`` and the per-epoch plot read.
+checkpoint callback monitoring ``val/forget_quality`` and the per-epoch plot read. The lm-eval tasks of
+``data.lm_eval_tasks`` join the summary as ``task/metric`` (:mod:`lightning_unlearn.lm_eval.hooks`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..evaluation.report import atomic_write_json, plot_tradeoff, print_table, s
 from ..evaluation.loss import LossEvaluation
 from ..evaluation.tofu import HEADLINE, RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
-from ..models.generation import decode_answers, greedy_generate, offset_components
+from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
+from ..models.generation import StopFn, decode_answers, greedy_generate, offset_components
 from ..tracking import publish_summary
 
 Batch = dict[str, Any]
@@ -68,9 +70,11 @@ class EvaluationHooks(L.LightningModule):
         return self._stop_ids
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 stop: StopFn | None = None) -> Tensor:
         """Greedy new tokens for a left-padded batch, over the tokenizer's vocabulary (an embedding padded past it,
-        as GPT-NeoX's, must not yield ids no token has), stopping at :meth:`stop_ids`: one KV cache per model."""
+        as GPT-NeoX's, must not yield ids no token has), stopping at :meth:`stop_ids` (or when ``stop`` says, as
+        lm-eval's ``until`` strings): one KV cache per model."""
         if self.large is None:
             components = [(self.model, 1.0)]
         else:  # through the module's components: with LoRA the reference is the trainable model with its adapter
@@ -79,7 +83,7 @@ class EvaluationHooks(L.LightningModule):
                                            [(self.model, self.alpha)])
         return greedy_generate(
             components, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
-            pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size,
+            pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, stop=stop,
         )
 
     def generate_texts(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
@@ -115,6 +119,8 @@ class EvaluationHooks(L.LightningModule):
             return None
         summary, report = self.evaluation.compute()
         self.evaluation.reset()
+        if not self.trainer.sanity_checking:  # lm-eval tasks (data.lm_eval_tasks) as "task/metric", beside TOFU's
+            summary.update(lm_eval_metrics(self, LmEvalSettings.from_datamodule(self.trainer.datamodule)))
         self.log_dict({f"{stage}/{k}": float(v) for k, v in summary.items() if v is not None}, sync_dist=False)
         self._last_report = report
         return summary
@@ -156,5 +162,6 @@ class EvaluationHooks(L.LightningModule):
         atomic_write_json(out / "TOFU_SUMMARY.json", summary)
         atomic_write_json(out / "TOFU_EVAL.json", self._last_report)
         publish_summary(self.loggers, summary, [out / "TOFU_SUMMARY.json", out / "TOFU_EVAL.json"])
-        print_table(summary_table({type(self).__name__: summary}, HEADLINE, "TOFU evaluation"))
+        lm_eval_keys = tuple(k for k in summary if "/" in k)  # data.lm_eval_tasks' "task/metric"
+        print_table(summary_table({type(self).__name__: summary}, HEADLINE + lm_eval_keys, "TOFU evaluation"))
         print(f"TOFU_SUMMARY.json and TOFU_EVAL.json written to {out}")

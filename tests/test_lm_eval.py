@@ -1,0 +1,285 @@
+"""lm-evaluation-harness on unlearned models: equal to lm-eval's own ``hf`` model on a direct model, exact offset
+arithmetic, the shipped TOFU multiple-choice tasks cross-checked against the framework's own scoring, generation
+stops, the command line and its errors. Everything is offline: the tasks read the package's JSON Lines files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from lightning_unlearn.data.sources import load_split
+from lightning_unlearn.lm_eval import UnlearnedLM
+from lightning_unlearn.lm_eval.__main__ import main as lm_eval_main
+from lightning_unlearn.lm_eval.registry import task_manager
+from lightning_unlearn.lm_eval.run import evaluate, flat_metrics
+from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.unlearned import UnlearnedModel
+from lightning_unlearn.modules import NPO
+
+LIMIT = 12  # documents per task: 4 choices each, so 96 requests over the two tasks
+
+
+def _export(world: dict, large: str | None, alpha: float, seed: int, out: Path) -> Path:
+    """An NPO export whose trainable model moved off the reference, as a few training steps would move it."""
+    module = NPO(small_model=world["small"], large_model=large, alpha=alpha)
+    module.setup("fit")
+    module.configure_model()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return module.eval().export(out)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lm_eval_exports")
+    return {"first": _export(tiny_world, tiny_world["large"], 1.5, 0, root / "first"),
+            "second": _export(tiny_world, tiny_world["large"], 0.5, 1, root / "second")}
+
+
+def _requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def _logliks(results: dict) -> dict[tuple[str, int, int], float]:
+    """Per request log-likelihood from lm-eval's logged samples: (task, document, choice) -> value."""
+    out = {}
+    for task, samples in results["samples"].items():
+        for sample in samples:
+            for choice, response in enumerate(sample["resps"]):
+                out[(task, sample["doc_id"], choice)] = float(response[0][0])
+    return out
+
+
+def test_wrapper_equals_lm_eval_hf_model_on_a_direct_model(tiny_world: dict) -> None:
+    """Same per-request log-likelihoods (1e-4) and the same accuracies as lm-eval's own ``hf`` model."""
+    ours = evaluate(UnlearnedLM(tiny_world["large"], batch_size=5), ["tofu_general"], limit=LIMIT, log_samples=True)
+    theirs = evaluate(HFLM(pretrained=tiny_world["large"], device="cpu", batch_size=5), ["tofu_general"], limit=LIMIT,
+                      log_samples=True)
+    a, b = _logliks(ours), _logliks(theirs)
+    assert a.keys() == b.keys() and len(a) == 2 * LIMIT * 4
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-4
+    assert min(abs(v) for v in a.values()) > 1.0  # real scores, not zeros
+    assert flat_metrics(ours) == pytest.approx(flat_metrics(theirs), abs=1e-12)
+    assert set(flat_metrics(ours)) == {f"tofu_{t}_mc/{m}" for t in ("world_facts", "real_authors")
+                                       for m in ("acc", "acc_norm")}
+
+
+def test_rolling_loglikelihood_equals_hf_across_windows(tiny_world: dict) -> None:
+    """Perplexity requests split into several windows (max_length 16) still equal lm-eval's ``hf`` model."""
+    texts = [("Basil Mahfouz Al-Kuwaiti was born in Kuwait City and writes French literature.",),
+             ("Paris is the capital of France.",)]
+    ours = UnlearnedLM(tiny_world["large"], max_length=16, batch_size=3).loglikelihood_rolling(
+        _requests("loglikelihood_rolling", texts))
+    theirs = HFLM(pretrained=tiny_world["large"], device="cpu", max_length=16, batch_size=3).loglikelihood_rolling(
+        _requests("loglikelihood_rolling", texts))
+    assert ours == pytest.approx(theirs, abs=1e-4)
+    assert len(UnlearnedLM(tiny_world["large"]).tok_encode(texts[0][0])) > 2 * 16  # really several windows
+
+
+def test_offset_loglikelihood_is_log_softmax_of_hand_combined_logits(tiny_world: dict, exports: dict) -> None:
+    """``log_softmax(z_L + alpha (z_S - z_S0))`` summed over the continuation, from models loaded by hand."""
+    lm = UnlearnedLM(str(exports["first"]), large_dtype="float32", batch_size=2)
+    pairs = [("Question: Where would you find the Eiffel Tower?\nAnswer:", " Paris"),
+             ("Question: Who wrote 'Pride and Prejudice'?\nAnswer:", " Jane Austen"),
+             ("Question: Who wrote 'Pride and Prejudice'?\nAnswer:", " Mark Twain")]
+    got = [ll for ll, _ in lm.loglikelihood(_requests("loglikelihood", pairs))]
+    tokenizer = load_tokenizer(tiny_world["tokenizer"])
+    large, ref = load_causal_lm(tiny_world["large"]), load_causal_lm(tiny_world["small"])
+    small = load_causal_lm(str(exports["first"]))
+    vocab = len(tokenizer)
+    for (context, continuation), value in zip(pairs, got):
+        whole = tokenizer(context + continuation)["input_ids"]
+        n_cont = len(whole) - len(tokenizer(context)["input_ids"])
+        ids = torch.tensor([whole[:-1]])
+        with torch.no_grad():
+            z = [m(input_ids=ids).logits[0, :, :vocab] for m in (large, small, ref)]
+        log_p = torch.log_softmax(z[0] + 1.5 * (z[1] - z[2]), dim=-1)[-n_cont:]
+        expected = float(log_p.gather(1, torch.tensor(whole[-n_cont:])[:, None]).sum())
+        assert value == pytest.approx(expected, abs=1e-4)
+    direct_large = [ll for ll, _ in UnlearnedLM(tiny_world["large"]).loglikelihood(_requests("loglikelihood", pairs))]
+    assert min(abs(g - d) for g, d in zip(got, direct_large)) > 1e-3  # the offset changed every score
+
+
+def test_alpha_zero_is_the_large_model_alone(tiny_world: dict, exports: dict) -> None:
+    pairs = [("Question: What is the capital of Australia?\nAnswer:", " Canberra"), ("Hello", " world")]
+    offset = UnlearnedLM([str(exports["first"]), str(exports["second"])], alpha=0.0, large_dtype="float32")
+    large = UnlearnedLM(tiny_world["large"])
+    a = offset.loglikelihood(_requests("loglikelihood", pairs))
+    b = large.loglikelihood(_requests("loglikelihood", pairs))
+    assert [x for x, _ in a] == pytest.approx([x for x, _ in b], abs=1e-5)
+
+
+def test_tofu_accuracy_equals_the_frameworks_own_scoring(exports: dict) -> None:
+    """lm-eval's ``acc`` through the wrapper = the fraction of questions whose true answer has the highest summed
+    log-probability, computed from ``UnlearnedModel.token_log_probs`` (prompts formatted as in training) with the
+    end-of-answer token left out, as lm-eval scores the answer text only."""
+    results = evaluate(UnlearnedLM(str(exports["first"]), batch_size=7, large_dtype="float32"),
+                       ["tofu_world_facts_mc"], limit=LIMIT, log_samples=True)
+    model = UnlearnedModel.from_export(exports["first"], large_dtype="float32")  # bf16 varies with the padding
+    rows = load_split("bundled", "world_facts_perturbed")[:LIMIT]
+    wins, lm_eval_scores = 0, _logliks(results)
+    for doc, row in enumerate(rows):
+        choices = [row["answer"], *row["perturbed_answer"]]
+        per_token = model.token_log_probs([row["question"]] * len(choices), choices)
+        sums = [float(t[:-1].sum()) for t in per_token]  # [:-1]: the end-of-answer token
+        assert sums == pytest.approx([lm_eval_scores[("tofu_world_facts_mc", doc, c)] for c in range(4)], abs=1e-4)
+        wins += int(max(range(4), key=sums.__getitem__) == 0)
+    assert 0 < wins < LIMIT  # neither trivially all right nor all wrong: the comparison means something
+    assert flat_metrics(results)["tofu_world_facts_mc/acc"] == pytest.approx(wins / LIMIT, abs=1e-12)
+
+
+def test_generate_until_equals_hf_and_stops_at_until_strings(tiny_world: dict) -> None:
+    contexts = ["Question: Who is Basil Mahfouz Al-Kuwaiti?\nAnswer:", "Question: Where was he born?\nAnswer:"]
+    free = {"until": [], "max_gen_toks": 12, "do_sample": False}
+    ours = UnlearnedLM(tiny_world["large"], batch_size=2)
+    hf = HFLM(pretrained=tiny_world["large"], device="cpu", batch_size=2)
+    texts = ours.generate_until(_requests("generate_until", [(c, free) for c in contexts]))
+    assert texts == hf.generate_until(_requests("generate_until", [(c, free) for c in contexts]))
+    assert all(len(t) > 4 for t in texts)
+    stop = texts[0][len(texts[0]) // 2:][:2]  # a string met midway through the first generation
+    calls: list[int] = []
+    generate_ids = ours.model.generate_ids
+
+    def counting(*args, **kwargs):
+        new = generate_ids(*args, **kwargs)
+        calls.append(new.shape[1])
+        return new
+
+    ours.model.generate_ids = counting
+    cut = ours.generate_until(_requests("generate_until", [(contexts[0], {**free, "until": [stop]})]))
+    assert cut == [texts[0].split(stop)[0]]
+    assert calls[0] < 12  # decoding ended at the stop string, not at max_gen_toks
+
+
+def test_generate_until_stops_at_the_models_end_tokens(tiny_world: dict) -> None:
+    """A row ends at its first end token (here declared to be the model's second greedy token)."""
+    lm = UnlearnedLM(tiny_world["large"])
+    context = "Question: Who is Basil Mahfouz Al-Kuwaiti?\nAnswer:"
+    ids, mask = lm._encode_prompts([context], 100)
+    first, second = lm.model.generate_ids(ids, mask, 2)[0].tolist()
+    lm.model.stop_ids = [second]
+    request = _requests("generate_until", [(context, {"until": [], "max_gen_toks": 12, "do_sample": False})])
+    assert lm.generate_until(request) == [lm.tokenizer.decode([first], skip_special_tokens=True)]
+
+
+def test_command_line_composes_exports_and_writes_lm_eval_results(exports: dict, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    lm_eval_main([str(exports["first"]), str(exports["second"]), "--tasks", "tofu_real_authors_mc", "--limit", "5",
+                  "--alpha", "1.0", "0.5", "--output_path", str(tmp_path), "--large_dtype", "float32"])
+    (written,) = tmp_path.rglob("results_*.json")
+    results = json.loads(written.read_text())
+    assert set(results["results"]) == {"tofu_real_authors_mc"} and results["n-samples"]["tofu_real_authors_mc"][
+        "effective"] == 5
+    assert "acc" in capsys.readouterr().out
+
+
+def test_unknown_local_task_folder_and_missing_data_are_clear_errors(tiny_world: dict, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--include_path"):
+        task_manager(["tofu_general"], str(tmp_path / "nowhere"))
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: needs_the_hub\ndataset_path: no_such_org/no_such_dataset\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n")
+    with pytest.raises(FileNotFoundError, match="cannot be downloaded"):
+        evaluate(UnlearnedLM(tiny_world["large"]), ["needs_the_hub"], include_path=str(tmp_path))
+
+
+def test_export_whose_large_model_is_missing_names_the_flag(exports: dict, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(exports["first"], moved)
+    manifest = json.loads((moved / "offset.json").read_text())
+    manifest["large_model"] = str(tmp_path / "gone" / "large")
+    (moved / "offset.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="--large_model"):
+        UnlearnedLM(str(moved))
+    with pytest.raises(SystemExit):
+        lm_eval_main([str(moved), "--limit", "2"])
+
+
+@pytest.mark.slow
+def test_unknown_task_lists_close_names() -> None:
+    """Slow: an unknown name makes the index of lm-eval's ~15,000 built-in task files (10-30 s)."""
+    with pytest.raises(ValueError, match="tofu_world_facts_mc"):
+        task_manager(["tofu_world_fact_mc"])
+
+
+@pytest.mark.timeout(300)
+def test_fit_and_test_log_lm_eval_metrics_beside_tofu(tiny_world: dict, tmp_cwd: Path) -> None:
+    """``data.lm_eval_tasks`` in ``fit``: every validation logs ``val/<task>/<metric>``, the history holds it, a
+    checkpoint can monitor it; ``test`` logs ``test/<task>/<metric>`` into TOFU_SUMMARY.json. About 20 s."""
+    from lightning_unlearn.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tests" / "tofu_eval.yaml"
+    (tmp_cwd / "monitor.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
+        "        monitor: val/tofu_world_facts_mc/acc\n        mode: max\n        save_last: true\n"
+        "data:\n  lm_eval_tasks: [tofu_world_facts_mc]\n  lm_eval_limit: 6\n")
+    common = ["--model", "NPO", "--model.small_model", tiny_world["small"], "--model.large_model", tiny_world["large"]]
+    cli = main(["fit", "--config", str(config), "--config", str(tmp_cwd / "monitor.yaml"), *common])
+    out = Path(cli.trainer.log_dir)
+    history = json.loads((out / "TOFU_HISTORY.json").read_text())
+    accs = [h["tofu_world_facts_mc/acc"] for h in history]
+    assert len(accs) == 2 and all(a in {k / 6 for k in range(7)} for a in accs)
+    assert "tofu_world_facts_mc/acc_norm" in history[0] and "forget_Q_A_Prob" in history[0]
+    best = cli.trainer.checkpoint_callback
+    assert float(best.best_model_score) == pytest.approx(max(accs))
+    assert cli.trainer.callback_metrics["val/tofu_world_facts_mc/acc"] == pytest.approx(accs[-1])
+
+    tested = main(["test", "--config", str(config), "--config", str(tmp_cwd / "monitor.yaml"), *common,
+                   "--trainer.callbacks", "null", "--ckpt_path", str(out / "checkpoints" / "last.ckpt")])
+    summary = json.loads((Path(tested.trainer.log_dir) / "TOFU_SUMMARY.json").read_text())
+    assert summary["tofu_world_facts_mc/acc"] == pytest.approx(accs[-1])  # the last epoch's model, evaluated again
+    assert "test/tofu_world_facts_mc/acc" in tested.trainer.callback_metrics
+
+
+PAPER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "tofu").rglob("*.yaml"))
+
+
+@pytest.mark.timeout(300)
+def test_paper_config_runs_offline_with_local_tasks(tiny_world: dict, tmp_cwd: Path) -> None:
+    """Every paper config lists the delta paper's four general tasks (hub data); one runs with fast_dev_run offline
+    when they are swapped for the shipped local ones, the swap the offline test suite relies on."""
+    from lightning_unlearn.cli import main
+
+    paper = ["arc_easy", "hellaswag", "winogrande", "openbookqa"]
+    for config in PAPER_CONFIGS:
+        assert yaml.safe_load(config.read_text())["data"]["lm_eval_tasks"] == paper, config
+    config = next(c for c in PAPER_CONFIGS if c.parent.name == "offset" and c.name == "npo.yaml")
+    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--trainer.precision", "32-true",
+                "--model.large_model", tiny_world["large"], "--model.small_model", tiny_world["small"],
+                "--model.small_dtype", "float32", "--model.gradient_checkpointing", "false",
+                "--model.max_new_tokens", "4", "--data.batch_size", "2", "--data.eval_subset", "2",
+                "--data.lm_eval_tasks", "[tofu_world_facts_mc]", "--data.lm_eval_limit", "4"])
+    assert "val/tofu_world_facts_mc/acc" in cli.trainer.callback_metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ddp_ranks_log_rank_zeros_lm_eval_numbers(tiny_world: dict, tmp_path: Path) -> None:
+    """Under DDP (2 CPU processes, gloo) rank 0 runs lm-eval and broadcasts: ``test`` writes the numbers one process
+    writes. Slow: two fresh interpreters import torch, Lightning and lm-eval (about 1 min on 2 idle cores)."""
+    import os
+    import sys
+
+    from test_ddp import eval_args, run_ddp
+
+    from lightning_unlearn.cli import main
+
+    lm_eval_args = ["--data.lm_eval_tasks", "[tofu_world_facts_mc]", "--data.lm_eval_limit", "8"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    run_ddp([sys.executable, "-m", "lightning_unlearn.cli", *eval_args(tiny_world, tmp_path / "ddp", *lm_eval_args),
+             "--trainer.strategy", "ddp", "--trainer.devices", "2"], tmp_path, env, timeout=800)
+    main(eval_args(tiny_world, tmp_path / "single", *lm_eval_args))
+    two, one = (json.loads(next((tmp_path / d).rglob("TOFU_SUMMARY.json")).read_text()) for d in ("ddp", "single"))
+    keys = {k for k in one if "/" in k}
+    assert keys == {"tofu_world_facts_mc/acc", "tofu_world_facts_mc/acc_norm"}
+    assert {k: two[k] for k in keys} == {k: one[k] for k in keys}
