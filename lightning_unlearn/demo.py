@@ -80,6 +80,12 @@ instead of 30 (with half the steps per epoch, 30 left some seeds' models half-tr
 evaluated per set, offset unlearning evaluated every 5 epochs (the evaluation does not change the training)."""
 
 
+def selected_checkpoint(method: str) -> str:
+    """The checkpoint the demo evaluates: ``best.ckpt``, the epoch ``configs/demo/unlearn.yaml``'s selection rule
+    keeps (:class:`~lightning_unlearn.evaluation.selection.UtilityFloorCheckpoint`), or for EUL the last epoch."""
+    return "last.ckpt" if method == "EUL" else "best.ckpt"
+
+
 def retain_term_rows(method: str, quick: bool) -> int:
     """Rows of ``retain_perturbed`` in the unlearning retain term (see :data:`RETAIN_TERM_ROWS`)."""
     return RETAIN_TERM_ROWS["EUL" if method == "EUL" else "offset"][int(quick)]
@@ -163,7 +169,7 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
         Stage("unlearn", ["fit", *unlearn_common], root / "logs/unlearn",
               ["finetune_large", "finetune_small", "eval_retain"]),
         Stage("eval_unlearned", ["test", *TEST, *unlearn_common, "--trainer.callbacks", "null",
-                                 "--ckpt_path", f"{r}/logs/unlearn/checkpoints/last.ckpt",
+                                 "--ckpt_path", f"{r}/logs/unlearn/checkpoints/{selected_checkpoint(method)}",
                                  "--trainer.default_root_dir", f"{r}/eval/unlearned"],
               root / "eval/unlearned", ["unlearn"]),
     ]
