@@ -28,8 +28,9 @@ def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str 
     results = []
     for alpha in alphas:
         run_dir = out / f"alpha_{alpha:g}"
-        args = ["test", "--config", config, "--model.alpha", str(alpha), "--trainer.logger", "false",
-                "--trainer.default_root_dir", str(run_dir), *(extra or [])]
+        # the sweep's own settings last, so that they win over the same keys in ``extra``
+        args = ["test", "--config", config, *(extra or []), "--model.alpha", str(alpha), "--trainer.logger", "false",
+                "--trainer.default_root_dir", str(run_dir)]
         if ckpt_path:
             args += ["--ckpt_path", ckpt_path]
         cli_main(args)
