@@ -7,8 +7,14 @@ Every stage is an ordinary command (printed before it runs) that works the same 
 3. the retain model and the fine-tuned model evaluated (``configs/demo/eval.yaml``);
 4. offset unlearning of the fine-tuned pair (``configs/demo/unlearn.yaml``, NPO unless ``--method``; with
    ``--method EUL`` unlearning layers in the fine-tuned large model, ``configs/demo/eul.yaml``),
-   evaluated every epoch (EUL: every 5), then the final model evaluated;
-5. a before/after table and the per-epoch forget quality vs model utility plot.
+   evaluated every epoch (EUL: every 5);
+5. the selected epoch evaluated at each offset strength of :data:`ALPHAS` (EUL: the last epoch, once);
+6. a before/after table and the per-epoch forget quality vs model utility plot.
+
+The selection protocol, fixed in advance: the epoch with the highest forget quality among those keeping model
+utility >= 0.9x the retain model's (``UtilityFloorCheckpoint``, ``lightning_unlearn/evaluation/selection.py``),
+then the alpha picked by the same rule. The rule reads the evaluation sets the table reports (the tiny world
+has no separate validation split), so the table's forget quality is the best of several looks.
 
 A stage whose outputs exist and whose command, configs and inputs are unchanged is skipped, so a second
 run only redoes what changed; ``--force`` redoes everything.
