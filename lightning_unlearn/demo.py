@@ -7,9 +7,15 @@ Every stage is an ordinary command (printed before it runs) that works the same 
 3. the retain model and the fine-tuned model evaluated (``configs/demo/eval.yaml``);
 4. offset unlearning of the fine-tuned pair (``configs/demo/unlearn.yaml``, NPO unless ``--method``; with
    ``--method EUL`` unlearning layers in the fine-tuned large model, ``configs/demo/eul.yaml``),
-   evaluated every epoch (EUL: every 5), then the final model evaluated;
-5. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
+   evaluated every epoch (EUL: every 5);
+5. the selected epoch evaluated at each offset strength of :data:`ALPHAS` (EUL: the last epoch, once);
+6. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
    and the per-epoch forget quality vs model utility plot.
+
+The selection protocol, fixed in advance: the epoch with the highest forget quality among those keeping model
+utility >= 0.9x the retain model's (``UtilityFloorCheckpoint``, ``lightning_unlearn/evaluation/selection.py``),
+then the alpha picked by the same rule. The rule reads the evaluation sets the table reports (the tiny world
+has no separate validation split), so the table's forget quality is the best of several looks.
 
 A stage whose outputs exist and whose command, configs and inputs are unchanged is skipped, so a second
 run only redoes what changed; ``--force`` redoes everything.
@@ -36,12 +42,15 @@ from transformers.utils import logging as hf_logging
 
 from .cli import main as cli_main
 from .evaluation.report import atomic_write_json, print_table, summary_table
+from .evaluation.sweep import main as sweep_main
 from .models.tiny import make_tiny_pair
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE",
               "retain_heldout_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE", "model_utility", "forget_quality", "privleak",
               "extraction_strength", "tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc")
+ALPHAS = (1.0, 1.5, 2.0)
+"""Offset strengths the unlearned checkpoint is evaluated at; the selection rule picks one (see ``configs/demo/unlearn.yaml``)."""
 RETAIN_TERM_ROWS = {"offset": (40, 10), "EUL": (40, 10)}
 """How many of the first ``retain_perturbed`` rows the unlearning retain term uses (full world, ``--quick``).
 The evaluation scores the first 40 (20) rows the models were fine-tuned on; the rows past this count are known
@@ -74,11 +83,22 @@ QUICK = {
     "finetune": ["--data.forget_split", f"[forget01, {_QUICK_SPLITS}]", "--trainer.max_epochs", "60"],
     "finetune_retain": ["--data.forget_split", f"[{_QUICK_SPLITS}]", "--trainer.max_epochs", "60"],
     "eval": ["--data.eval_subset", "20"],
-    "unlearn": ["--trainer.check_val_every_n_epoch", "5"],
+    "unlearn": ["--trainer.check_val_every_n_epoch", "5", "--model.retain_weight", "1"],
 }
 """Overrides of ``--quick``: 20 retain, real-author and world-fact pairs instead of 40, fine-tuned 60 epochs
 instead of 30 (with half the steps per epoch, 30 left some seeds' models half-trained on a loss plateau), 20
-evaluated per set, offset unlearning evaluated every 5 epochs (the evaluation does not change the training)."""
+evaluated per set, offset unlearning evaluated every 5 epochs (the evaluation does not change the training).
+The quick world keeps the earlier calibration its slow-test bounds were measured on (retain weight 1, the last
+epoch at alpha 1, see :func:`selected_checkpoint`): with the full world's retain weight 10 and selection rule,
+its 10-row retain term does not hold the real authors and world facts (model utility 0.54-0.68 after the first
+epoch, seed 0), and the rule falls back to the first epoch, which has hardly forgotten yet."""
+
+
+def selected_checkpoint(method: str, quick: bool = False) -> str:
+    """The checkpoint the demo evaluates: ``best.ckpt``, the epoch ``configs/demo/unlearn.yaml``'s selection rule
+    keeps (:class:`~lightning_unlearn.evaluation.selection.UtilityFloorCheckpoint`), swept over :data:`ALPHAS`;
+    for EUL and ``--quick`` the last epoch, evaluated once at the configured alpha (see :data:`QUICK`)."""
+    return "last.ckpt" if method == "EUL" or quick else "best.ckpt"
 
 
 def retain_term_rows(method: str, quick: bool) -> int:
@@ -142,6 +162,16 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
         "--trainer.default_root_dir", f"{r}/logs/unlearn",
     ] + (["--trainer.max_epochs", str(epochs)] if epochs else []) + q.get("eval", []) + (
         q.get("unlearn", []) if method != "EUL" else [])
+    checkpoint = ["--ckpt_path", f"{r}/logs/unlearn/checkpoints/{selected_checkpoint(method, quick)}"]
+    if method == "EUL" or quick:  # EUL has no offset to rescale: the last epoch, evaluated once
+        eval_unlearned = Stage("eval_unlearned", ["test", *TEST, *unlearn_common, "--trainer.callbacks", "null",
+                                                  *GENERAL, *checkpoint, "--trainer.default_root_dir", f"{r}/eval/unlearned"],
+                               root / "eval/unlearned", ["unlearn"])
+    else:  # the selected epoch at each alpha of ALPHAS; the selection rule picks one (evaluation/sweep.py)
+        eval_unlearned = Stage("eval_unlearned", ["sweep", "--config", un, *checkpoint, "--alphas", *map(str, ALPHAS),
+                                                  "--out", f"{r}/eval/unlearned", *TEST, *unlearn_common[2:],
+                                                  "--trainer.callbacks", "null", *GENERAL],
+                               root / "eval/unlearned", ["unlearn"])
     return [
         Stage("init", ["tiny", f"{r}/init", "--large", *map(str, large), "--small", *map(str, small), "--seed", str(seed)],
               root / "init"),
@@ -167,10 +197,8 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
               root / "eval/finetuned", ["finetune_large", "eval_retain"]),
         Stage("unlearn", ["fit", *unlearn_common], root / "logs/unlearn",
               ["finetune_large", "finetune_small", "eval_retain"]),
-        Stage("eval_unlearned", ["test", *TEST, *unlearn_common, "--trainer.callbacks", "null", *GENERAL,
-                                 "--ckpt_path", f"{r}/logs/unlearn/checkpoints/last.ckpt",
-                                 "--trainer.default_root_dir", f"{r}/eval/unlearned"],
-              root / "eval/unlearned", ["unlearn"]),
+        eval_unlearned,
+
     ]
 
 
@@ -184,15 +212,19 @@ def run_stage(stage: Stage, upstream: dict[str, str], force: bool) -> bool:
         return False
     if stage.output.exists():
         shutil.rmtree(stage.output)
-    tiny = stage.args[0] == "tiny"
-    args = stage.args if tiny or not sys.stdout.isatty() else [*stage.args, "--trainer.enable_progress_bar", "true"]
-    command = "python -m lightning_unlearn.models.tiny " if tiny else "python main.py "
-    print(f"\n[demo] {stage.name}: {command}{shlex.join(args[1:] if tiny else args)}", flush=True)
+    tool = stage.args[0] if stage.args[0] in ("tiny", "sweep") else None
+    args = stage.args if tool == "tiny" or not sys.stdout.isatty() else [*stage.args, "--trainer.enable_progress_bar",
+                                                                           "true"]
+    command = {"tiny": "python -m lightning_unlearn.models.tiny ", "sweep": "python -m lightning_unlearn.evaluation.sweep ",
+               None: "python main.py "}[tool]
+    print(f"\n[demo] {stage.name}: {command}{shlex.join(args[1:] if tool else args)}", flush=True)
     start = time.perf_counter()
-    if tiny:
+    if tool == "tiny":
         opts = stage.args[2:]
         make_tiny_pair(stage.args[1], large=tuple(map(int, opts[1:3])), small=tuple(map(int, opts[4:6])),
                        seed=int(opts[7]))
+    elif tool == "sweep":
+        sweep_main(args[1:])
     else:
         cli_main(args)
     stage.output.mkdir(parents=True, exist_ok=True)
@@ -223,6 +255,17 @@ def quiet_console() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def selected_alpha_dir(folder: Path) -> Path:
+    """Where a model's ``TOFU_SUMMARY.json`` is: ``folder``, or after an alpha sweep the selected alpha's run."""
+    sweep = folder / "ALPHA_SWEEP.json"
+    if not sweep.is_file():
+        return folder
+    chosen = [r for r in json.loads(sweep.read_text()) if r.get("selected")]
+    if not chosen:
+        raise ValueError(f"{sweep} marks no selected alpha: was the sweep run with a retain reference?")
+    return folder / f"alpha_{chosen[0]['alpha']:g}"
+
+
 def report(root: Path, retain_rows: int) -> dict[str, dict]:
     """Print the before/after table and gather the summaries into ``DEMO_SUMMARY.json``.
 
@@ -230,7 +273,7 @@ def report(root: Path, retain_rows: int) -> dict[str, dict]:
     """
     columns = {}
     for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), ("unlearned", "unlearned")):
-        results = root / "eval" / folder
+        results = selected_alpha_dir(root / "eval" / folder)
         columns[name] = {**json.loads((results / "TOFU_SUMMARY.json").read_text()),
                          **selectivity(json.loads((results / "TOFU_EVAL.json").read_text()), retain_rows)}
     history = root / "logs/unlearn/TOFU_HISTORY.json"

@@ -35,16 +35,23 @@ epochs at lr 1e-3) costs the real authors and world facts up to 4.5 nats (model 
 and 0 at 30 fine-tuning epochs), too close to zero to bound; a floor needs a gentler quick unlearning.
 
 Forget quality is left out: its p-values are tiny and move by orders of magnitude between runs.
+
+The full demo's calibration (retain weight 10, the epoch and alpha picked by the utility-floor rule) does not
+carry over to this world: with its 10-row retain term, retain weight 10 still left model utility at 0.54-0.68
+from the second epoch on (seed 0, 1 thread), so the rule would keep the first epoch, which has hardly forgotten
+(forget NLL rise 0.7). ``--quick`` therefore keeps the setting these bounds were measured on (``demo.QUICK``),
+and the model-utility floor still waits for a gentler quick unlearning.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
-from lightning_unlearn.demo import main as demo, selectivity
+from lightning_unlearn.demo import main as demo, selected_alpha_dir, selectivity
 
 
 def rise(before: dict, after: dict, part: str) -> float:
@@ -66,6 +73,16 @@ def test_selectivity_splits_the_retain_set_at_the_retain_term() -> None:
     assert got["retain_term_Q_A_ROUGE"] == pytest.approx(0.75) and got["retain_heldout_Q_A_ROUGE"] == 0.25
     assert got["wf_mean_nll"] is None, "a set that was not evaluated has no mean"
     assert selectivity(report, retain_rows=3)["retain_heldout_Q_A_ROUGE"] is None
+
+
+def test_the_demo_reports_the_alpha_the_sweep_selected(tmp_path: Path) -> None:
+    assert selected_alpha_dir(tmp_path) == tmp_path, "a plain evaluation folder is its own result"
+    sweep = [{"alpha": 1.0, "selected": False}, {"alpha": 1.5, "selected": True}, {"alpha": 2.0, "selected": False}]
+    (tmp_path / "ALPHA_SWEEP.json").write_text(json.dumps(sweep))
+    assert selected_alpha_dir(tmp_path) == tmp_path / "alpha_1.5"
+    (tmp_path / "ALPHA_SWEEP.json").write_text(json.dumps([{"alpha": 1.0}]))
+    with pytest.raises(ValueError, match="no selected alpha"):
+        selected_alpha_dir(tmp_path)
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ SPECS = {spec.name: spec for spec in tofu_eval_specs("forget01", None, None)}
 # Forget quality and privleak are computed against these, as if a retain model had written them.
 REFERENCE_RATIOS = [0.35, 0.6, 0.9, 1.3, 2.5]
 REFERENCE_MIA_MIN_K = 0.38
+REFERENCE_MODEL_UTILITY = 0.8
 
 
 def records(name: str) -> list[dict[str, Any]]:
@@ -209,6 +210,7 @@ def reference_file(tmp_path_factory: pytest.TempPathFactory) -> str:
         "forget_truth_ratio": {"agg_value": 0.5, "value_by_index": {str(i): {"score": r}
                                                                      for i, r in enumerate(REFERENCE_RATIOS)}},
         "mia_min_k": {"agg_value": REFERENCE_MIA_MIN_K},
+        "model_utility": {"agg_value": REFERENCE_MODEL_UTILITY},
     }))
     return str(path)
 
@@ -304,3 +306,9 @@ def test_privleak_is_the_relative_gap_of_the_min_k_auc_to_the_reference(plain: d
     score = 1 - auc(plain["forget"]["mia_min_k"], plain["holdout"]["mia_min_k"])
     reference = 1 - REFERENCE_MIA_MIN_K
     assert driver[0]["privleak"] == pytest.approx((score - reference) / reference * 100, rel=1e-6)
+
+
+def test_utility_ratio_divides_by_the_reference_files_model_utility(driver: tuple) -> None:
+    summary = driver[0]
+    assert summary["model_utility_vs_retain"] == pytest.approx(summary["model_utility"] / REFERENCE_MODEL_UTILITY,
+                                                               rel=1e-12)

@@ -3,6 +3,8 @@
 ``python -m lightning_unlearn.evaluation.sweep --config CONFIG --ckpt_path CKPT --alphas 0 0.5 1 1.5 2``
 runs ``main.py test`` once per alpha (any further ``--key value`` arguments are passed to each run), then
 writes ``ALPHA_SWEEP.json``, ``alpha_sweep.png`` and prints a table. alpha = 0 is the large model alone.
+The alpha the checkpoint rule of ``evaluation/selection.py`` picks (the best forget quality among the alphas
+keeping model utility >= ``--floor`` x the retain model's) is marked ``"selected": true`` and printed.
 """
 
 from __future__ import annotations
@@ -12,27 +14,39 @@ import json
 from pathlib import Path
 
 from ..cli import main as cli_main
+from .selection import select
 from .report import atomic_write_json, plot_tradeoff, print_table, summary_table
 from .tofu import HEADLINE
 
 
 def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str | None = None,
-          extra: list[str] | None = None) -> list[dict]:
-    """Evaluate the offset model at each alpha; return one summary per alpha (with its ``alpha``)."""
+          extra: list[str] | None = None, floor: float = 0.9) -> list[dict]:
+    """Evaluate the offset model at each alpha; return one summary per alpha (with its ``alpha``), the one
+    :func:`~lightning_unlearn.evaluation.selection.select` picks with ``floor`` marked ``"selected": True``
+    (none without a retain reference, which the rule needs)."""
     out = Path(out_dir)
     results = []
     for alpha in alphas:
         run_dir = out / f"alpha_{alpha:g}"
-        args = ["test", "--config", config, "--model.alpha", str(alpha), "--trainer.logger", "false",
-                "--trainer.default_root_dir", str(run_dir), *(extra or [])]
+        # the sweep's own settings last, so that they win over the same keys in ``extra``
+        args = ["test", "--config", config, *(extra or []), "--model.alpha", str(alpha), "--trainer.logger", "false",
+                "--trainer.default_root_dir", str(run_dir)]
         if ckpt_path:
             args += ["--ckpt_path", ckpt_path]
         cli_main(args)
         summary = json.loads((run_dir / "TOFU_SUMMARY.json").read_text(encoding="utf-8"))
         results.append({**summary, "alpha": alpha})
+    if all(r.get("model_utility_vs_retain") is not None for r in results):
+        chosen = select(results, floor)
+        for r in results:
+            r["selected"] = r is chosen
     atomic_write_json(out / "ALPHA_SWEEP.json", results)
     plot_tradeoff(results, "alpha", out / "alpha_sweep.png", "offset strength: forget quality vs model utility")
     print_table(summary_table({f"alpha={r['alpha']:g}": r for r in results}, HEADLINE, "alpha sweep"))
+    for r in results:
+        if r.get("selected"):
+            print(f"selected: alpha={r['alpha']:g} (best forget quality with model utility >= {floor:g}x the retain "
+                  "model's, or the closest to that floor)")
     return results
 
 
@@ -42,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained offset")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--out", default="runs/alpha_sweep", help="folder for the per-alpha runs and the plot")
+    parser.add_argument("--floor", type=float, default=0.9, help="the selection rule's floor on model utility / the "
+                        "retain model's")
     args, extra = parser.parse_known_args(argv)
-    sweep(args.config, args.alphas, args.out, args.ckpt_path, extra)
+    sweep(args.config, args.alphas, args.out, args.ckpt_path, extra, args.floor)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,11 @@ HEADLINE = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_P
 
 @dataclass(frozen=True)
 class RetainReference:
-    """What forget quality and privleak need from the retain model's evaluation."""
+    """What forget quality, privleak and the utility ratio need from the retain model's evaluation."""
 
     forget_truth_ratios: Tensor
     mia_min_k: float | None
+    model_utility: float | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> RetainReference:
@@ -62,7 +63,8 @@ class RetainReference:
         except (KeyError, TypeError, AttributeError):
             raise ValueError(f"{path} has no forget_truth_ratio.value_by_index scores: is it a TOFU_EVAL.json?") from None
         mia = data.get("mia_min_k", {}).get("agg_value")
-        return cls(torch.tensor(ratios, dtype=torch.float64), mia)
+        utility = data.get("model_utility", {}).get("agg_value")
+        return cls(torch.tensor(ratios, dtype=torch.float64), mia, utility)
 
 
 def _gather_objects(values: list[Any]) -> list[Any]:
@@ -244,8 +246,9 @@ class TofuEvaluation(nn.Module):
             entry.update(input=question, ground_truth=truth, generation=generation)
 
     def _add_derived(self, summary: dict[str, float | None], report: dict[str, Any]) -> None:
-        """Forget quality and privleak need the retain model's results; model utility needs all nine parts."""
-        summary["forget_quality"] = summary["privleak"] = None
+        """Forget quality, privleak and ``model_utility_vs_retain`` (model utility / the retain model's) need the
+        retain model's results; model utility needs all nine parts."""
+        summary["forget_quality"] = summary["privleak"] = summary["model_utility_vs_retain"] = None
         if self.reference is not None and "forget_truth_ratio" in summary:
             ratios = self.metrics["forget"]["truth"].per_sample()
             summary["forget_quality"] = F.forget_quality(ratios.cpu(), self.reference.forget_truth_ratios)
@@ -255,5 +258,7 @@ class TofuEvaluation(nn.Module):
             summary["model_utility"] = F.model_utility({k: summary[k] for k in F.MODEL_UTILITY_KEYS})
         except (KeyError, ValueError):
             summary["model_utility"] = None
-        for key in ("forget_quality", "privleak", "model_utility"):
+        if self.reference is not None and self.reference.model_utility and summary["model_utility"] is not None:
+            summary["model_utility_vs_retain"] = summary["model_utility"] / self.reference.model_utility
+        for key in ("forget_quality", "privleak", "model_utility", "model_utility_vs_retain"):
             report[key] = {"agg_value": summary[key]}

@@ -54,8 +54,11 @@ class EvaluationHooks(L.LightningModule):
         if self._trainer is None or self.hparams.retain_reference:
             return
         for callback in self.trainer.callbacks:
-            monitor = getattr(callback, "monitor", None) or ""
-            if monitor.endswith(("forget_quality", "privleak")):
+            # a selection rule (evaluation/selection.py) reads its metrics under its own names
+            reads = [getattr(callback, name, None) or "" for name in ("monitor", "quality", "utility_ratio")]
+            monitor = next((m for m in reads if m.endswith(("forget_quality", "privleak", "model_utility_vs_retain"))),
+                           None)
+            if monitor:
                 raise ValueError(
                     f"{type(callback).__name__} monitors {monitor!r}, which needs the retain model's evaluation: set "
                     "model.retain_reference to its TOFU_EVAL.json (from `main.py test` on the retain model), or "
