@@ -51,6 +51,11 @@ class PairedDataset(Dataset):
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"Unknown data parts {sorted(unknown)}; known parts are {PARTS}.")
+        if any(isinstance(e, Encoded) for e in forget):
+            for part in set(parts) & set(QA_ONLY_PARTS):
+                raise ValueError(
+                    f"This loss needs {QA_ONLY_PARTS[part]}, but the forget split is raw text, which has no questions. "
+                    "On text use GA, GD, KL, NPO, SimNPO or EUL, or give question/answer rows.")
         if "retain" in parts and not retain:
             raise ValueError("This loss needs retain data but the retain split is empty or unset: set data.retain_split.")
         if "forget_idk" in parts and not refusals:
@@ -60,11 +65,6 @@ class PairedDataset(Dataset):
                 f"This loss pairs each forget question with {num_random_answers} distinct random answers but the "
                 f"answer pool holds {len(answer_pool)}: set data.retain_split or data.answer_pool_split."
             )
-        if any(isinstance(e, Encoded) for e in forget):
-            for part in set(parts) & set(QA_ONLY_PARTS):
-                raise ValueError(
-                    f"This loss needs {QA_ONLY_PARTS[part]}, but the forget split is raw text, which has no questions. "
-                    "On text use GA, GD, KL, NPO, SimNPO or EUL, or give question/answer rows.")
         # Files are checked with their lines when read; records built in code are checked here (types only).
         require_fields([e for e in forget if not isinstance(e, Encoded)], (question_key, answer_key),
                        "forget records", warn_empty=False)
