@@ -162,6 +162,6 @@ class EvaluationHooks(L.LightningModule):
         summary = {"alpha": self.alpha if self.large is not None else None, **summary}
         atomic_write_json(out / f"{name}_SUMMARY.json", summary)
         atomic_write_json(out / f"{name}_EVAL.json", self._last_report)
-        publish_summary(self.loggers, summary, [out / f"{name}_SUMMARY.json", out / f"{name}_EVAL.json"])
+        publish_summary(self.loggers, summary, [out / f"{name}_SUMMARY.json", out / f"{name}_EVAL.json"], name.lower())
         print_table(summary_table({type(self).__name__: summary}, self.evaluation.headline, f"{name} evaluation"))
         print(f"{name}_SUMMARY.json and {name}_EVAL.json written to {out}")
