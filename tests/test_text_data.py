@@ -96,7 +96,8 @@ def test_windows_shard_over_processes_and_their_step_counts_are_the_labelled_tok
     dataset = PairedDataset(dm.forget, dm.retain, dm.formatter, ("forget", "retain"))
     single = [(i.forget_index, i.draw) for i in StepSampler(dataset, batch_size=4, seed=3)]
     shards = [list(StepSampler(dataset, num_replicas=2, rank=r, batch_size=2, seed=3)) for r in (0, 1)]
-    assert sorted((i.forget_index, i.draw) for s in shards for i in s) == sorted(single)
+    both = [(i.forget_index, i.draw) for s in shards for i in s]
+    assert set(both) == set(single) and len(both) == len(single) + len(single) % 2, "padded by one repeat if odd"
     first = StepDataset(dataset)[shards[0][0]]["step_counts"]
     group = shards[0][0].group
     assert first["forget"][:2] == (sum(label_count(dm.forget[f]) for f, _ in group), len(group))

@@ -4,6 +4,7 @@ and the evaluation that assembles them."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,17 @@ def test_a_reference_without_min_k_is_refused(tmp_path: Path) -> None:
         MuseReference.from_file(path)
     with pytest.raises(FileNotFoundError, match="MUSE_EVAL.json written by"):
         MuseReference.from_file(tmp_path / "missing.json")
+
+
+def test_privleak_scores_are_min_k_with_k_0_4() -> None:
+    """Five targets: Min-K% at k = 0.4 averages the 2 lowest log-probs (k = 0.2 would take 1)."""
+    table = torch.zeros(6, 6)
+    table[4, 5] = 2.0
+    evaluation = MuseEvaluation(["privleak_forget", "privleak_holdout"])
+    evaluation.update(sequence_batch("privleak_forget", [[1, 2, 3, 1, 2, 3]]), bigram_logits(table), None)
+    evaluation.update(sequence_batch("privleak_holdout", [[4, 5, 4, 4, 5, 4]]), bigram_logits(table), None)
+    _, report = evaluation.compute()
+    # targets 5 | 4, 4 | 5, 5 | 4, 4 | 5: log-probs 2 - log(5 + e^2), -log 6, -log(5 + e^2), the first, the second
+    lowest_two = (math.log(5 + math.e ** 2) + math.log(6)) / 2
+    assert report["mia_min_k"]["holdout"]["value_by_index"]["0"]["score"] == pytest.approx(lowest_two)
+    assert report["mia_min_k"]["forget"]["value_by_index"]["0"]["score"] == pytest.approx(math.log(6))
