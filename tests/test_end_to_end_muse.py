@@ -12,10 +12,12 @@ load of 15):
     seed   forget verbmem ROUGE       retain knowmem ROUGE      forget knowmem ROUGE   mia_min_k
            before  after  ratio       before  after  ratio      before  after          before after
     0      0.606   0.097  0.16        0.140   0.178  1.27       0.290   0.102          1.0    1.0
+    1      0.584   0.103  0.18        0.116   0.108  0.93       0.319   0.019          1.0    1.0
+    2      0.710   0.125  0.18        0.150   0.217  1.44       0.273   0.007          1.0    1.0
     (lr 1e-3 instead of 5e-4, seed 0: verbmem 0.606 -> 0.094, retain knowmem 0.140 -> 0.138, 0.99x)
 
-Bounds (the issue's): forget verbmem ROUGE <= 0.5x (measured 0.16x), retain knowmem ROUGE >= 0.9x (measured
-0.99x-1.27x). The tiny world's retain knowmem is low to begin with (0.14: a 1.3M-parameter model recites its
+Bounds (the issue's): forget verbmem ROUGE <= 0.5x (measured 0.16x-0.18x: wide margin), retain knowmem ROUGE
+>= 0.9x (measured 0.93x-1.44x over seeds 0-2: seed 1 is near the bound; the test runs seed 0, 1.27x). The tiny world's retain knowmem is low to begin with (0.14: a 1.3M-parameter model recites its
 documents from a verbmem prompt, 0.61, but answers few-shot questions poorly), so the retain bound is a weak
 one; mia_min_k stays 1.0 (privleak's attack still separates forget from holdout texts: NPO removes the
 recitation, not the likelihood gap to never-seen text).
