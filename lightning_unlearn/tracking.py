@@ -36,8 +36,10 @@ class SaveConfigToLoggers(SaveConfigCallback):
                 logger.log_hyperparams({"config": config})
 
 
-def publish_summary(loggers: Iterable[Logger], summary: dict[str, Any], files: Iterable[Path] = ()) -> None:
-    """Put the TOFU summary in each W&B run summary and upload the report ``files`` with the run.
+def publish_summary(loggers: Iterable[Logger], summary: dict[str, Any], files: Iterable[Path] = (),
+                    prefix: str = "tofu") -> None:
+    """Put the benchmark's summary in each W&B run summary (keys ``<prefix>/<metric>``: ``tofu/...``,
+    ``muse/...``) and upload the report ``files`` with the run.
 
     ``None`` values stay: they say a metric could not be computed (forget quality without a reference).
     The files are copied into the run's folder first: ``run.save`` would link to them, and an offline run
@@ -46,7 +48,7 @@ def publish_summary(loggers: Iterable[Logger], summary: dict[str, Any], files: I
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
-            run.summary.update({f"tofu/{k}": v for k, v in summary.items()})
+            run.summary.update({f"{prefix}/{k}": v for k, v in summary.items()})
             for path in files:
                 copy = Path(shutil.copy(path, run.dir))
                 run.save(str(copy), base_path=run.dir, policy="now")

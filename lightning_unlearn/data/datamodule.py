@@ -21,15 +21,18 @@ from ..evaluation.data import (
     collate_collection,
     tofu_eval_specs,
 )
+from ..evaluation.muse_data import MuseEvalDataset, MuseSetSpec, collate_muse, muse_eval_specs
 from ..models.loading import load_tokenizer
 from .datasets import PairedDataset
-from .formatting import DEFAULT_TEMPLATE, PromptFormatter, collate_parts
+from .formatting import DEFAULT_TEMPLATE, Encoded, PromptFormatter, collate_parts
 from .steps import StepDataset, StepSampler, collate_steps
-from .sources import BUNDLED, Record, load_refusals, load_split
+from .sources import BUNDLED, Record, load_refusals, load_rows, load_split, require_fields
+from .muse import BUILD_HINT, is_muse
+from .text import TextCorpus, chunk_corpus, is_text, text_corpus
 
 
 class UnlearnDataModule(L.LightningDataModule):
-    """Forget and retain question/answer data, from TOFU or any folder of JSON Lines files.
+    """Forget and retain data, question/answer rows or raw text, from TOFU, MUSE or any folder of JSON Lines files.
 
     An epoch is one pass over the forget set; each forget example comes with the parts the loss asks
     for (a random retain example, a random refusal, random answers). The tokenizer normally arrives
@@ -40,18 +43,27 @@ class UnlearnDataModule(L.LightningDataModule):
             (for fine-tuning, where this is the training data); ``name[a:b]`` takes rows a to b.
         retain_split: split to keep, e.g. ``retain99`` (goes with ``forget01``); ``null`` for none.
         dataset: ``bundled`` (the TOFU files shipped with the package), a local folder of
-            ``<split>.jsonl`` files, or a Hugging Face hub dataset id such as ``locuslab/TOFU``.
+            ``<split>.jsonl`` files (question/answer rows, or text documents ``{"text": ...}``; also
+            ``<split>.txt`` or a ``<split>/`` folder of ``.txt`` files), a Hugging Face hub dataset id such as
+            ``locuslab/TOFU``, or MUSE: ``muse-bench/MUSE-News``, ``muse-bench/MUSE-Books`` or a folder in
+            their layout (``<folder>/<config>/<split>.jsonl``; the training splits are ``raw`` ones:
+            ``forget``, ``retain1``, ...; see :mod:`~lightning_unlearn.data.muse`).
         tokenizer: tokenizer name or path; ``null`` takes the model's (the usual case).
         batch_size: forget examples per step and device (each brings its retain partner).
         eval_batch_size: batch size of the validation loaders; ``null`` uses ``batch_size``.
-        max_length: longest sequence in tokens; longer answers are truncated with a warning.
+        max_length: longest sequence in tokens; longer answers are truncated with a warning, text documents are
+            cut into windows of this many tokens.
+        text_stride: tokens between the starts of a text document's windows; ``null`` means ``max_length`` (no
+            overlap). Shorter strides give each window context from the previous one; every token is still a
+            target once (see :mod:`~lightning_unlearn.data.text`).
         question_key: field holding the question.
         answer_key: field holding the answer.
         template: plain prompt template, used when the tokenizer has no chat template.
         use_chat_template: ``null`` uses the tokenizer's chat template when it has one.
         evaluation: what validation and ``test`` run: ``tofu`` (the full TOFU evaluation on the
-            ``*_perturbed`` sets, real authors, world facts and holdout) or ``loss`` (forget and retain NLL only,
-            for data without TOFU's evaluation files).
+            ``*_perturbed`` sets, real authors, world facts and holdout), ``muse`` (MUSE's verbatim and
+            knowledge memorization, privacy leakage and extraction strength, on a MUSE dataset) or ``loss``
+            (forget and retain NLL only, for data without either benchmark's evaluation files).
         eval_forget_split: forget evaluation split; ``null`` means ``<forget_split>_perturbed``.
         eval_holdout_split: holdout split for membership inference; ``null`` means ``holdoutXX`` matching
             the forget split's number.
@@ -78,11 +90,12 @@ class UnlearnDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         max_length: int = 512,
+        text_stride: int | None = None,
         question_key: str = "question",
         answer_key: str = "answer",
         template: str = DEFAULT_TEMPLATE,
         use_chat_template: bool | None = None,
-        evaluation: Literal["tofu", "loss"] = "tofu",
+        evaluation: Literal["tofu", "muse", "loss"] = "tofu",
         eval_forget_split: str | None = None,
         eval_holdout_split: str | None = None,
         eval_subset: int | None = None,
@@ -101,8 +114,9 @@ class UnlearnDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.parts: tuple[str, ...] = ("forget", "retain")
         self.formatter: PromptFormatter | None = None
-        self.forget: list[Record] = []
-        self.retain: list[Record] = []
+        self._sources: dict[str, list[list[Record] | TextCorpus]] = {}
+        self.forget: list[Record | Encoded] = []  # question/answer rows, and the windows of text corpora
+        self.retain: list[Record | Encoded] = []
         self.refusals: list[str] = []
         self.answer_pool: list[str] = []
         self.num_random_answers = 5
@@ -128,20 +142,47 @@ class UnlearnDataModule(L.LightningDataModule):
     def _set_formatter(self, tokenizer: PreTrainedTokenizerBase) -> None:
         h = self.hparams
         self.formatter = PromptFormatter(tokenizer, h.max_length, h.template, use_chat_template=h.use_chat_template)
+        self._materialise()
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and check the splits (cheap: the JSON is small; tokenization happens per item)."""
+        """Read and check the splits (cheap: tokenization happens per item; text corpora are cut into windows
+        once the tokenizer is known, see :meth:`_materialise`)."""
         h = self.hparams
-        keys = (h.question_key, h.answer_key)
-        if not self.forget:
+        if not self._sources:
             splits = [h.forget_split] if isinstance(h.forget_split, str) else list(h.forget_split)
-            self.forget = [row for split in splits for row in load_split(h.dataset, split, keys)]
-            if not self.forget:
+            self._sources["forget"] = [self._read(split) for split in splits]
+            if not any(len(part) for part in self._sources["forget"]):
                 raise ValueError(f"The forget split {h.forget_split!r} of {h.dataset!r} is empty: nothing to unlearn.")
-        if h.retain_split and not self.retain:
-            self.retain = load_split(h.dataset, h.retain_split, keys)
+            self._sources["retain"] = [self._read(h.retain_split)] if h.retain_split else []
         if h.tokenizer is not None and self.formatter is None:
             self._set_formatter(load_tokenizer(h.tokenizer))
+        self._materialise()
+
+    def _read(self, split: str) -> list[Record] | TextCorpus:
+        """One split: question/answer rows (fields checked with their file and line) or a text corpus."""
+        h = self.hparams
+        rows = load_rows(h.dataset, split)
+        if rows.records and is_text(rows.records, h.question_key):
+            return text_corpus(rows)
+        require_fields(rows.records, (h.question_key, h.answer_key), rows.source, places=rows.places)
+        return rows.records
+
+    def _materialise(self) -> None:
+        """Fill ``forget`` and ``retain``: question/answer rows as read, text corpora as their windows, which needs
+        the tokenizer (until it arrives a text split stays unread here)."""
+        for name in ("forget", "retain"):
+            sources = self._sources.get(name, [])
+            has_text = any(isinstance(s, TextCorpus) for s in sources)
+            if getattr(self, name) or (has_text and self.formatter is None):
+                continue
+            examples: list[Record | Encoded] = []
+            for source in sources:
+                if isinstance(source, TextCorpus):
+                    examples.extend(chunk_corpus(source, self.formatter.tokenizer, self.hparams.max_length,
+                                                 self.hparams.text_stride))
+                else:
+                    examples.extend(source)
+            setattr(self, name, examples)
 
     def _formatter(self) -> PromptFormatter:
         if self.formatter is None:
@@ -170,11 +211,13 @@ class UnlearnDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
+        self._formatter()
+        self._materialise()
         if "forget_idk" in self.parts and not self.refusals:
             self.refusals = load_refusals(h.dataset)
         if "forget_random" in self.parts and not self.answer_pool:
             pool = load_split(h.dataset, h.answer_pool_split, (h.answer_key,)) if h.answer_pool_split else self.retain
-            self.answer_pool = [row[h.answer_key] for row in pool]
+            self.answer_pool = [row[h.answer_key] for row in pool if isinstance(row, dict)]  # no text windows
         dataset = PairedDataset(
             self.forget, self.retain, self._formatter(), self.parts, self.refusals, h.question_key, h.answer_key,
             self.answer_pool, self.num_random_answers,
@@ -221,9 +264,18 @@ class UnlearnDataModule(L.LightningDataModule):
             self.sampler.resume_at(epoch, done * self.hparams.batch_size)
             self._resume = None
 
-    def eval_specs(self) -> list[EvalSetSpec]:
-        """The TOFU evaluation sets this data module serves (empty in ``loss`` mode)."""
+    def eval_specs(self) -> list[EvalSetSpec] | list[MuseSetSpec]:
+        """The TOFU or MUSE evaluation sets this data module serves (empty in ``loss`` mode).
+
+        Raises:
+            ValueError: ``evaluation: muse`` on a dataset that is not MUSE's.
+        """
         h = self.hparams
+        if h.evaluation == "muse":
+            if not is_muse(h.dataset):
+                raise ValueError(f"data.evaluation: muse needs a MUSE dataset (muse-bench/MUSE-News, muse-bench/MUSE-Books "
+                                 f"or a folder in their layout with a raw/ folder), not {h.dataset!r}; {BUILD_HINT}.")
+            return muse_eval_specs(h.dataset)
         if h.evaluation != "tofu":
             return []
         if not isinstance(h.forget_split, str) and h.eval_forget_split is None:
@@ -234,7 +286,7 @@ class UnlearnDataModule(L.LightningDataModule):
     def _eval_loaders(self) -> list[DataLoader]:
         """The evaluation loaders; each item carries its index in its set.
 
-        TOFU: one loader over every set. ``loss``: one loader per set (forget, retain), so that a limit on
+        TOFU, MUSE: one loader over every set. ``loss``: one loader per set (forget, retain), so that a limit on
         validation batches still reaches both. Under DDP Lightning gives each loader a distributed sampler that
         pads it by repeating items so that every rank runs as many batches (no rank waits in a collective); the
         evaluation keeps one value per (set, index), so the repeats change no result.
@@ -243,7 +295,13 @@ class UnlearnDataModule(L.LightningDataModule):
         size = h.eval_batch_size or h.batch_size
         formatter = self._formatter()
         pad = formatter.tokenizer.pad_token_id
-        if h.evaluation == "tofu":
+        if h.evaluation == "muse":
+            collection = EvalCollection([
+                MuseEvalDataset.load(spec, h.dataset, formatter.tokenizer, h.max_length, h.eval_subset)
+                for spec in self.eval_specs()
+            ])
+            collections, collate = [collection], partial(collate_muse, pad_token_id=pad)
+        elif h.evaluation == "tofu":
             collection = EvalCollection([
                 EvalDataset.load(spec, h.dataset, formatter, h.eval_subset, h.question_key, h.answer_key)
                 for spec in self.eval_specs()

@@ -20,10 +20,17 @@ from .formatting import Encoded, PromptFormatter
 from .sources import Record, describe, require_fields
 
 PARTS = ("forget", "retain", "forget_idk", "forget_random")
+QA_ONLY_PARTS = {"forget_idk": "a refusal answer to each forget question (IdkDPO)",
+                 "forget_random": "random answers to each forget question (LLMU's random-answer term)"}
+Example = Record | Encoded
+"""A training example: a question/answer row, encoded per item, or a window of a text corpus, already encoded."""
 
 
 class PairedDataset(Dataset):
-    """Items ``{part: Encoded}`` built from one forget record and the random draws of its index.
+    """Items ``{part: Encoded}`` built from one forget example and the random draws of its index.
+
+    An example is a question/answer record (encoded here by the formatter) or a text window (an
+    :class:`~.formatting.Encoded` from :mod:`.text`, used as it is: every token labelled, no prompt).
 
     ``forget_random`` is a list of ``num_random_answers`` examples (the forget question with distinct
     answers drawn from ``answer_pool``), flattened by :func:`~.formatting.collate_parts`.
@@ -31,8 +38,8 @@ class PairedDataset(Dataset):
 
     def __init__(
         self,
-        forget: Sequence[Record],
-        retain: Sequence[Record],
+        forget: Sequence[Example],
+        retain: Sequence[Example],
         formatter: PromptFormatter,
         parts: Sequence[str],
         refusals: Sequence[str] = (),
@@ -44,6 +51,11 @@ class PairedDataset(Dataset):
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"Unknown data parts {sorted(unknown)}; known parts are {PARTS}.")
+        if any(isinstance(e, Encoded) for e in forget):
+            for part in set(parts) & set(QA_ONLY_PARTS):
+                raise ValueError(
+                    f"This loss needs {QA_ONLY_PARTS[part]}, but the forget split is raw text, which has no questions. "
+                    "On text use GA, GD, KL, NPO, SimNPO or EUL, or give question/answer rows.")
         if "retain" in parts and not retain:
             raise ValueError("This loss needs retain data but the retain split is empty or unset: set data.retain_split.")
         if "forget_idk" in parts and not refusals:
@@ -54,9 +66,11 @@ class PairedDataset(Dataset):
                 f"answer pool holds {len(answer_pool)}: set data.retain_split or data.answer_pool_split."
             )
         # Files are checked with their lines when read; records built in code are checked here (types only).
-        require_fields(forget, (question_key, answer_key), "forget records", warn_empty=False)
+        require_fields([e for e in forget if not isinstance(e, Encoded)], (question_key, answer_key),
+                       "forget records", warn_empty=False)
         if "retain" in parts:
-            require_fields(retain, (question_key, answer_key), "retain records", warn_empty=False)
+            require_fields([e for e in retain if not isinstance(e, Encoded)], (question_key, answer_key),
+                           "retain records", warn_empty=False)
         for name, texts in (("answer pool", answer_pool), ("refusals", refusals)):
             bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
             if bad is not None:
@@ -76,16 +90,20 @@ class PairedDataset(Dataset):
         item: dict[str, Encoded | list[Encoded]] = {}
         for part in self.parts:
             if part == "forget":
-                item[part] = self.formatter.encode(record[self.q], record[self.a])
+                item[part] = self.encode(record)
             elif part == "retain":
-                other = self.retain[rng.randrange(len(self.retain))]
-                item[part] = self.formatter.encode(other[self.q], other[self.a])
+                item[part] = self.encode(self.retain[rng.randrange(len(self.retain))])
             elif part == "forget_random":
                 picks = rng.sample(range(len(self.answer_pool)), self.num_random_answers)
                 item[part] = [self.formatter.encode(record[self.q], self.answer_pool[i]) for i in picks]
             else:
                 item[part] = self.formatter.encode(record[self.q], self.refusals[rng.randrange(len(self.refusals))])
         return item
+
+
+    def encode(self, example: Example) -> Encoded:
+        """A text window as it is; a question/answer record through the formatter."""
+        return example if isinstance(example, Encoded) else self.formatter.encode(example[self.q], example[self.a])
 
 
 class PairingSampler(DistributedSampler):

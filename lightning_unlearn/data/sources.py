@@ -47,8 +47,8 @@ def bundled_dir() -> Path:
 
 
 def available_splits(folder: str | Path) -> list[str]:
-    """Names of the ``*.jsonl`` files in a folder, without extension."""
-    return sorted(p.stem for p in Path(folder).glob("*.jsonl"))
+    """Names of the ``*.jsonl`` and ``*.txt`` files in a folder, without extension."""
+    return sorted({p.stem for pattern in ("*.jsonl", "*.txt") for p in Path(folder).glob(pattern)})
 
 
 def _read_jsonl(path: Path) -> Rows:
@@ -65,15 +65,24 @@ def _read_jsonl(path: Path) -> Rows:
     return Rows(records, str(path), places)
 
 
+def _read_text_files(path: Path) -> Rows:
+    """A ``.txt`` file as one text document, or a folder's ``.txt`` files (sorted by name) one document each."""
+    files = [path] if path.is_file() else sorted(path.glob("*.txt"))
+    return Rows([{"text": f.read_text(encoding="utf-8")} for f in files], str(path), [f.name for f in files])
+
+
 def _read_local(folder: Path, split: str) -> Rows:
     path = folder / f"{split}.jsonl"
-    if not path.is_file():
-        names = available_splits(folder)
-        raise FileNotFoundError(
-            f"Split {split!r} not found: there is no {path}. Splits available in {folder}: "
-            f"{', '.join(names) if names else 'none (the folder holds no .jsonl file)'}."
-        )
-    return _read_jsonl(path)
+    if path.is_file():
+        return _read_jsonl(path)
+    for text_path in (folder / f"{split}.txt", folder / split):
+        if text_path.is_file() or (text_path.is_dir() and any(text_path.glob("*.txt"))):
+            return _read_text_files(text_path)
+    names = available_splits(folder)
+    raise FileNotFoundError(
+        f"Split {split!r} not found: there is no {path} (nor {split}.txt, nor a {split}/ folder of .txt files). "
+        f"Splits available in {folder}: {', '.join(names) if names else 'none (the folder holds no .jsonl file)'}."
+    )
 
 
 def _read_hub(dataset_id: str, split: str) -> Rows:
@@ -120,6 +129,10 @@ def load_rows(dataset: str, split: str) -> Rows:
         start, stop = sliced["start"], sliced["stop"]
         window = slice(int(start) if start else None, int(stop) if stop else None)
         return Rows(rows.records[window], rows.source, rows.places[window])
+    from .muse import is_muse, read_muse  # MUSE's layout is read through its own module
+
+    if is_muse(dataset):
+        return read_muse(dataset, split)
     if dataset == BUNDLED:
         return _read_local(bundled_dir(), split)
     if os.path.isdir(dataset):

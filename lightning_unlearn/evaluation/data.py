@@ -147,13 +147,14 @@ def collate_eval(items: list[dict[str, Any]], set_name: str, pad_token_id: int) 
 
 
 class AnswerDataset(Dataset):
-    """The answers of one split with their indices, for ``data.evaluation: loss`` (answer NLL only).
+    """The answers of one split with their indices, for ``data.evaluation: loss`` (answer NLL only); a text
+    window (an :class:`Encoded`) is scored on all its labelled tokens.
 
     Items ``{"index": i, "answer": Encoded}``; the index lets results gathered from DDP ranks count each
     sample once (the distributed sampler repeats samples to even out the ranks).
     """
 
-    def __init__(self, name: str, records: Sequence[Record], formatter: PromptFormatter,
+    def __init__(self, name: str, records: Sequence[Record | Encoded], formatter: PromptFormatter,
                  question_key: str = "question", answer_key: str = "answer") -> None:
         self.name, self.records, self.formatter = name, list(records), formatter
         self.q, self.a = question_key, answer_key
@@ -163,6 +164,8 @@ class AnswerDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
+        if isinstance(record, Encoded):  # a text window: every token labelled already
+            return {"index": index, "answer": record}
         return {"index": index, "answer": self.formatter.encode(record[self.q], record[self.a])}
 
 

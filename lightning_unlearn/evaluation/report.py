@@ -86,3 +86,37 @@ def plot_tradeoff(points: Sequence[Mapping[str, float | None]], label_key: str, 
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def plot_history(points: Sequence[Mapping[str, Any]], x_key: str, y_key: str, label_key: str, path: str | Path,
+                 title: str) -> Path | None:
+    """One metric against another (linear axes), each point labelled by ``label_key``; saved as PNG atomically.
+
+    Points missing either metric are skipped; returns None when nothing can be drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [p for p in points if p.get(x_key) is not None and p.get(y_key) is not None]
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs, ys = [p[x_key] for p in usable], [p[y_key] for p in usable]
+    ax.plot(xs, ys, marker="o")
+    for x, y, p in zip(xs, ys, usable):
+        ax.annotate(f"{label_key}={p[label_key]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(y_key)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -12,13 +12,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..metrics import functional as F
+from .report import plot_tradeoff
 from ..metrics.tofu import (
     AnswerProbability,
     ExactMemorization,
@@ -107,6 +108,9 @@ class TofuEvaluation(nn.Module):
     open-unlearning's ``+ 1e-10`` (see ``functional.truth_ratio``), which stays informative for a
     collapsed model.
     """
+
+    benchmark: ClassVar[str] = "TOFU"  # names the result files: TOFU_SUMMARY.json, TOFU_EVAL.json, TOFU_HISTORY.json
+    headline: ClassVar[tuple[str, ...]] = HEADLINE
 
     def __init__(self, sets: list[str], reference: RetainReference | None = None, min_k: float = 0.4) -> None:
         super().__init__()
@@ -244,6 +248,11 @@ class TofuEvaluation(nn.Module):
         for idx, entry in report[key]["value_by_index"].items():
             question, truth, generation = texts[int(idx)]
             entry.update(input=question, ground_truth=truth, generation=generation)
+
+    @staticmethod
+    def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
+        """Forget quality against model utility, one point per evaluated epoch."""
+        return plot_tradeoff(history, "epoch", path, "forget quality vs model utility by epoch")
 
     def _add_derived(self, summary: dict[str, float | None], report: dict[str, Any]) -> None:
         """Forget quality, privleak and ``model_utility_vs_retain`` (model utility / the retain model's) need the

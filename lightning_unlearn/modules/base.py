@@ -211,7 +211,8 @@ class UnlearnModule(EvaluationHooks):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "connect"):
             datamodule.connect(self.tokenizer, self.parts, **self.data_options)
-            self.build_evaluation([spec.name for spec in datamodule.eval_specs()])
+            benchmark = getattr(datamodule, "hparams", {}).get("evaluation", "tofu")
+            self.build_evaluation([spec.name for spec in datamodule.eval_specs()], benchmark)
 
     def configure_model(self) -> None:
         """Build the models once, on the right device, after the strategy is set up."""

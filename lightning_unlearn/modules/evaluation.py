@@ -1,10 +1,11 @@
-"""Validation and test for unlearning modules: the TOFU evaluation, generation, and result files.
+"""Validation and test for unlearning modules: the TOFU or MUSE evaluation, generation, and result files.
 
 Kept apart from the training logic in ``base.py``; the module mixes it in. Validation runs the same
 evaluation as ``test`` (on ``data.eval_subset`` samples if set) every ``trainer.check_val_every_n_epoch``
-epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json``, which is what a
-checkpoint callback monitoring ``val/forget_quality`` and the per-epoch plot read. The lm-eval tasks of
-``data.lm_eval_tasks`` join the summary as ``task/metric`` (:mod:`lightning_unlearn.lm_eval.hooks`).
+epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json`` (``MUSE_HISTORY.json``),
+which is what a checkpoint callback monitoring ``val/forget_quality`` (``val/forget_verbmem_ROUGE``) and the
+per-epoch plot read. The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric``
+(:mod:`lightning_unlearn.lm_eval.hooks`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from ..evaluation.report import atomic_write_json, plot_tradeoff, print_table, summary_table
+from ..evaluation.report import atomic_write_json, print_table, summary_table
 from ..evaluation.loss import LossEvaluation
-from ..evaluation.tofu import HEADLINE, RetainReference, TofuEvaluation
+from ..evaluation.muse import MuseEvaluation, MuseReference
+from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
 from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
 from ..models.generation import StopFn, decode_answers, greedy_generate, offset_components
@@ -31,20 +33,23 @@ Batch = dict[str, Any]
 class EvaluationHooks(L.LightningModule):
     """Validation/test steps, offset-aware greedy generation, and the TOFU report files."""
 
-    evaluation: TofuEvaluation | LossEvaluation | None
+    evaluation: TofuEvaluation | MuseEvaluation | LossEvaluation | None
     history: list[dict[str, Any]]
 
-    def build_evaluation(self, set_names: list[str]) -> None:
+    def build_evaluation(self, set_names: list[str], benchmark: str = "tofu") -> None:
         """Create the metric objects once the data module has said which sets it serves.
 
-        ``set_names`` are the TOFU sets; none means ``data.evaluation: loss``, scored by the forget and retain
-        answer NLL.
+        ``set_names`` are the sets of ``benchmark`` (``tofu`` or ``muse``, the data module's ``evaluation``);
+        none means ``data.evaluation: loss``, scored by the forget and retain answer NLL.
         """
         self._check_monitors()
         if self.evaluation is not None:
             return
-        if set_names:
-            ref = self.hparams.retain_reference
+        ref = self.hparams.retain_reference
+        if set_names and benchmark == "muse":
+            self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
+                                             self.hparams.max_new_tokens)
+        elif set_names:
             self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None)
         else:
             self.evaluation = LossEvaluation(["forget", "retain"])
@@ -61,8 +66,9 @@ class EvaluationHooks(L.LightningModule):
             if monitor:
                 raise ValueError(
                     f"{type(callback).__name__} monitors {monitor!r}, which needs the retain model's evaluation: set "
-                    "model.retain_reference to its TOFU_EVAL.json (from `main.py test` on the retain model), or "
-                    "monitor another metric such as val/forget_Q_A_ROUGE."
+                    "model.retain_reference to its TOFU_EVAL.json or MUSE_EVAL.json (from `main.py test` on the "
+                    "retain model), or monitor another metric such as val/forget_Q_A_ROUGE or "
+                    "val/forget_verbmem_ROUGE."
                 )
 
     def stop_ids(self) -> list[int]:
@@ -89,8 +95,9 @@ class EvaluationHooks(L.LightningModule):
             pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, stop=stop,
         )
 
-    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
-        new = self.generate(input_ids, attention_mask, self.hparams.max_new_tokens)
+    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy texts of a left-padded batch, at most ``max_new_tokens`` (default ``model.max_new_tokens``) each."""
+        new = self.generate(input_ids, attention_mask, max_new_tokens or self.hparams.max_new_tokens)
         return decode_answers(self.tokenizer, new, self.stop_ids())
 
     # --- steps ----------------------------------------------------------------------------------------------
@@ -130,14 +137,14 @@ class EvaluationHooks(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         summary = self._finish("val")
-        if summary is None or self.trainer.sanity_checking or not isinstance(self.evaluation, TofuEvaluation):
+        if summary is None or self.trainer.sanity_checking or not hasattr(self.evaluation, "benchmark"):
             return
         self.history.append({"epoch": self.current_epoch, "step": self.global_step, **summary})
         self._write_history()
 
     def on_test_epoch_end(self) -> None:
         summary = self._finish("test")
-        if summary is not None and isinstance(self.evaluation, TofuEvaluation):
+        if summary is not None and hasattr(self.evaluation, "benchmark"):
             self._write_test_results(summary)
 
     # --- files ----------------------------------------------------------------------------------------------
@@ -155,16 +162,17 @@ class EvaluationHooks(L.LightningModule):
     @rank_zero_only
     def _write_history(self) -> None:
         out = self.output_dir()
-        atomic_write_json(out / "TOFU_HISTORY.json", self.history)
-        plot_tradeoff(self.history, "epoch", out / "tradeoff_by_epoch.png", "forget quality vs model utility by epoch")
+        atomic_write_json(out / f"{self.evaluation.benchmark}_HISTORY.json", self.history)
+        self.evaluation.plot_history(self.history, out / "tradeoff_by_epoch.png")
 
     @rank_zero_only
     def _write_test_results(self, summary: dict[str, float | None]) -> None:
-        out = self.output_dir()
+        out, name = self.output_dir(), self.evaluation.benchmark
         summary = {"alpha": self.alpha if self.large is not None else None, **summary}
-        atomic_write_json(out / "TOFU_SUMMARY.json", summary)
-        atomic_write_json(out / "TOFU_EVAL.json", self._last_report)
-        publish_summary(self.loggers, summary, [out / "TOFU_SUMMARY.json", out / "TOFU_EVAL.json"])
+        atomic_write_json(out / f"{name}_SUMMARY.json", summary)
+        atomic_write_json(out / f"{name}_EVAL.json", self._last_report)
+        publish_summary(self.loggers, summary, [out / f"{name}_SUMMARY.json", out / f"{name}_EVAL.json"], name.lower())
         lm_eval_keys = tuple(k for k in summary if "/" in k)  # data.lm_eval_tasks' "task/metric"
-        print_table(summary_table({type(self).__name__: summary}, HEADLINE + lm_eval_keys, "TOFU evaluation"))
-        print(f"TOFU_SUMMARY.json and TOFU_EVAL.json written to {out}")
+        print_table(summary_table({type(self).__name__: summary}, tuple(self.evaluation.headline) + lm_eval_keys,
+                                  f"{name} evaluation"))
+        print(f"{name}_SUMMARY.json and {name}_EVAL.json written to {out}")

@@ -1,0 +1,174 @@
+"""The MUSE evaluation (Shi et al. 2024) with open-unlearning's metric names, fed from shared passes.
+
+==========================  ===================================================================================
+metric                      definition
+==========================  ===================================================================================
+``forget_verbmem_ROUGE``    ROUGE-L F1 of the greedy continuation (up to 128 new tokens) of each verbmem prompt
+                            against its true continuation ``gt``: verbatim memorization of the forget corpus
+``forget_knowmem_ROUGE``    ROUGE-L F1 of the greedy answer (up to 32 new tokens, cut at the next few-shot turn)
+                            to each forget question, asked after the benchmark's in-context examples
+``retain_knowmem_ROUGE``    the same on the retain questions: what unlearning must keep
+``extraction_strength``     on ``prompt + gt`` of the verbmem set (teacher forced; see
+                            :func:`~lightning_unlearn.metrics.functional.extraction_strength`)
+``mia_min_k``               AUC of Min-K% (k = 0.4) scores, privleak forget (label 0) vs holdout (label 1)
+``privleak``                ``((1 - AUC) - (1 - AUC_ret)) / (1 - AUC_ret) * 100``, ``AUC_ret`` the retrained
+                            model's ``mia_min_k`` (:func:`~lightning_unlearn.metrics.functional.privleak`):
+                            open-unlearning's sign, which is MUSE's PrivLeak (near 0 is good; strongly negative
+                            means forget texts still look like training data, positive that they look less
+                            like it than unseen text, over-unlearning)
+==========================  ===================================================================================
+
+Each text is run once per model: one teacher-forced pass per verbmem and privleak text and one generation
+per verbmem and knowmem prompt (KV-cached, offset-aware: the module's ``generate``). Per-sample values are
+stored with their index in their set, so results gathered from DDP ranks count each sample once.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..metrics import functional as F
+from ..metrics.muse import RougeLF1, cut_answer
+from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
+from .report import plot_history
+from .tofu import _gather_objects
+
+LogitsFn = Callable[[Tensor, Tensor], Tensor]
+GenerateFn = Callable[..., list[str]]  # (input_ids, attention_mask, max_new_tokens) -> texts
+
+VERBMEM_NEW_TOKENS, KNOWMEM_NEW_TOKENS, MIN_K = 128, 32, 0.4
+ROUGE_NAME = {"verbmem_forget": "forget_verbmem_ROUGE", "knowmem_forget": "forget_knowmem_ROUGE",
+              "knowmem_retain": "retain_knowmem_ROUGE"}
+HEADLINE = ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak", "mia_min_k",
+            "extraction_strength")
+
+
+@dataclass(frozen=True)
+class MuseReference:
+    """What privleak needs from the retrained model's evaluation: its Min-K% AUC."""
+
+    mia_min_k: float
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MuseReference:
+        """Read the ``mia_min_k`` AUC of a ``MUSE_EVAL.json`` (this project's or open-unlearning's).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file has no ``mia_min_k.agg_value`` (e.g. a TOFU_EVAL.json of another benchmark).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"retain_reference {path} does not exist: give the MUSE_EVAL.json written by "
+                                    "`main.py test --data.evaluation muse` on the retrained model.")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        value = data.get("mia_min_k", {}).get("agg_value") if isinstance(data.get("mia_min_k"), dict) else None
+        if value is None:
+            raise ValueError(f"{path} has no mia_min_k.agg_value: is it the MUSE_EVAL.json of a MUSE evaluation?")
+        return cls(float(value))
+
+
+class MuseEvaluation(nn.Module):
+    """Accumulates MUSE's metrics over the sets present and reports them (see the module docstring).
+
+    Args:
+        sets: the sets served (names of :func:`~.muse_data.muse_eval_specs`).
+        reference: the retrained model's results, for privleak (reported as missing without it).
+        max_new_tokens: a cap on both generation lengths (the module's ``max_new_tokens``); 0 skips ROUGE.
+    """
+
+    benchmark: ClassVar[str] = "MUSE"
+    headline: ClassVar[tuple[str, ...]] = HEADLINE
+
+    def __init__(self, sets: list[str], reference: MuseReference | None = None, max_new_tokens: int = 200) -> None:
+        super().__init__()
+        self.sets, self.reference, self.max_new_tokens = list(sets), reference, max_new_tokens
+        self.rouge = nn.ModuleDict({name: RougeLF1() for name in self.sets if name in ROUGE_NAME})
+        self.es = ExtractionStrength()
+        self.mia = MembershipInferenceAUC()
+        self.texts: dict[str, list[tuple[int, str, str, str]]] = {name: [] for name in self.rouge}
+        self.privleak_sets: set[str] = set()  # the privleak sets this rank scored (the AUC needs both)
+
+    def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> None:
+        """Score one batch of one set (from :func:`~.muse_data.collate_muse`)."""
+        name, index = batch["set"], batch["index"]
+        if "sequence" in batch:
+            seq = batch["sequence"]
+            logits = logits_fn(seq["input_ids"], seq["attention_mask"])
+            if name == "verbmem_forget":
+                self.es.update(F.extraction_strength(logits, seq["labels"]), index)
+            else:
+                stats = F.answer_token_stats(logits, seq["labels"])
+                scores = F.min_k_score(stats.token_logprobs, stats.mask, MIN_K)
+                self.mia.update(scores, torch.full_like(scores, float(name == "privleak_holdout")), index)
+                self.privleak_sets.add(name)
+        if name in self.rouge and generate_fn is not None:
+            limit = VERBMEM_NEW_TOKENS if name == "verbmem_forget" else KNOWMEM_NEW_TOKENS
+            prompt = batch["prompt"]
+            texts = generate_fn(prompt["input_ids"], prompt["attention_mask"], min(limit, self.max_new_tokens))
+            if name != "verbmem_forget":
+                texts = [cut_answer(t) for t in texts]
+            self.rouge[name].update(texts, batch["references"], index)
+            self.texts[name].extend(zip(index.tolist(), batch["inputs"], batch["references"], texts))
+
+    def reset(self) -> None:
+        for metric in [*self.rouge.values(), self.es, self.mia]:
+            metric.reset()
+        self.texts = {name: [] for name in self.rouge}
+        self.privleak_sets = set()
+
+    def compute(self) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """The summary (one number per metric, ``None`` when it cannot be computed) and the per-sample report.
+
+        Under DDP every rank must call this (it gathers); all get the same results.
+        """
+        summary: dict[str, float | None] = {}
+        report: dict[str, Any] = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric")
+            for name, metric in self.rouge.items():
+                texts = {int(i): rest for i, *rest in _gather_objects(self.texts[name])}
+                value = float(metric.compute())
+                if not texts or not metric.sample_index():
+                    continue
+                key = ROUGE_NAME[name]
+                summary[key] = value
+                report[key] = {"agg_value": value, "value_by_index": {
+                    str(i): {"rougeL_f1": v, "input": texts[i][0], "ground_truth": texts[i][1],
+                             "generation": texts[i][2]}
+                    for i, v in zip(metric.sample_index(), metric.per_sample().tolist())}}
+            es = float(self.es.compute())
+            if self.es.sample_index():
+                summary["extraction_strength"] = es
+                report["extraction_strength"] = {"agg_value": es, "value_by_index": {
+                    str(i): {"score": v} for i, v in zip(self.es.sample_index(), self.es.per_sample().tolist())}}
+            if set(_gather_objects(sorted(self.privleak_sets))) == {"privleak_forget", "privleak_holdout"}:
+                summary["mia_min_k"] = float(self.mia.compute())
+                report["mia_min_k"] = {"agg_value": summary["mia_min_k"], **self._mia_by_index()}
+        summary["privleak"] = None
+        if self.reference is not None and "mia_min_k" in summary:
+            summary["privleak"] = F.privleak(summary["mia_min_k"], self.reference.mia_min_k)
+        report["privleak"] = {"agg_value": summary["privleak"]}
+        return summary, report
+
+    def _mia_by_index(self) -> dict[str, Any]:
+        """Per-sample Min-K% scores of the forget and holdout texts, as ``{"forget": {...}, "holdout": {...}}``."""
+        scores, index, holdout = self.mia.per_sample().tolist(), self.mia.sample_index(), self.mia.holdout_mask().tolist()
+        out: dict[str, Any] = {"forget": {"value_by_index": {}}, "holdout": {"value_by_index": {}}}
+        for score, i, is_holdout in zip(scores, index, holdout):
+            out["holdout" if is_holdout else "forget"]["value_by_index"][str(i)] = {"score": score}
+        return out
+
+    @staticmethod
+    def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
+        """Forget verbmem ROUGE against retain knowmem ROUGE, one point per evaluated epoch."""
+        return plot_history(history, "retain_knowmem_ROUGE", "forget_verbmem_ROUGE", "epoch", path,
+                            "forget verbatim memorization vs retain knowledge by epoch")

@@ -1,0 +1,65 @@
+"""MUSE's metrics (Shi et al. 2024; open-unlearning's MUSE evaluation): ROUGE-L F1 of generations, and the
+knowledge-memorization prompt. Min-K%, the membership AUC, privleak and extraction strength are TOFU's functions
+(:mod:`.functional`), applied to MUSE's sets by :mod:`lightning_unlearn.evaluation.muse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from rouge_score import rouge_scorer
+from torch import Tensor
+
+from .tofu import PerSampleMean
+
+KNOWMEM_EXAMPLE = "Question: {question}\nAnswer: {answer}\n\n"
+KNOWMEM_QUESTION = "Question: {question}\nAnswer:"
+KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
+"""Where a knowmem answer ends: generation runs on past the answer into the next few-shot turn."""
+
+
+def rouge_l_f1(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each generation against its reference (``rouge_score``'s ``rougeL`` F-measure, stemmed).
+
+    ``F1 = 2 P R / (P + R)`` with ``P = LCS / |prediction|`` and ``R = LCS / |reference|`` in tokens (lower-cased
+    words), 0 when either side is empty. MUSE scores verbatim and knowledge memorization with F1, not TOFU's
+    recall: a continuation that rambles on past the reference is penalised. Stemmed (Porter) as
+    open-unlearning's ROUGE, which reports ``rougeL_f1`` for MUSE from the scorer that gives TOFU's recall.
+
+    Raises:
+        ValueError: when the two lists differ in length.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def knowmem_prompt(question: str, examples: Sequence[tuple[str, str]]) -> str:
+    """The few-shot prompt of a knowmem question: the in-context ``(question, answer)`` examples, each as
+    ``Question: q\\nAnswer: a`` followed by a blank line, then ``Question: {question}\\nAnswer:``.
+
+    The format is MUSE's and open-unlearning's (``Question: `` / ``Answer: `` tags, a blank line after each
+    answer), without the space after the last ``Answer:``: byte-level BPE and SentencePiece tokenizers attach
+    a word's leading space to the word, so a prompt ending in a bare space asks for a token sequence the model
+    never saw in training.
+    """
+    shots = "".join(KNOWMEM_EXAMPLE.format(question=q, answer=a) for q, a in examples)
+    return shots + KNOWMEM_QUESTION.format(question=question)
+
+
+def cut_answer(text: str, stops: Sequence[str] = KNOWMEM_STOPS) -> str:
+    """``text`` up to the first of ``stops`` (open-unlearning's knowmem stop words), stripped."""
+    end = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:end].strip()
+
+
+class RougeLF1(PerSampleMean):
+    """``*_verbmem_ROUGE``, ``*_knowmem_ROUGE``: mean ROUGE-L F1 of generations (see :func:`rouge_l_f1`)."""
+
+    higher_is_better = None  # high on retain knowledge is good, on forget knowledge bad
+
+    def update(self, preds: Sequence[str], refs: Sequence[str], index: Tensor | None = None) -> None:
+        scores = torch.tensor(rouge_l_f1(preds, refs), dtype=torch.float64, device=self.device)
+        self._append(scores, index)
