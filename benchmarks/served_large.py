@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 import warnings
@@ -118,7 +119,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(args.out).with_suffix("")
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                                "threads": args.threads, "server_threads": args.server_threads, "runs": {}}
-    results["runs"]["in-process"] = run(root, str(root / "models/large_ft"), None, args, work / "local")
     server = VLLMServer(root / "models/large_ft", max_logprobs=vocab, threads=args.server_threads,
                         log=work.with_suffix(".server.log"))
     work.mkdir(parents=True, exist_ok=True)
@@ -127,9 +127,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         for k in args.ks:
             results["runs"][f"k={k}"] = run(root, server.url, k, args, work / f"k{k}")
+            results["server_rss_mib"] = server.rss_bytes() / 2**20
             atomic_write_json(args.out, results)
     finally:
         server.stop()
+    # peak resident memory of this process: with the large model served, then (run last) in-process as well
+    results["trainer_peak_rss_mib_served"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["runs"] = {"in-process": run(root, str(root / "models/large_ft"), None, args, work / "local"),
+                       **results["runs"]}
+    results["trainer_peak_rss_mib_in_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report(results)
     atomic_write_json(args.out, results)
     return results
@@ -138,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     base = results["runs"]["in-process"]
     print(f"\n{results['machine']}; trainer {results['threads']} thread(s), server {results['server_threads']}; "
-          f"server start {results.get('server_start_s', float('nan')):.0f} s")
+          f"server start {results['server_start_s']:.0f} s; resident memory: server {results['server_rss_mib']:.0f} MiB, "
+          f"trainer peak {results['trainer_peak_rss_mib_served']:.0f} MiB with the large model served, "
+          f"{results['trainer_peak_rss_mib_in_process']:.0f} MiB after the in-process run")
     header = ["run", *METRICS, "max |dloss|", "epoch 1 s", "later s", "later/in-proc", "gen tok/s", "same tokens"]
     print(" | ".join(header))
     later_base = sum(base["epochs_s"][1:]) / max(1, len(base["epochs_s"]) - 1)

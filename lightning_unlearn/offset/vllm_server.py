@@ -57,7 +57,7 @@ def server_command(python: str | Path, model: str | Path, port: int, max_logprob
     it)."""
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
                "--max-logprobs", str(max_logprobs), "--port", str(port), "--host", "127.0.0.1",
-               "--gpu-memory-utilization", "0.2"]
+               "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log"]
     command += ["--max-model-len", str(max_model_len)] if max_model_len else []
     return command + (["--enforce-eager"] if eager else [])
 
@@ -124,6 +124,19 @@ class VLLMServer:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"The vLLM server did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server's processes together (API server, engine, worker), from ``/proc``."""
+        if self.process is None:
+            return 0
+        total, page = 0, os.sysconf("SC_PAGE_SIZE")
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.getpgid(int(entry.name)) == self.process.pid:
+                    total += int((entry / "statm").read_text().split()[1]) * page
+            except (OSError, ValueError):  # a process that ended meanwhile
+                continue
+        return total
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log is None or not self.log.exists():
