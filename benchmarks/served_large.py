@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--server-threads", type=int, default=1)
+    p.add_argument("--eval-subset", type=int, default=10, help="samples per TOFU evaluation set")
     p.add_argument("--gen-prompts", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--out", default="runs/served_large.json")
@@ -80,15 +81,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(root: Path, large: str, k: str | None, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Train, time, test and time generation with one large-model source; returns the run's record."""
-    args = ["--config", str(ROOT / "configs/demo/unlearn.yaml"), "--model.large_model", large,
-            "--model.small_model", f"{root}/models/small_ft", "--model.retain_reference",
-            f"{root}/eval/retain/TOFU_EVAL.json", "--model.logit_cache", "memory", "--trainer.max_epochs", str(args.epochs),
-            "--trainer.limit_val_batches", "0", "--trainer.callbacks", "null", "--trainer.enable_checkpointing",
-            "false", "--trainer.default_root_dir", str(workdir), "--data.retain_split", "retain_perturbed[:10]",
-            "--data.eval_subset", "20", "--data.eval_batch_size", "20", "--model.max_new_tokens", "32"]
+    retain = root / "eval/retain/TOFU_EVAL.json"  # forget quality needs it; the other metrics do not
+    argv = ["--config", str(ROOT / "configs/demo/unlearn.yaml"), "--model.large_model", large,
+            "--model.small_model", f"{root}/models/small_ft", "--model.logit_cache", "memory",
+            "--model.retain_reference", str(retain) if retain.exists() else "null", "--model.max_new_tokens", "32",
+            "--trainer.max_epochs", str(args.epochs), "--trainer.limit_val_batches", "0", "--trainer.callbacks", "null",
+            "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(workdir),
+            "--data.retain_split", "retain_perturbed[:10]", "--data.eval_subset", str(args.eval_subset),
+            "--data.eval_batch_size", str(args.eval_subset)]
     if k is not None and k != "full":
-        args += ["--model.large_logprobs", k]
-    cli = cli_main(["fit", *args], run=False)
+        argv += ["--model.large_logprobs", k]
+    cli = cli_main(argv, run=False)
     clock = Clock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     root = Path(args.root)
-    if not (root / "models/large_ft").exists():
+    if not (root / "models/small_ft").exists():
         from lightning_unlearn.demo import main as demo
 
         demo(["--quick", "--root", str(root)])
