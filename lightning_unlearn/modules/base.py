@@ -23,8 +23,7 @@ from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm
 from ..models.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from ..models.offset import cached_offset_logits, offset_logits
-from ..models.placement import DeviceComponent
-from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served
+from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served, large_source
 from .divergence import DivergenceGuard, require_finite_weights
 from .evaluation import EvaluationHooks
 from .rng import RestoreRNG
@@ -378,10 +377,9 @@ class UnlearnModule(EvaluationHooks):
 
     # --- generation components ------------------------------------------------------------------------------
 
-    def large_component(self) -> torch.nn.Module | LogitsComponent:
-        """The large model for offset generation (wrapped to run on ``large_device`` if set)."""
-        device = self.hparams.get("large_device")
-        return self.large if device is None else DeviceComponent(self.large, device)
+    def large_component(self) -> LogitsComponent:
+        """The large model as a logit source for offset generation: served, local, or local on ``large_device``."""
+        return large_source(self.hparams.large_model, self.large, self.vocab_size, self.hparams.get("large_device"))
 
     def reference_component(self) -> torch.nn.Module | LogitsComponent:
         """The reference for offset generation: the frozen copy, or the LoRA model with its adapter off."""
