@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--server-threads", type=int, default=1)
+    p.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="logit cache storage: float16 rounds logits and log-probabilities differently (up to ~1e-2 "
+                        "in a step's loss on the demo world); float32 compares the sources exactly")
     p.add_argument("--eval-subset", type=int, default=10, help="samples per TOFU evaluation set")
     p.add_argument("--gen-prompts", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=32)
@@ -84,6 +87,7 @@ def run(root: Path, large: str, k: str | None, args: argparse.Namespace, workdir
     retain = root / "eval/retain/TOFU_EVAL.json"  # forget quality needs it; the other metrics do not
     argv = ["--config", str(ROOT / "configs/demo/unlearn.yaml"), "--model.large_model", large,
             "--model.small_model", f"{root}/models/small_ft", "--model.logit_cache", "memory",
+            "--model.logit_cache_dtype", args.cache_dtype,
             "--model.retain_reference", str(retain) if retain.exists() else "null", "--model.max_new_tokens", "32",
             "--trainer.max_epochs", str(args.epochs), "--trainer.limit_val_batches", "0", "--trainer.callbacks", "null",
             "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(workdir),
