@@ -56,9 +56,12 @@ def test_dense_row_floors_a_tail_with_no_mass_left() -> None:
     assert row[0] == 0 and bool(torch.isfinite(row).all()) and row[1] == row[2] < -60
 
 
-def test_dense_rows_refuse_an_id_outside_the_vocabulary() -> None:
-    with pytest.raises(ValueError, match="another tokenizer"):
-        dense_rows([{5: -0.1}], 4)
+def test_dense_rows_drop_padded_embedding_rows_into_the_fill() -> None:
+    # id 5 is past a 4-token vocabulary (a padded embedding row): its mass 0.25 joins the 3 unanswered tokens
+    rows = dense_rows([{0: math.log(0.5), 5: math.log(0.25)}], 4)
+    torch.testing.assert_close(rows.exp(), torch.tensor([[0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3]]))
+    with pytest.raises(ValueError, match="negative"):
+        dense_rows([{-1: -0.1}], 4)
 
 
 def test_parse_top_logprobs_reads_both_vllm_formats() -> None:

@@ -39,18 +39,22 @@ tokens still unanswered; the floor keeps their log-probability finite (about -69
 def dense_logprobs(answer: Mapping[int, float], vocab_size: int) -> Tensor:
     """One position's log-probabilities over the whole vocabulary, float32 ``[vocab_size]``.
 
+    Ids from ``V`` on are dropped: they are rows of an embedding padded past the tokenizer (families pad to
+    multiples of 64 or 128), which no token has; the in-process offset drops them too
+    (:func:`~lightning_unlearn.models.generation.combine_logits`), and their mass joins the fill.
+
     Args:
         answer: token id -> log-probability for the tokens the server returned (top-k and the actual token).
         vocab_size: ``V``, the shared tokenizer's vocabulary size.
 
     Raises:
-        ValueError: an id outside ``[0, V)`` (the server's model has another vocabulary).
+        ValueError: a negative id (not a server's answer).
     """
-    ids = torch.tensor(list(answer.keys()), dtype=torch.long)
-    values = torch.tensor(list(answer.values()), dtype=torch.float64)
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"The server answered token id {int(ids.max())} outside the vocabulary of {vocab_size} tokens: "
-                         "it serves a model with another tokenizer.")
+    kept = {i: v for i, v in answer.items() if i < vocab_size}
+    ids = torch.tensor(list(kept.keys()), dtype=torch.long)
+    values = torch.tensor(list(kept.values()), dtype=torch.float64)
+    if len(ids) and int(ids.min()) < 0:
+        raise ValueError(f"The server answered a negative token id {int(ids.min())}.")
     rest = vocab_size - len(ids)
     fill = 0.0
     if rest > 0:
