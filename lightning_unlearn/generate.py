@@ -25,6 +25,7 @@ from typing import TextIO
 
 from .data.formatting import DEFAULT_TEMPLATE
 from .models.unlearned import UnlearnedModel
+from .offset.vllm_client import ServerError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="offset strengths, one per offset (default: those recorded at training time)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--large-model", default=None, help="the large model's path or id, if it moved")
+    parser.add_argument("--large-model", default=None,
+                        help="the large model's path or id, if it moved, or a vLLM server's http://HOST:PORT/v1")
+    parser.add_argument("--large-logprobs", type=int, default=None,
+                        help="with a served large model: top-k log-probabilities per step (default: the whole "
+                             "vocabulary, exact)")
     parser.add_argument("--reference-model", default=None, help="the reference model's path or id, if it moved")
     parser.add_argument("--large-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--small-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -70,10 +75,14 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
             args.exports, args.alpha, large_model=args.large_model, reference_model=args.reference_model,
             large_dtype=args.large_dtype, small_dtype=args.small_dtype, device=args.device, template=args.template,
             use_chat_template=False if args.no_chat_template else None, trust_remote_code=args.trust_remote_code,
+            large_logprobs=args.large_logprobs,
         )
-    except (OSError, ValueError) as err:  # a wrong path or mismatched manifests: the message says what to fix
+    except (OSError, ValueError, ServerError) as err:  # a wrong path or mismatched manifests: the message says what to fix
         raise SystemExit(f"error: {err}") from err
-    answers = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    try:
+        answers = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    except ServerError as err:  # a served large model that stopped answering: the message names it
+        raise SystemExit(f"error: {err}") from err
     for prompt, answer in zip(prompts, answers):
         print(json.dumps({"prompt": prompt, "answer": answer}) if args.jsonl else answer, file=stdout)
     return answers

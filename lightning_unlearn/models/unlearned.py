@@ -22,9 +22,15 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data.formatting import DEFAULT_TEMPLATE, PromptFormatter, pad_batch, stop_token_ids
+from ..data.formatting import (
+    DEFAULT_TEMPLATE,
+    PromptFormatter,
+    pad_batch,
+    stop_token_ids,
+)
 from ..evaluation.data import left_pad
 from ..losses.functional import sequence_logp, token_nll
+from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served
 from .generation import OffsetCausalLM, StopFn, decode_answers, offset_components
 from .loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
 from .lora import AdapterComponent, adapter_base_model, attach_adapters
@@ -88,7 +94,7 @@ class UnlearnedModel(nn.Module):
         composition: Composition,
         tokenizer: PreTrainedTokenizerBase,
         offsets: Sequence[nn.Module],
-        large: PreTrainedModel | None = None,
+        large: PreTrainedModel | ServedLargeModel | None = None,
         reference: nn.Module | None = None,
         formatter: PromptFormatter | None = None,
     ) -> None:
@@ -136,6 +142,7 @@ class UnlearnedModel(nn.Module):
         use_chat_template: bool | None = None,
         max_length: int = 2048,
         trust_remote_code: bool = False,
+        large_logprobs: int | None = None,
     ) -> UnlearnedModel:
         """Load one export, several offset exports to compose, or a ``composition.json``.
 
@@ -143,7 +150,7 @@ class UnlearnedModel(nn.Module):
             exports: export directories (``model.export_dir`` of ``fit``) or composition manifests.
             alphas: one strength per offset, replacing those recorded at training time.
             large_model: where the large model is now, if it moved since training (the manifests keep
-                the path or id used then).
+                the path or id used then); ``http://HOST:PORT/v1`` for a vLLM server serving it.
             reference_model: likewise for the frozen small reference.
             large_dtype: dtype of the large model; the default matches training's.
             small_dtype: dtype of the small models (reference and offsets); the default matches training's.
@@ -154,6 +161,8 @@ class UnlearnedModel(nn.Module):
             max_length: longest prompt + answer scored by :meth:`log_probs` (longer answers are truncated
                 with a warning).
             trust_remote_code: allow models whose code lives on the hub.
+            large_logprobs: with a served large model, the top-k log-probabilities asked per step (``None``: the
+                whole vocabulary, exact; :mod:`lightning_unlearn.offset.topk`).
         """
         composition = compose(exports, alphas).with_models(large_model, reference_model)
         paths = [o.path for o in composition.offsets]
@@ -162,9 +171,13 @@ class UnlearnedModel(nn.Module):
             check_same_tokenizer(tokenizer, load_tokenizer(path, trust_remote_code), paths[0], path)
         large = reference = None
         if not composition.is_direct:
-            check_same_tokenizer(load_tokenizer(composition.large_model, trust_remote_code), tokenizer,
-                                 composition.large_model, paths[0])
-            large = freeze(load_causal_lm(composition.large_model, large_dtype, trust_remote_code))
+            if is_served(composition.large_model):
+                large = ServedLargeModel(composition.large_model, len(tokenizer), large_logprobs)
+                check_served_tokenizer(large.client, tokenizer, paths[0])
+            else:
+                check_same_tokenizer(load_tokenizer(composition.large_model, trust_remote_code), tokenizer,
+                                     composition.large_model, paths[0])
+                large = freeze(load_causal_lm(composition.large_model, large_dtype, trust_remote_code))
             reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code))
         offsets, reference = _load_offsets(composition, reference, small_dtype, trust_remote_code)
         formatter = PromptFormatter(tokenizer, max_length=max_length, template=template,

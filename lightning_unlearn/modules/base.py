@@ -23,7 +23,7 @@ from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm
 from ..models.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from ..models.offset import cached_offset_logits, offset_logits
-from ..models.placement import DeviceComponent
+from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served, large_source
 from .divergence import DivergenceGuard, require_finite_weights
 from .evaluation import EvaluationHooks
 from .rng import RestoreRNG
@@ -90,7 +90,9 @@ class UnlearnModule(EvaluationHooks):
 
     Args:
         small_model: Hugging Face id or directory of the small model (``S0`` and the start of ``S``).
-        large_model: id or directory of the frozen large model; ``null`` for direct unlearning.
+        large_model: id or directory of the frozen large model, or the address ``http://HOST:PORT/v1`` of a vLLM
+            server serving it (a black box: only its log-probabilities are read, see
+            :mod:`lightning_unlearn.offset.sources`); ``null`` for direct unlearning.
         tokenizer: tokenizer id or directory; ``null`` takes the small model's.
         alpha: offset strength; can be changed at test time without retraining.
         gamma: weight of the forget loss.
@@ -123,6 +125,9 @@ class UnlearnModule(EvaluationHooks):
         logit_cache_dtype: storage dtype of cached logits (float16: relative error at most 2**-11).
         large_device: device of the frozen large model (e.g. ``cuda:1``) when it should not sit with the
             small pair; inputs are moved to it and its logits back. ``null``: the module's device.
+        large_logprobs: with a served large model, the top-k log-probabilities asked per position (the rest of
+            the vocabulary shares the remaining mass, :mod:`lightning_unlearn.offset.topk`); ``null``: the whole
+            vocabulary, exact (the server needs ``--max-logprobs`` at least the vocabulary size).
     """
 
     needs_reference: ClassVar[bool] = False
@@ -156,6 +161,7 @@ class UnlearnModule(EvaluationHooks):
         logit_cache_dir: str | None = None,
         logit_cache_dtype: DType = "float16",
         large_device: str | None = None,
+        large_logprobs: int | None = None,
     ) -> None:  # pragma: no mutate block
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -171,6 +177,9 @@ class UnlearnModule(EvaluationHooks):
         self.strict_loading = False
         if logit_cache == "disk" and not logit_cache_dir:
             raise ValueError("logit_cache: disk needs a folder: set model.logit_cache_dir.")
+        if is_served(large_model) and large_device is not None:
+            raise ValueError(f"large_device={large_device!r} places a local large model; {large_model} is served "
+                             "elsewhere: set --model.large_device null.")
         self._logit_cache: FrozenLogitCache | None = None
 
     @property
@@ -205,7 +214,9 @@ class UnlearnModule(EvaluationHooks):
         if self.tokenizer is None:
             h = self.hparams
             self.tokenizer = load_tokenizer(h.tokenizer or h.small_model, h.trust_remote_code)
-            if h.large_model is not None:
+            if is_served(h.large_model):
+                self._connect_served_large()
+            elif h.large_model is not None:
                 large_tok = load_tokenizer(h.large_model, h.trust_remote_code)
                 check_same_tokenizer(large_tok, self.tokenizer, h.large_model, h.tokenizer or h.small_model)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -213,6 +224,15 @@ class UnlearnModule(EvaluationHooks):
             datamodule.connect(self.tokenizer, self.parts, **self.data_options)
             benchmark = getattr(datamodule, "hparams", {}).get("evaluation", "tofu")
             self.build_evaluation([spec.name for spec in datamodule.eval_specs()], benchmark)
+
+    def _connect_served_large(self) -> None:
+        """The served large model as the logit source ``self.large``, once its tokenizer is checked against ours."""
+        h = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(h.tokenizer or h.small_model, h.trust_remote_code)
+        served = ServedLargeModel(h.large_model, len(self.tokenizer), h.get("large_logprobs"))
+        check_served_tokenizer(served.client, self.tokenizer, h.tokenizer or h.small_model)
+        self.large = served
 
     def configure_model(self) -> None:
         """Build the models once, on the right device, after the strategy is set up."""
@@ -224,7 +244,10 @@ class UnlearnModule(EvaluationHooks):
             small = add_lora(small, h.lora_rank, h.lora_alpha, h.lora_dropout, h.lora_target_modules, h.small_model)
         elif self.offset_mode or self.uses_reference:
             self.reference = freeze(copy.deepcopy(small))
-        if self.offset_mode:
+        if is_served(h.large_model):
+            if self.large is None:  # setup() connects it; configure_model() alone (outside a trainer) does here
+                self._connect_served_large()
+        elif self.offset_mode:
             large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
             if h.get("large_device") is None:
                 self.large = large
@@ -269,6 +292,8 @@ class UnlearnModule(EvaluationHooks):
     def _large_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``z_L`` in the large model's dtype (the offset promotes it), computed on ``large_device`` if set and
         returned on the inputs' device."""
+        if isinstance(self.large, ServedLargeModel):  # log-probabilities, which serve as logits (softmax shift)
+            return self.large(input_ids, attention_mask)
         device = self.hparams.get("large_device") or input_ids.device
         logits = self.large(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
         logits = logits.logits
@@ -335,7 +360,8 @@ class UnlearnModule(EvaluationHooks):
         h = self.hparams
         fingerprint: dict[str, Any] = {
             "reference": model_fingerprint(h.small_model, self.model, h.small_dtype),
-            "large": model_fingerprint(h.large_model, self.large, h.large_dtype) if self.large is not None else None,
+            "large": (self.large.fingerprint() if isinstance(self.large, ServedLargeModel)
+                      else model_fingerprint(h.large_model, self.large, h.large_dtype) if self.large is not None else None),
             "vocab": tokenizer_fingerprint(self.tokenizer),
         }
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -352,10 +378,9 @@ class UnlearnModule(EvaluationHooks):
 
     # --- generation components ------------------------------------------------------------------------------
 
-    def large_component(self) -> torch.nn.Module | LogitsComponent:
-        """The large model for offset generation (wrapped to run on ``large_device`` if set)."""
-        device = self.hparams.get("large_device")
-        return self.large if device is None else DeviceComponent(self.large, device)
+    def large_component(self) -> LogitsComponent:
+        """The large model as a logit source for offset generation: served, local, or local on ``large_device``."""
+        return large_source(self.hparams.large_model, self.large, self.vocab_size, self.hparams.get("large_device"))
 
     def reference_component(self) -> torch.nn.Module | LogitsComponent:
         """The reference for offset generation: the frozen copy, or the LoRA model with its adapter off."""
