@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_unlearn.losses.per_token import ceu_loss, logit_flattening_loss, satimp_loss, undial_loss, wga_loss
 
@@ -133,3 +134,80 @@ def test_logit_flattening_is_the_squared_margin_over_the_mean(batch) -> None:
     assert grad_at(logits, "a") == pytest.approx([2 * m * (1 - 1 / 3) / 3, -2 * m / 9, -2 * m / 9], abs=1e-6)
     flat = torch.zeros(1, 3, 4)
     assert logit_flattening_loss(flat, torch.tensor([[-100, 2, 3]])).item() == 0.0, "uniform: nothing to flatten"
+
+
+# --- one batch against open-unlearning's computation (src/trainer/utils.py, src/trainer/unlearn/{ceu,pdu}.py) ---
+# Re-derived from reading that code, on a batch with prompt and padding positions and a 128-token vocabulary
+# (its UNDIAL indexes the vocabulary with the -100 labels, so V > 100). Where this project follows the paper
+# instead, the test shows the two agree on what both count and differ where the docstrings say.
+
+
+@pytest.fixture
+def reference_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(2, 7, 128, generator=generator)
+    ref_logits = 3 * torch.randn(2, 7, 128, generator=generator)
+    labels = torch.randint(0, 128, (2, 7), generator=generator)
+    labels[0, :2] = -100  # prompt
+    labels[1, :3] = -100
+    labels[1, 6] = -100  # padding
+    return logits, ref_logits, labels
+
+
+def reference_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    shifted = labels[:, 1:].flatten()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted, ignore_index=-100, reduction="none"), shifted
+
+
+def test_wga_and_satimp_equal_open_unlearnings(reference_batch) -> None:
+    """``compute_wga_loss`` / ``compute_satimp_loss``: ``-(w * CE)[labelled].mean()``, w from ``exp(-CE)``."""
+    logits, _, labels = reference_batch
+    ce, shifted = reference_token_ce(logits, labels)
+    p = torch.exp(-ce)
+    labelled = shifted != -100
+    assert wga_loss(logits, labels, 1.0).item() == pytest.approx(-(p * ce)[labelled].mean().item(), rel=1e-5)
+    satimp = -((p ** 5.0) * (1 - p) ** 1.0 * ce)[labelled].mean()
+    assert satimp_loss(logits, labels, 5.0, 1.0).item() == pytest.approx(satimp.item(), rel=1e-5)
+
+
+def test_undial_equals_open_unlearnings_on_the_answer_tokens(reference_batch) -> None:
+    """``compute_undial_loss`` averages over every position; on the answer positions the per-token values agree."""
+    logits, ref_logits, labels = reference_batch
+    shifted = labels[:, 1:]
+    mask = torch.zeros(2, 6, 128)
+    mask[torch.arange(2).view(-1, 1, 1), torch.arange(6).view(1, -1, 1), shifted.unsqueeze(-1)] = 1.0  # -100 -> 28
+    soft = F.softmax(ref_logits[:, :-1] - 10.0 * mask, dim=-1)
+    per_position = F.cross_entropy(logits[:, :-1].flatten(0, 1), soft.flatten(0, 1), reduction="none").view(2, 6)
+    answer = shifted != -100
+    ours = undial_loss(logits, ref_logits, labels, beta=10.0)
+    assert ours.item() == pytest.approx(per_position[answer].mean().item(), rel=1e-5)
+    assert abs(ours.item() - per_position.mean().item()) > 1e-2, "theirs also averages prompt and padding"
+
+
+def test_ceu_equals_open_unlearnings_up_to_the_documented_normalisation(reference_batch) -> None:
+    """``compute_batch_ceu``: the first answer token masked, CE towards the -inf target, mean over kept tokens."""
+    logits, _, labels = reference_batch
+    valid = labels != -100
+    first = (valid.cumsum(dim=-1) <= 1) & valid
+    kept_labels = labels.masked_fill(first, -100)[:, 1:]
+    flat_logits, flat_labels = logits[:, :-1][kept_labels != -100], kept_labels[kept_labels != -100]
+    target = flat_logits.clone().scatter(-1, flat_labels.unsqueeze(-1), float("-inf")).softmax(-1)
+    theirs = F.cross_entropy(flat_logits, target)
+    answer_tokens, kept_tokens = int((labels[:, 1:] != -100).sum()), int(flat_labels.numel())
+    ours = ceu_loss(logits, labels, 1)
+    assert ours.item() * answer_tokens / kept_tokens == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_flattening_differs_from_open_unlearnings_only_by_its_unshifted_mask(reference_batch) -> None:
+    """``PDU.compute_loss`` masks unshifted logits with unshifted labels; with the shift the two agree."""
+    logits, _, labels = reference_batch
+
+    def theirs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        value = (flat.max(dim=-1)[0] - flat.mean(dim=-1)) ** 2
+        mask = (labels != -100).reshape(-1)
+        return (value * mask).sum() / mask.sum()
+
+    ours = logit_flattening_loss(logits, labels)
+    assert ours.item() == pytest.approx(theirs(logits[:, :-1], labels[:, 1:]).item(), rel=1e-5)
+    assert abs(ours.item() - theirs(logits, labels).item()) > 1e-2
