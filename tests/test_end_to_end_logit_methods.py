@@ -22,13 +22,18 @@ from pathlib import Path
 import pytest
 
 from lightning_unlearn.cli import main as cli
-from lightning_unlearn.demo import CONFIGS, QUICK, retain_term_rows, run_stage, stages
+from lightning_unlearn.demo import CONFIGS, QUICK, retain_term_rows, run_stage, selectivity, stages
 
 METHODS = ["UNDIAL", "WGA", "SatImp", "CEU", "PDU"]
 
 
+ROWS = retain_term_rows("offset", quick=True)  # the retain rows in the retain term; the other 10 are held out
+
+
 def summary(folder: Path) -> dict:
-    return json.loads((folder / "TOFU_SUMMARY.json").read_text())
+    """``TOFU_SUMMARY.json`` with the retain ROUGE of the rows in and out of the retain term (``selectivity``)."""
+    return {**json.loads((folder / "TOFU_SUMMARY.json").read_text()),
+            **selectivity(json.loads((folder / "TOFU_EVAL.json").read_text()), ROWS)}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def unlearn(root: Path, method: str) -> dict:
     run = cli(["fit", "--config", str(CONFIGS / "unlearn.yaml"), "--model", method,
                "--model.large_model", str(root / "models" / "large_ft"),
                "--model.small_model", str(root / "models" / "small_ft"),
-               "--data.retain_split", f"retain_perturbed[:{retain_term_rows(method, quick=True)}]",
+               "--data.retain_split", f"retain_perturbed[:{ROWS}]",
                "--model.retain_reference", "null", "--trainer.callbacks", "null", "--trainer.enable_checkpointing",
                "false", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(logs), *QUICK["eval"]])
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
