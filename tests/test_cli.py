@@ -15,7 +15,7 @@ from lightning_unlearn.modules import UnlearnModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = str(ROOT / "configs" / "tests" / "fast.yaml")
-LOSSES = ["GA", "GD", "KL", "NPO", "DPO", "SimNPO"]
+LOSSES = ["GA", "GD", "KL", "NPO", "DPO", "SimNPO", "UNDIAL", "WGA", "SatImp", "CEU", "PDU"]
 
 
 def model_args(world: dict, offset: bool) -> list[str]:
@@ -66,6 +66,37 @@ def test_every_config_parses_and_instantiates(config: Path, tiny_world: dict, tm
     cli = main(["--config", str(ROOT / config), *extra], run=False)
     assert isinstance(cli.model, UnlearnModule) and cli.model.model is None
     assert isinstance(cli.datamodule, UnlearnDataModule)
+
+
+LOGIT_METHODS = {"UNDIAL": "undial", "WGA": "wga", "SatImp": "satimp", "CEU": "ceu", "PDU": "pdu"}
+
+
+@pytest.mark.parametrize("mode", ["offset", "direct"])
+@pytest.mark.parametrize("name", sorted(LOGIT_METHODS))
+def test_logit_method_configs_train_a_step(name: str, mode: str, tiny_world: dict, tmp_cwd: Path) -> None:
+    """The TOFU config of each logit method (issue 14), on the tiny models in place of Llama-2, one step."""
+    config = ROOT / "configs" / "tofu" / mode / f"{LOGIT_METHODS[name]}.yaml"
+    large = ["--model.large_model", tiny_world["large"]] if mode == "offset" else []
+    cli = main(["fit", "--config", str(config), "--model.small_model", tiny_world["small"], *large,
+                "--model.large_dtype", "float32", "--model.small_dtype", "float32", "--trainer.fast_dev_run", "1",
+                "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--data.batch_size", "2",
+                "--data.max_length", "256", "--data.evaluation", "loss", "--data.eval_subset", "2"])
+    assert type(cli.model).__name__ == name and cli.trainer.global_step == 1
+    assert (cli.model.large is not None) == (mode == "offset")
+    assert "train/forget_loss" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_METHODS))
+def test_logit_methods_print_a_commented_config(name: str, capsys: pytest.CaptureFixture) -> None:
+    """``python main.py fit --model X --print_config`` lists the method's hyper-parameters with their help."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", name, "--model.small_model", "x", "--print_config"])
+    printed = capsys.readouterr().out
+    assert f"class_path: lightning_unlearn.modules.{name}" in printed
+    help_line = {"UNDIAL": "# how far the true token's logit is lowered", "WGA": "# exponent of the token weight",
+                 "SatImp": "# saturation exponent", "CEU": "# answer tokens at the start of each sequence",
+                 "PDU": "# the constraint's bound on the retain loss"}[name]
+    assert help_line in printed
 
 
 def test_values_given_win_over_the_checkpoints_and_the_rest_comes_from_it(tiny_world: dict, tmp_cwd: Path) -> None:

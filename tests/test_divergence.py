@@ -123,7 +123,7 @@ def test_the_forget_nll_bound_stops_gradient_ascent_once_reached(
     assert saved(tmp_path)["global_step"] == step  # the step that reached the bound was applied and saved
 
 
-@pytest.mark.parametrize("loss", ["GD", "KL", "EUL", "LLMU"])
+@pytest.mark.parametrize("loss", ["GD", "KL", "EUL", "LLMU", "WGA", "SatImp"])
 def test_every_ascent_loss_takes_the_bound(loss: str, tiny_world: dict, tmp_path: Path) -> None:
     large = [] if loss == "EUL" else ["--model.large_model", tiny_world["large"]]
     cli = main(["--model", loss, "--model.small_model", tiny_world["small"], *large,

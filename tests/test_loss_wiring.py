@@ -23,7 +23,9 @@ from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
 from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.models.adapters import adapters_disabled
 from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
-from lightning_unlearn.modules import DPO, EUL, GA, GD, KL, LLMU, NPO, SFT, SimNPO, UnlearnModule
+from lightning_unlearn.modules import (
+    CEU, DPO, EUL, GA, GD, KL, LLMU, NPO, PDU, SFT, UNDIAL, WGA, SatImp, SimNPO, UnlearnModule,
+)
 
 GAMMA, RETAIN_WEIGHT, ALPHA = 0.7, 1.9, 1.5
 K_RANDOM = 2
@@ -104,6 +106,52 @@ def expected_simnpo(beta: float, margin: float) -> Callable[[Parts], Tensor]:
 
 def expected_sft(p: Parts) -> Tensor:
     return nll(p["forget"].z, p["forget"].labels)
+
+
+def soft_ce(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """``-sum_v softmax(target)_v log softmax(logits)_v`` at every position [B, T-1] (next-token aligned)."""
+    target = torch.softmax(target_logits[:, :-1].double(), dim=-1)
+    return -(target * torch.log_softmax(logits[:, :-1].double(), dim=-1)).sum(dim=-1)
+
+
+def expected_undial(beta: float) -> Callable[[Parts], Tensor]:
+    """Teacher: the reference logits with the true token's logit lowered by beta."""
+    def f(p: Parts) -> Tensor:
+        part = p["forget"]
+        targets, mask = part.labels[:, 1:], part.labels[:, 1:] != -100
+        lowered = part.ref.clone()
+        for b, t in mask.nonzero().tolist():
+            lowered[b, t, targets[b, t]] -= beta
+        return soft_ce(part.z, lowered)[mask].mean()
+    return f
+
+
+def expected_ceu(skip: int) -> Callable[[Parts], Tensor]:
+    """Target: the model's own logits with the true token at -inf; the first ``skip`` answer tokens count 0."""
+    def f(p: Parts) -> Tensor:
+        part = p["forget"]
+        targets, mask = part.labels[:, 1:], part.labels[:, 1:] != -100
+        removed, total = part.z.clone(), torch.zeros((), dtype=torch.float64)
+        for b, t in mask.nonzero().tolist():
+            removed[b, t, targets[b, t]] = float("-inf")
+        ce = soft_ce(part.z, removed)
+        for b in range(mask.shape[0]):
+            total = total + ce[b][mask[b]][skip:].sum()
+        return total / mask.sum()
+    return f
+
+
+def expected_weighted(weight: Callable[[Tensor], Tensor]) -> Callable[[Parts], Tensor]:
+    """``mean_t w(p_t) log p_t`` over forget answer tokens (WGA, SatImp)."""
+    def f(p: Parts) -> Tensor:
+        logp, mask = token_logp(p["forget"].z, p["forget"].labels)
+        return (weight(logp[mask].exp()) * logp[mask]).mean()
+    return f
+
+
+def expected_flattening(p: Parts) -> Tensor:
+    z, mask = p["forget"].z[:, :-1].double(), p["forget"].labels[:, 1:] != -100
+    return ((z.max(dim=-1).values - z.mean(dim=-1)) ** 2)[mask].mean()
 
 
 # --- the world ----------------------------------------------------------------------------------------------
@@ -191,25 +239,39 @@ def expected_losses(name: str, kwargs: dict, p: Parts) -> dict[str, Tensor]:
         forget = -kl_ref_model(f.ref, f.z, f.labels) - GAMMA * nll(f.z, f.labels)
         retain = kwargs["alpha"] * kl_ref_model(r.ref, r.z, r.labels) + RETAIN_WEIGHT * nll(r.z, r.labels)
         return {"loss": forget + retain, "forget_loss": forget, "retain_loss": retain}
+    if name == "PDU":  # lambda is still its initial value, retain_weight; eps shifts the retain term
+        forget, retain = expected_flattening(p), retain_term(kwargs.get("retain_loss", "nll"), p)
+        return {"loss": GAMMA * forget + RETAIN_WEIGHT * (retain - kwargs["retain_loss_eps"]), "forget_loss": forget,
+                "retain_loss": retain}
     forget_fn, retain_kind = {
         "GA": (expected_ga, "none"), "GD": (expected_ga, "nll"), "KL": (expected_ga, "kl"),
         "SFT": (expected_sft, "none"),
         "NPO": (expected_npo(kwargs.get("beta", 0.0)), kwargs.get("retain_loss")),
         "DPO": (expected_dpo(kwargs.get("beta", 0.0)), kwargs.get("retain_loss")),
         "SimNPO": (expected_simnpo(kwargs.get("beta", 0.0), kwargs.get("margin", 0.0)), kwargs.get("retain_loss")),
+        "UNDIAL": (expected_undial(kwargs.get("beta", 0.0)), kwargs.get("retain_loss")),
+        "CEU": (expected_ceu(kwargs.get("ignore_first_answer_tokens", 0)), kwargs.get("retain_loss")),
+        "WGA": (expected_weighted(lambda q: q ** kwargs["beta"]), kwargs.get("retain_loss")),
+        "SatImp": (expected_weighted(lambda q: q ** kwargs["beta1"] * (1 - q) ** kwargs["beta2"]),
+                   kwargs.get("retain_loss")),
     }[name]
     forget, retain = forget_fn(p), retain_term(retain_kind, p)
     return {"loss": GAMMA * forget + RETAIN_WEIGHT * retain, "forget_loss": forget, "retain_loss": retain}
 
 
 CLASSES = {"GA": GA, "GD": GD, "KL": KL, "NPO": NPO, "DPO": DPO, "SimNPO": SimNPO, "LLMU": LLMU, "EUL": EUL,
-           "SFT": SFT}
+           "SFT": SFT, "UNDIAL": UNDIAL, "CEU": CEU, "WGA": WGA, "SatImp": SatImp, "PDU": PDU}
 CASES = [
     ("GA", {}), ("GD", {}), ("KL", {}), ("SFT", {}),
     *[("NPO", {"beta": 0.3, "retain_loss": r}) for r in ("none", "nll", "kl")],
     *[("DPO", {"beta": 0.2, "retain_loss": r}) for r in ("none", "nll", "kl")],
     *[("SimNPO", {"beta": 0.1, "margin": 0.4, "retain_loss": r}) for r in ("none", "nll", "kl")],
     ("LLMU", {"random_weight": 0.6, "num_random_answers": K_RANDOM}),
+    *[("UNDIAL", {"beta": 3.0, "retain_loss": r}) for r in ("none", "nll", "kl")],
+    *[("CEU", {"ignore_first_answer_tokens": 2, "retain_loss": r}) for r in ("none", "nll", "kl")],
+    *[("WGA", {"beta": 0.5, "retain_loss": r}) for r in ("none", "nll", "kl")],
+    *[("SatImp", {"beta1": 0.5, "beta2": 1.5, "retain_loss": r}) for r in ("none", "nll", "kl")],
+    *[("PDU", {"retain_loss_eps": 0.4, "retain_loss": r}) for r in ("nll", "kl")],
 ]
 
 
@@ -274,6 +336,7 @@ def measures(p: Parts) -> dict[str, float]:
         "forget_kl": float(kl_ref_model(f.ref, f.z, f.labels)),
         "random_nll": float(nll(p["forget_random"].z, p["forget_random"].labels)),
     }
+    out["forget_flatness"] = float(expected_flattening(p))
     idk, real = p["forget_idk"], p["forget"]
     out["idk_margin"] = float((seq_logp(idk.z, idk.labels)[0] - seq_logp(real.z, real.labels)[0]).mean())
     return out
@@ -309,6 +372,16 @@ DIRECTIONS = [
      {"forget_nll": +1}),
     ("LLMU", {"gamma": 0.01, "random_weight": 0.0, "num_random_answers": K_RANDOM}, {"retain_kl": -1}),
     ("SFT", {}, {"forget_nll": -1}),
+    ("UNDIAL", {"retain_loss": "none"}, {"forget_nll": +1}),
+    ("UNDIAL", {"retain_loss": "kl", "gamma": 0.01}, {"retain_kl": -1}),
+    ("CEU", {"retain_loss": "none"}, {"forget_nll": +1}),
+    ("CEU", {"retain_loss": "nll", "gamma": 0.01}, {"retain_nll": -1}),
+    ("WGA", {"retain_loss": "none"}, {"forget_nll": +1}),
+    ("WGA", {"retain_loss": "nll", "gamma": 0.01}, {"retain_nll": -1}),
+    ("SatImp", {"retain_loss": "none", "beta1": 1.0}, {"forget_nll": +1}),
+    ("SatImp", {"retain_loss": "nll", "gamma": 0.01, "retain_weight": 1.0}, {"retain_nll": -1}),
+    ("PDU", {"retain_weight": 0.0}, {"forget_flatness": -1}),
+    ("PDU", {"gamma": 0.0001, "retain_weight": 1.0}, {"retain_nll": -1}),
 ]
 EUL_DIRECTIONS = [  # direct mode only; the forget KL has weight 1 in EUL's objective
     ("EUL", {"bottleneck": 4, "alpha": 0.0, "gamma": 0.0, "retain_weight": 0.0}, {"forget_kl": +1}),

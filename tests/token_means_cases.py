@@ -24,7 +24,9 @@ from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.formatting import IGNORE_INDEX, PromptFormatter
 from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.models.loading import load_tokenizer
-from lightning_unlearn.modules import DPO, EUL, GA, GD, KL, LLMU, NPO, SFT, SimNPO, UnlearnModule
+from lightning_unlearn.modules import (
+    CEU, DPO, EUL, GA, GD, KL, LLMU, NPO, PDU, SFT, UNDIAL, WGA, SatImp, SimNPO, UnlearnModule,
+)
 
 ANSWER_TOKENS = (23, 101, 73, 36)
 LR = 1.0
@@ -39,6 +41,11 @@ LOSSES: dict[str, tuple[type[UnlearnModule], dict[str, Any]]] = {
     "LLMU": (LLMU, {"num_random_answers": 2}),
     "EUL": (EUL, {"bottleneck": 4}),
     "SFT": (SFT, {}),
+    "UNDIAL": (UNDIAL, {"retain_loss": "nll"}),
+    "WGA": (WGA, {}),
+    "SatImp": (SatImp, {"beta1": 0.5}),
+    "CEU": (CEU, {"retain_loss": "nll"}),  # its own update is ~1e-3 of the others (p_y ~ 1/400): float32 noise alone
+    "PDU": (PDU, {"dual_warmup_epochs": 0}),
 }
 # (devices, batch size per device, accumulate_grad_batches): every split covers the four examples in one step.
 SPLITS = {"1x4": (1, 4, 1), "2x2": (1, 2, 2), "4x1": (1, 1, 4)}

@@ -1,9 +1,13 @@
 """LightningModules: the offset/direct unlearning base, one class per loss, and EUL's unlearning layers."""
 
 from .base import PartOutput, UnlearnModule
+from .distillation import CEU, UNDIAL
 from .eul import EUL
 from .finetune import SFT
 from .llmu import LLMU
 from .losses import DPO, GA, GD, KL, NPO, SimNPO
+from .pdu import PDU
+from .token_weighted import WGA, SatImp
 
-__all__ = ["DPO", "EUL", "GA", "GD", "KL", "LLMU", "NPO", "PartOutput", "SFT", "SimNPO", "UnlearnModule"]
+__all__ = ["CEU", "DPO", "EUL", "GA", "GD", "KL", "LLMU", "NPO", "PDU", "PartOutput", "SFT", "SatImp", "SimNPO",
+           "UNDIAL", "UnlearnModule", "WGA"]
