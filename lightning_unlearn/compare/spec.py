@@ -87,9 +87,9 @@ class CompareSpec:
     """A parsed compare config (see the module docstring for its fields)."""
 
     config: str
-    offset: dict[str, Any]
-    direct: dict[str, Any]
     methods: dict[str, dict[str, Any]]
+    offset: dict[str, Any] = field(default_factory=dict)
+    direct: dict[str, Any] = field(default_factory=dict)
     output: str = "runs/compare"
     world: str | None = None
     budget: dict[str, Any] = field(default_factory=dict)
@@ -111,7 +111,7 @@ class CompareSpec:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown fields {unknown}; a compare config takes {sorted(known)}.")
-        missing = [k for k in ("config", "offset", "direct", "methods") if k not in raw]
+        missing = [k for k in ("config", "methods") if k not in raw]
         if missing:
             raise ValueError(f"{path}: missing {missing} (see lightning_unlearn/compare/spec.py for an example).")
         methods = raw["methods"]
@@ -130,6 +130,10 @@ class CompareSpec:
             bad = sorted(set(opts.get("modes", MODES)) - set(MODES))
             if bad:
                 raise ValueError(f"{self.source}: method {name}: unknown modes {bad}; use {list(MODES)}.")
+            for mode in opts.get("modes", MODES):
+                if not getattr(self, mode):
+                    raise ValueError(f"{self.source}: method {name} runs in {mode} mode but the config gives no "
+                                     f"{mode} models: add `{mode}: {{small_model: ...}}` or set its `modes`.")
             extra = sorted(set(opts) - {"modes", "config", "budget", "args"})
             if extra:
                 raise ValueError(f"{self.source}: method {name}: unknown options {extra}; "

@@ -178,6 +178,7 @@ class RunSpec:
     eul_bottleneck: int | None = None
     eul_fraction: float = 0.005
     reference_copy: bool = True
+    reference_logits: bool = True
     batch_size: int = 8
     max_length: int = 512
     parts: int = 2
@@ -195,7 +196,7 @@ def plan(spec: RunSpec, free: dict[str, int | None] | None = None) -> MemoryPlan
     sb, lb = DTYPE_BYTES[spec.small_dtype], DTYPE_BYTES[spec.large_dtype]
     s = spec.small
     items = [PlanItem(dev, "small model weights", s.parameters * sb, f"{s.parameters:,} x {sb} B")]
-    if spec.reference_copy and spec.trainable == "full":
+    if spec.reference_copy:
         items.append(PlanItem(dev, "small reference copy (frozen)", s.parameters * sb, f"{s.parameters:,} x {sb} B"))
     if spec.large is not None:
         items.append(PlanItem(large_dev, "large model weights (frozen)", spec.large.parameters * lb,
@@ -214,7 +215,7 @@ def plan(spec: RunSpec, free: dict[str, int | None] | None = None) -> MemoryPlan
                               activation_bytes(s, rows, t, sb, spec.gradient_checkpointing),
                               f"B={rows} T={t} h={s.hidden_size} a={s.num_heads} L={s.num_layers}"
                               + (" checkpointed" if spec.gradient_checkpointing else "")))
-    tensors = (2 if trainable else 1) + (2 if spec.large is not None else int(spec.reference_copy)) + 1
+    tensors = (2 if trainable else 1) + (2 if spec.large is not None else int(spec.reference_logits)) + 1
     items.append(PlanItem(dev, "float32 logits", rows * t * v * 4 * tensors, f"{tensors} x B={rows} x T={t} x V={v} x 4 B"))
     if spec.logit_cache == "memory" and spec.cache_sequences:
         models = 2 if spec.large is not None else 1
@@ -267,12 +268,13 @@ def check(memory_plan: MemoryPlan) -> None:
 
 
 def run_spec(hparams: Any, stage: str, batch_size: int, max_length: int, parts: int, device: str,
-             cache_sequences: int = 0) -> RunSpec:
+             cache_sequences: int = 0, uses_reference: bool = True) -> RunSpec:
     """The :class:`RunSpec` of an :class:`~lightning_unlearn.modules.base.UnlearnModule`'s hyper-parameters.
 
     ``stage`` ``fit`` trains (gradients, optimizer, activations); any other stage only runs forward passes.
     The trainable part is EUL's layers when the hyper-parameters carry ``param_fraction``, a LoRA adapter
-    with ``lora_rank``, else the whole small model.
+    with ``lora_rank``, else the whole small model. ``uses_reference``: the loss reads reference logits (in
+    direct mode the frozen copy is then loaded, as :meth:`UnlearnModule.configure_model` does).
     """
     h = dict(hparams)
     small = model_shape(load_config(h.get("small_model"), h.get("trust_remote_code", False)))
@@ -283,7 +285,9 @@ def run_spec(hparams: Any, stage: str, batch_size: int, max_length: int, parts: 
         small=small, large=large, small_dtype=h.get("small_dtype", "float32"),
         large_dtype=h.get("large_dtype", "bfloat16"), trainable=kind if stage == "fit" else "none",
         lora_rank=h.get("lora_rank"), eul_bottleneck=h.get("bottleneck"),
-        eul_fraction=h.get("param_fraction", 0.005), reference_copy=kind == "full",
+        eul_fraction=h.get("param_fraction", 0.005),
+        reference_copy=kind == "full" and (large is not None or uses_reference),
+        reference_logits=large is not None or uses_reference,
         batch_size=batch_size, max_length=max_length, parts=parts if stage == "fit" else 1,
         gradient_checkpointing=bool(h.get("gradient_checkpointing")) and stage == "fit",
         logit_cache=h.get("logit_cache") if stage == "fit" else None, cache_sequences=cache_sequences,
@@ -320,3 +324,44 @@ def report(spec_args: dict[str, Any], verbose: bool = True) -> MemoryPlan | None
     else:
         check(memory_plan)
     return memory_plan
+
+
+def main(argv: list[str] | None = None) -> MemoryPlan:
+    """``python -m lightning_unlearn.models.memory --small CONFIG [--large CONFIG] ...``: print a plan from config
+    files (a ``config.json``, a model folder or a hub id) without loading any weight."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--small", required=True, help="config of the trained (small) model")
+    parser.add_argument("--large", help="config of the frozen large model (offset mode)")
+    parser.add_argument("--small-dtype", default="float32", choices=sorted(DTYPE_BYTES))
+    parser.add_argument("--large-dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
+    parser.add_argument("--lora-rank", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--parts", type=int, default=2, help="data parts per step (forget, retain, ...)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-reference", action="store_true", help="direct mode, a loss without reference (GA, GD)")
+    parser.add_argument("--large-device", help="device of the large model (e.g. cuda:1)")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--free-gib", type=float, help="free memory per device (default: measured)")
+    args = parser.parse_args(argv)
+    spec = RunSpec(small=model_shape(load_config(args.small)),
+                   large=model_shape(load_config(args.large)) if args.large else None,
+                   small_dtype=args.small_dtype, large_dtype=args.large_dtype,
+                   trainable="lora" if args.lora_rank else "full", lora_rank=args.lora_rank,
+                   reference_copy=not args.lora_rank, reference_logits=args.large is not None or not args.no_reference,
+                   batch_size=args.batch_size, max_length=args.max_length,
+                   parts=args.parts, gradient_checkpointing=args.gradient_checkpointing, device=args.device,
+                   large_device=args.large_device)
+    free = None if args.free_gib is None else {d: int(args.free_gib * GIB) for d in
+                                                {args.device, args.large_device or args.device}}
+    memory_plan = plan(spec, free)
+    print(memory_plan.render())
+    over = memory_plan.over()
+    print("fits" if not over else "does not fit; options:\n" + "\n".join(f"  - {o}" for o in memory_plan.options))
+    return memory_plan
+
+
+if __name__ == "__main__":
+    main()

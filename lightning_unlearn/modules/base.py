@@ -225,7 +225,8 @@ class UnlearnModule(EvaluationHooks):
         sequences = len(getattr(datamodule, "forget", [])) * len(self.parts) * (self.trainer.max_epochs or 1)
         memory.report({"hparams": self.hparams, "stage": stage, "batch_size": batch,
                        "max_length": d.get("max_length", 512), "parts": len(self.parts),
-                       "device": str(self.trainer.strategy.root_device), "cache_sequences": sequences},
+                       "device": str(self.trainer.strategy.root_device), "cache_sequences": sequences,
+                       "uses_reference": self.uses_reference},
                       verbose=self.global_rank == 0)
 
     def configure_model(self) -> None:
