@@ -33,9 +33,9 @@ def general_accuracy(summary: Mapping[str, Any]) -> float | None:
 
     def take(task: str, metric: str, value: Any) -> None:
         metric = metric.split(",")[0]
-        if metric in ("acc", "acc_norm") and isinstance(value, (int, float)):
-            if metric == "acc_norm" or task not in per_task:
-                per_task[task] = float(value)
+        usable = metric in ("acc", "acc_norm") and isinstance(value, (int, float))
+        if usable and (metric == "acc_norm" or task not in per_task):
+            per_task[task] = float(value)
 
     for key, value in summary.items():
         if not key.startswith("lm_eval"):

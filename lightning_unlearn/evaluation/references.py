@@ -94,7 +94,7 @@ def fetch(model: str, split: str = "retain90", cache: str | Path = DEFAULT_CACHE
     with tempfile.TemporaryDirectory(dir=Path(cache).parent if Path(cache).parent.exists() else None) as tmp:
         try:
             downloaded = Path(download(filename, tmp))
-        except Exception as err:  # noqa: BLE001  (offline, missing file, no access: one message for all)
+        except Exception as err:  # (offline, missing file, no access: one message for all)
             raise ReferenceUnavailable(
                 f"Cannot fetch {filename} from the hub dataset {REPOSITORY} ({type(err).__name__}: {err}). "
                 f"On a machine with network access run this command again (the file is cached in {target} and "
