@@ -156,3 +156,22 @@ def test_reduced_table_on_the_tiny_world_has_every_metric(tmp_path: Path, reques
         assert r["general_accuracy"] is None, "no lm-eval tasks in the tiny config"
     assert {r["method"] for r in table if r["mode"] == "reference"} == {"fine-tuned", "retain model"}
     assert (tmp_path / "COMPARE.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tofu_llama3", "tofu_llama2"])
+def test_every_compare_config_gives_both_modes_of_a_method_one_budget(name: str) -> None:
+    cells = CompareSpec.load(CONFIGS / f"{name}.yaml").cells()
+    assert cells and {c.method for c in cells} <= set(registered_methods())
+    by_method: dict[str, list] = {}
+    for cell in cells:
+        by_method.setdefault(cell.method, []).append(budget_of(cell.fit))
+    assert all(len({tuple(sorted(b.items())) for b in budgets}) == 1 for budgets in by_method.values())
+    assert [c.mode for c in cells if c.method == "EUL"] == ["direct"]
+
+
+def test_llama3_base_config_runs_on_tiny_models(tiny_world: dict, tmp_cwd: Path) -> None:
+    from lightning_unlearn.cli import main
+
+    main(["fit", "--config", str(CONFIGS / "tofu_llama3_unlearn.yaml"), "--model.large_model", tiny_world["large"],
+          "--model.small_model", tiny_world["small"], "--model.retain_reference", "null", "--data.evaluation", "loss",
+          "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu"])

@@ -50,7 +50,7 @@ def plan_memory(spec: CompareSpec) -> None:
     device = "cuda:0" if accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     modes = {mode for opts in spec.methods.values() for mode in opts.get("modes", MODES) if "config" not in opts}
     for mode in (m for m in MODES if m in modes):
-        models = {k: spec._fill(v) for k, v in (spec.offset if mode == "offset" else spec.direct).items()}
+        models = {k: spec.fill(v) for k, v in (spec.offset if mode == "offset" else spec.direct).items()}
         print(f"[compare] {mode} mode:")
         memory.report({"hparams": {**init, **models}, "stage": "fit",
                        "batch_size": spec.budget.get("batch_size", data.get("batch_size", 8)),

@@ -162,7 +162,8 @@ class CompareSpec:
         """Where the world is built: ``world_folder``, by default ``<output>/world``."""
         return Path(self.world_folder) if self.world_folder else self.root / "world"
 
-    def _fill(self, value: Any) -> Any:
+    def fill(self, value: Any) -> Any:
+        """``value`` with ``{world}`` replaced by the world folder (strings only)."""
         return value.replace("{world}", str(self.world_root)) if isinstance(value, str) else value
 
     def cells(self) -> list[Cell]:
@@ -178,9 +179,9 @@ class CompareSpec:
         models = self.offset if mode == "offset" else self.direct
         model_args: list[str] = ["--model", method]
         for key, value in models.items():
-            model_args += [f"--model.{key}", "null" if value is None else str(self._fill(value))]
+            model_args += [f"--model.{key}", "null" if value is None else str(self.fill(value))]
         if self.retain_reference:
-            model_args += ["--model.retain_reference", self._fill(self.retain_reference)]
+            model_args += ["--model.retain_reference", self.fill(self.retain_reference)]
         budget = {**self.budget, **opts.get("budget", {})}
         budget_args: list[str] = []
         if "max_epochs" in budget:
@@ -189,10 +190,10 @@ class CompareSpec:
             budget_args += ["--data.batch_size", str(budget["batch_size"])]
         if "lr" in budget:
             budget_args += ["--model.optimizer.init_args.lr", str(budget["lr"])]
-        common = ["--config", opts.get("config", self.config), *model_args, *[self._fill(a) for a in self.args],
-                  *[self._fill(a) for a in opts.get("args", [])]]
+        common = ["--config", opts.get("config", self.config), *model_args, *[self.fill(a) for a in self.args],
+                  *[self.fill(a) for a in opts.get("args", [])]]
         fit = ["fit", *common, *budget_args, "--trainer.callbacks", "null", "--trainer.limit_val_batches", "0",
                "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(folder / "fit")]
-        test = ["test", *common, *[self._fill(a) for a in self.test_args], "--trainer.callbacks", "null",
+        test = ["test", *common, *[self.fill(a) for a in self.test_args], "--trainer.callbacks", "null",
                 "--trainer.default_root_dir", str(folder / "test"), "--verbose", "false"]
         return Cell(method, mode, fit, test, folder)

@@ -26,6 +26,7 @@ would make it fit.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def load_config(name_or_path: str | Path | dict[str, Any], trust_remote_code: bo
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     path = Path(name_or_path)
     if path.is_file():
-        return load_config(__import__("json").loads(path.read_text()))
+        return load_config(json.loads(path.read_text()))
     return AutoConfig.from_pretrained(str(name_or_path), local_files_only=path.is_dir(),
                                       trust_remote_code=trust_remote_code)
 
