@@ -138,7 +138,6 @@ def test_table_reports_failed_cells_and_writes_its_files(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
 def test_reduced_table_on_the_tiny_world_has_every_metric(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Two losses in both modes, 2 epochs each, on the quick tiny world (cached between runs in pytest's cache,
     its stages skipped when unchanged): every cell ends ``ok`` with every TOFU column of the table."""
