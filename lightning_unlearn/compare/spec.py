@@ -193,6 +193,7 @@ class CompareSpec:
         common = ["--config", opts.get("config", self.config), *model_args, *[self.fill(a) for a in self.args],
                   *[self.fill(a) for a in opts.get("args", [])]]
         fit = ["fit", *common, *budget_args, "--trainer.callbacks", "null", "--trainer.limit_val_batches", "0",
+               "--trainer.check_val_every_n_epoch", "1",  # else the default checkpoint waits for a validation
                "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(folder / "fit")]
         test = ["test", *common, *[self.fill(a) for a in self.test_args], "--trainer.callbacks", "null",
                 "--trainer.default_root_dir", str(folder / "test"), "--verbose", "false"]
