@@ -10,6 +10,8 @@ THREADS ?= 2
 # Unlearning loss of the demo: make demo METHOD=GD
 METHOD ?= NPO
 DEMO_ARGS ?=
+# The offset vs direct table in the tiny world: make compare COMPARE_ARGS="--methods NPO GD"
+COMPARE_ARGS ?=
 
 # Mutation testing (mutmut, configured in setup.cfg [mutmut]): losses/, modules/, metrics/ and evaluation/
 # against the fast tests; MUTATE=lightning_unlearn/losses/ (a folder or a .py file) tests one part only.
@@ -31,7 +33,7 @@ MAX_LOGPROBS ?= -1
 VLLM_KVCACHE_GIB ?= 1
 VLLM_MEMORY_SHARE ?= 0.2
 
-.PHONY: install test test-fast demo mutants clean vllm serve
+.PHONY: install test test-fast demo compare mutants clean vllm serve
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +69,9 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m lightning_unlearn.demo --method $(METHOD) $(DEMO_ARGS)
+
+compare: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m lightning_unlearn.compare --world tiny $(COMPARE_ARGS)
 
 # Each mutant runs the fast tests that reach the mutated function, on one thread per worker; results are
 # cached in mutants/ (a second run only tests what changed). Survivors: $(BIN)/mutmut show NAME.

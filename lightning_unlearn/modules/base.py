@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from ..losses.functional import IGNORE_INDEX, kl_on_labelled, nll_mean, step_scale
+from ..models import memory
 from ..models.generation import LogitsComponent
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
 from ..models.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
@@ -224,6 +225,21 @@ class UnlearnModule(EvaluationHooks):
             datamodule.connect(self.tokenizer, self.parts, **self.data_options)
             benchmark = getattr(datamodule, "hparams", {}).get("evaluation", "tofu")
             self.build_evaluation([spec.name for spec in datamodule.eval_specs()], benchmark)
+        if self.model is None and self._trainer is not None:
+            self.plan_memory(stage, datamodule)
+
+    def plan_memory(self, stage: str, datamodule: Any) -> None:
+        """Print the memory plan before any weight is loaded, and refuse one that cannot fit
+        (:mod:`lightning_unlearn.models.memory`); rank 0 prints, every rank checks its own device."""
+        d = getattr(datamodule, "hparams", {})
+        training = stage == "fit"
+        batch = d.get("batch_size", 8) if training else d.get("eval_batch_size") or d.get("batch_size", 8)
+        sequences = len(getattr(datamodule, "forget", [])) * len(self.parts) * (self.trainer.max_epochs or 1)
+        memory.report({"hparams": self.hparams, "stage": stage, "batch_size": batch,
+                       "max_length": d.get("max_length", 512), "parts": len(self.parts),
+                       "device": str(self.trainer.strategy.root_device), "cache_sequences": sequences,
+                       "uses_reference": self.uses_reference},
+                      verbose=self.global_rank == 0)
 
     def _connect_served_large(self) -> None:
         """The served large model as the logit source ``self.large``, once its tokenizer is checked against ours."""

@@ -1,0 +1,160 @@
+"""The comparison's outputs: ``COMPARE.md`` (the table), ``COMPARE.json`` (everything) and the trade-off plot.
+
+Each row is one cell (method x mode) or a reference model (fine-tuned, retain); columns are the TOFU summary's
+``forget_quality``, ``model_utility`` and ROUGE on the forget, retain, real-authors and world-facts sets, the
+general accuracy (mean lm-eval accuracy, blank without lm-eval results) and the training time. A failed cell
+is a row with its error. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.report import atomic_write_json
+
+COLUMNS = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
+           ("forget_Q_A_ROUGE", "forget ROUGE"), ("retain_Q_A_ROUGE", "retain ROUGE"),
+           ("ra_Q_A_ROUGE", "real-authors ROUGE"), ("wf_Q_A_ROUGE", "world-facts ROUGE"),
+           ("general_accuracy", "general accuracy"))
+
+
+def general_accuracy(summary: Mapping[str, Any]) -> float | None:
+    """Mean of the lm-eval accuracies in a TOFU summary; None when it holds none.
+
+    Accuracies are the keys starting with ``lm_eval`` whose last component (after ``/``, ``.`` or ``_`` of the
+    task name, any ``,filter`` suffix dropped) is ``acc`` or ``acc_norm``, plus ``acc``/``acc_norm`` inside a
+    nested ``lm_eval`` dict of tasks; stderr entries are skipped. A task reporting both counts ``acc_norm``.
+    """
+    per_task: dict[str, float] = {}
+
+    def take(task: str, metric: str, value: Any) -> None:
+        metric = metric.split(",")[0]
+        usable = metric in ("acc", "acc_norm") and isinstance(value, (int, float))
+        if usable and (metric == "acc_norm" or task not in per_task):
+            per_task[task] = float(value)
+
+    for key, value in summary.items():
+        if not key.startswith("lm_eval"):
+            continue
+        if isinstance(value, Mapping):
+            for task, metrics in value.items():
+                if isinstance(metrics, Mapping):
+                    for metric, v in metrics.items():
+                        take(task, metric, v)
+            continue
+        rest = key[len("lm_eval"):].lstrip("/._")
+        for sep in ("/", "."):
+            if sep in rest:
+                task, metric = rest.rsplit(sep, 1)
+                break
+        else:
+            task, _, metric = rest.rpartition("_acc")
+            metric = "acc" + metric
+        take(task, metric, value)
+    return sum(per_task.values()) / len(per_task) if per_task else None
+
+
+def row(name: str, mode: str, summary: Mapping[str, Any] | None, train_s: float | None = None,
+        error: str | None = None) -> dict[str, Any]:
+    """One table row: the metrics of :data:`COLUMNS` from a summary (None where missing)."""
+    values = dict(summary or {})
+    values["general_accuracy"] = general_accuracy(values)
+    return {"method": name, "mode": mode, **{k: values.get(k) for k, _ in COLUMNS}, "train_s": train_s,
+            "error": error}
+
+
+def rows(results: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Reference rows first, then one row per cell result."""
+    out = [row(name, "reference", summary) for name, summary in references.items()]
+    for r in results:
+        out.append(row(r["method"], r["mode"], r.get("summary"), r.get("train_s"),
+                       None if r.get("status") == "ok" else r.get("error", "not run")))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2e}" if value != 0 and abs(value) < 1e-2 else f"{value:.3f}"
+    return str(value)
+
+
+def markdown(table: Sequence[Mapping[str, Any]], header: str) -> str:
+    """The table as Markdown, failed cells listed below it with their errors."""
+    names = ["method", "mode", *(label for _, label in COLUMNS), "train time (s)"]
+    lines = [header, "", "| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    for r in table:
+        cells = [r["method"], r["mode"], *(_fmt(r[k]) for k, _ in COLUMNS),
+                 "FAILED" if r["error"] else "" if r["train_s"] is None else f"{r['train_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in table if r["error"]]
+    if failed:
+        lines += ["", "Failed cells:", ""] + [f"- {r['method']} {r['mode']}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot(table: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path | None:
+    """Forget quality (log scale) against model utility, offset cells as circles, direct as squares,
+    references as stars, each labelled with its method; None when no row has both numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [r for r in table if r["forget_quality"] is not None and r["model_utility"] is not None]
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = {"offset": ("o", "tab:blue"), "direct": ("s", "tab:orange"), "reference": ("*", "tab:gray")}
+    for mode, (marker, color) in styles.items():
+        points = [r for r in usable if r["mode"] == mode]
+        if points:
+            ax.scatter([r["model_utility"] for r in points], [max(r["forget_quality"], 1e-300) for r in points],
+                       marker=marker, color=color, label=mode, s=60 if mode == "reference" else 36)
+        for r in points:
+            ax.annotate(r["method"], (r["model_utility"], max(r["forget_quality"], 1e-300)),
+                        textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (KS p-value)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_outputs(root: Path, results: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]],
+                  header: str, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Write ``COMPARE.md``, ``COMPARE.json`` and ``COMPARE.png`` under ``root``; return the table rows."""
+    table = rows(results, references)
+    atomic_write_text(root / "COMPARE.md", markdown(table, header))
+    atomic_write_json(root / "COMPARE.json", {**meta, "table": table, "cells": list(results),
+                                              "references": dict(references)})
+    plot(table, root / "COMPARE.png", "forget quality vs model utility: offset (o) and direct (s)")
+    return table
