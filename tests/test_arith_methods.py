@@ -370,3 +370,9 @@ def test_print_config_documents_the_method(method: str, comment: str, tiny_world
               "--print_config"])
     printed = capsys.readouterr().out
     assert comment in printed and f"class_path: lightning_unlearn.modules.{method}" in printed
+
+
+def test_uld_refuses_a_positive_alpha(tiny_world: dict) -> None:
+    """A config written for the other offsets (alpha: 1.0) would add the remembering assistant instead."""
+    with pytest.raises(ValueError, match="--model.alpha -0.8"):
+        ULD(small_model=tiny_world["small"], large_model=tiny_world["large"], alpha=1.0)

@@ -56,7 +56,8 @@ class ULD(UnlearnModule):
     ``large_model`` and a small model (or a copy of it) as ``small_model``.
 
     Args:
-        alpha: signed strength of the assistant, ``-w`` (negative: subtracted).
+        alpha: signed strength of the assistant, ``-w`` (negative: subtracted; a positive value is refused, since it
+            would add the forget knowledge back).
         relative_top: ``tau`` of the relative-top filter on the large model's distribution (0: no filter).
         gamma: weight of the assistant's NLL on forget answers.
         retain_weight: weight of ``KL(u || p_A)`` on retain answers.
@@ -77,6 +78,9 @@ class ULD(UnlearnModule):
                              "are read in training).")
         if not 0.0 <= relative_top <= 1.0:
             raise ValueError(f"relative_top must be in [0, 1], got {relative_top}.")
+        if alpha > 0:  # e.g. a config written for the other offsets, which use alpha: 1.0
+            raise ValueError(f"ULD subtracts its assistant, which remembers the forget data: alpha is -w and must not be "
+                             f"positive (got {alpha}; the paper's is -0.8). Set --model.alpha -0.8.")
         super().__init__(alpha=alpha, gamma=gamma, retain_weight=retain_weight, **kwargs)
 
     @property
