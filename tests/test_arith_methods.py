@@ -21,7 +21,6 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.models.generation import greedy_generate
 from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
 from lightning_unlearn.models.unlearned import UnlearnedModel
 from lightning_unlearn.modules import RMU, ULD, WHP, UnlearnModule

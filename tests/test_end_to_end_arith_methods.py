@@ -20,7 +20,6 @@ see ``MEASURED`` below. Bounds are the issue's (0.5x forget, 0.8x retain).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
