@@ -14,6 +14,11 @@ composing them is refused rather than silently producing a different model.
 An export trained with LoRA holds only the adapter (peft's ``adapter_config.json`` and weights): its
 ``offset.json`` says ``"adapter": "lora"`` and the adapter applies to the reference ``S0``; a direct
 LoRA export has no manifest and its ``adapter_config.json`` names the model it applies to.
+
+ULD's exports (:class:`~lightning_unlearn.modules.logit_arithmetic.ULD`) are offsets without a reference and
+behind a filter: ``"reference_model": null`` (``z_S0 = 0``) and ``"relative_top": tau`` in ``offset.json``
+give ``z_L + keep_tau(z_L) * sum_i alpha_i z_S_i``; they compose with each other (same large model, same tau),
+never with referenced offsets.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class Offset:
 class Composition:
     """``z_L + sum_i alpha_i (z_S_i - z_S0)``, or a directly unlearned model when ``large_model`` is None.
 
+    ``reference_model`` None with a large model: no reference term (``z_S0 = 0``, ULD); ``relative_top`` > 0: the
+    offsets apply only where the large model's relative-top filter keeps a token (ULD's filter).
+
     In direct mode ``offsets`` holds the single exported model and its alpha is not used: there is no
     offset to scale, the export *is* the model.
     """
@@ -54,6 +62,7 @@ class Composition:
     offsets: tuple[Offset, ...]
     large_model: str | None = None
     reference_model: str | None = None
+    relative_top: float = 0.0
 
     @property
     def is_direct(self) -> bool:
@@ -85,6 +94,7 @@ class Composition:
             "reference_model": self.reference_model,
             "offsets": [{"path": o.path, "alpha": o.alpha, "method": o.method, "adapter": o.adapter}
                         for o in self.offsets],
+            "relative_top": self.relative_top,
         }
 
     def save(self, path: PathLike) -> Path:
@@ -100,6 +110,7 @@ class Composition:
             offsets=tuple(replace(o, path=os.path.abspath(o.path)) for o in self.offsets),
             large_model=_absolute_if_local(self.large_model),
             reference_model=_absolute_if_local(self.reference_model),
+            relative_top=self.relative_top,
         )
         target.write_text(json.dumps(absolute.to_json(), indent=2) + "\n", encoding="utf-8")
         return target
@@ -141,7 +152,7 @@ def _read_composition_file(path: Path) -> Composition:
     )
     if not offsets:
         raise ValueError(f"{path} lists no offsets.")
-    return Composition(offsets, data["large_model"], data["reference_model"])
+    return Composition(offsets, data["large_model"], data["reference_model"], float(data.get("relative_top", 0.0)))
 
 
 def read_export(path: PathLike) -> Composition:
@@ -160,7 +171,7 @@ def read_export(path: PathLike) -> Composition:
         if missing:
             raise ValueError(f"{path / OFFSET_MANIFEST} lacks {sorted(missing)}.")
         return Composition((Offset(str(path), float(data["alpha"]), data.get("method"), data.get("adapter")),),
-                           data["large_model"], data["reference_model"])
+                           data["large_model"], data["reference_model"], float(data.get("relative_top", 0.0)))
     if (path / "config.json").is_file():
         return Composition((Offset(str(path), 1.0, None),))
     if (path / ADAPTER_CONFIG).is_file():
@@ -194,5 +205,9 @@ def compose(paths: PathLike | Sequence[PathLike], alphas: Sequence[float] | None
                     f"({getattr(first, field)!r} vs {getattr(other, field)!r}). Offsets add up only when they "
                     "correct the same large model and are measured from the same reference."
                 )
-    composed = Composition(tuple(o for _, c in parts for o in c.offsets), first.large_model, first.reference_model)
+        if other.relative_top != first.relative_top:
+            raise ValueError(f"Cannot compose {first_path!r} and {path!r}: their offsets are filtered with different "
+                             f"relative_top ({first.relative_top} vs {other.relative_top}).")
+    composed = Composition(tuple(o for _, c in parts for o in c.offsets), first.large_model, first.reference_model,
+                           first.relative_top)
     return composed if alphas is None else composed.with_alphas(alphas)

@@ -32,6 +32,7 @@ from ..evaluation.data import left_pad
 from ..losses.functional import sequence_logp, token_nll
 from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served
 from .generation import OffsetCausalLM, StopFn, decode_answers, offset_components
+from .logit_arithmetic import FilteredOffset
 from .loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
 from .lora import AdapterComponent, adapter_base_model, attach_adapters
 from .manifest import Composition, PathLike, compose
@@ -99,8 +100,9 @@ class UnlearnedModel(nn.Module):
         formatter: PromptFormatter | None = None,
     ) -> None:
         super().__init__()
-        if (large is None) != composition.is_direct or (large is None) != (reference is None):
-            raise ValueError("An offset composition needs both a large and a reference model; a direct one neither.")
+        if (large is None) != composition.is_direct or (reference is None) != (composition.reference_model is None):
+            raise ValueError("An offset composition needs a large model and the reference its manifests name (none "
+                             "for ULD's reference-free offsets); a direct one neither.")
         if len(offsets) != len(composition.offsets):
             raise ValueError(f"{len(offsets)} models for {len(composition.offsets)} composition entries.")
         self.composition = composition
@@ -123,6 +125,9 @@ class UnlearnedModel(nn.Module):
         if self.composition.is_direct:
             return OffsetCausalLM([(self.offsets[0], 1.0)], vocab_size=vocab)
         pairs = list(zip(self.offsets, self.composition.alphas))
+        if self.reference is None or self.composition.relative_top > 0:  # ULD: the filter is not a weighted sum
+            filtered = FilteredOffset(self.large, pairs, self.reference, self.composition.relative_top, vocab)
+            return OffsetCausalLM([(filtered, 1.0)], vocab_size=vocab)
         return OffsetCausalLM(offset_components(self.large, self.reference, pairs), vocab_size=vocab)
 
     # --- loading --------------------------------------------------------------------------------------------
@@ -178,7 +183,8 @@ class UnlearnedModel(nn.Module):
                 check_same_tokenizer(load_tokenizer(composition.large_model, trust_remote_code), tokenizer,
                                      composition.large_model, paths[0])
                 large = freeze(load_causal_lm(composition.large_model, large_dtype, trust_remote_code))
-            reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code))
+            if composition.reference_model is not None:
+                reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code))
         offsets, reference = _load_offsets(composition, reference, small_dtype, trust_remote_code)
         formatter = PromptFormatter(tokenizer, max_length=max_length, template=template,
                                     use_chat_template=use_chat_template)

@@ -5,9 +5,11 @@ from .distillation import CEU, UNDIAL
 from .eul import EUL
 from .finetune import SFT
 from .llmu import LLMU
+from .logit_arithmetic import ULD, WHP
 from .losses import DPO, GA, GD, KL, NPO, SimNPO
 from .pdu import PDU
+from .rmu import RMU
 from .token_weighted import WGA, SatImp
 
-__all__ = ["CEU", "DPO", "EUL", "GA", "GD", "KL", "LLMU", "NPO", "PDU", "PartOutput", "SFT", "SatImp", "SimNPO",
-           "UNDIAL", "UnlearnModule", "WGA"]
+__all__ = ["CEU", "DPO", "EUL", "GA", "GD", "KL", "LLMU", "NPO", "PDU", "PartOutput", "RMU", "SFT", "SatImp", "SimNPO",
+           "UNDIAL", "ULD", "UnlearnModule", "WGA", "WHP"]

@@ -536,15 +536,20 @@ class UnlearnModule(EvaluationHooks):
         self.model.save_pretrained(staging)  # with LoRA, peft saves the adapter and names its base model
         self.tokenizer.save_pretrained(staging)
         if self.offset_mode:
-            manifest = {"large_model": self.hparams.large_model, "reference_model": self.hparams.small_model,
-                        "alpha": self.alpha, "method": type(self).__name__}
-            if self.uses_lora:  # the export is an adapter on the reference, not a model
-                manifest["adapter"] = "lora"
-            (staging / "offset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            (staging / "offset.json").write_text(json.dumps(self.offset_manifest(), indent=2), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
         return target
+
+    def offset_manifest(self) -> dict[str, Any]:
+        """What ``offset.json`` records: the large model, the reference, alpha, the method (and ``"adapter": "lora"``
+        when the export is an adapter on the reference); see :mod:`lightning_unlearn.models.manifest`."""
+        manifest = {"large_model": self.hparams.large_model, "reference_model": self.hparams.small_model,
+                    "alpha": self.alpha, "method": type(self).__name__}
+        if self.uses_lora:  # the export is an adapter on the reference, not a model
+            manifest["adapter"] = "lora"
+        return manifest
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that lacks trainable weights, since loading is not strict."""

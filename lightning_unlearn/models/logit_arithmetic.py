@@ -1,0 +1,77 @@
+"""Offsets applied through the large model's relative-top filter, as one generation component (ULD).
+
+ULD (Ji et al. 2024) unlearns with ``z_L - w * z_A`` where the assistant ``A`` remembers the forget data, and
+subtracts only on the tokens the large model finds plausible (:func:`~lightning_unlearn.losses.logit_arithmetic.
+relative_top_mask`); elsewhere the large model's logits stand. That is the offset formula of this framework with
+a filter and without a reference:
+
+    z = z_L + keep(z_L) * sum_i alpha_i (z_S_i - z_S0),    ULD: S_i = A, alpha = -w, z_S0 = 0
+
+The filter is not linear in the components, so the weighted sum of :func:`~.generation.greedy_generate` cannot
+express it; :class:`FilteredOffset` is one component holding the large model, the offsets and the optional
+reference, each with its own KV cache (:class:`CacheGroup`), and returns the filtered sum. With
+``relative_top = 0`` and a reference it is the plain offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from ..losses.logit_arithmetic import filtered_offset
+from .generation import ComponentFn, LogitsComponent, as_component
+
+__all__ = ["CacheGroup", "FilteredOffset"]
+
+
+class CacheGroup(list):
+    """One KV cache per model of a :class:`FilteredOffset`, passed through the generation loop as its cache."""
+
+
+class FilteredOffset(LogitsComponent):
+    """``z_L + keep(z_L) * (sum_i alpha_i z_S_i - (sum_i alpha_i) z_S0)`` as a generation component.
+
+    Args:
+        large: the large (target) model or component.
+        offsets: ``(model, alpha)`` pairs, the trained small models and their strengths.
+        reference: the frozen reference ``S0``; ``None``: no reference term (ULD).
+        relative_top: ``tau`` of the relative-top filter on ``z_L``; ``0`` keeps every token.
+        vocab_size: the shared tokenizer's vocabulary; logits are cut to it before filtering (an embedding padded
+            past it would otherwise change the softmax the filter reads).
+    """
+
+    def __init__(
+        self,
+        large: nn.Module | ComponentFn,
+        offsets: Sequence[tuple[nn.Module | ComponentFn, float]],
+        reference: nn.Module | ComponentFn | None,
+        relative_top: float,
+        vocab_size: int,
+    ) -> None:
+        super().__init__()
+        if not offsets:
+            raise ValueError("FilteredOffset needs at least one offset model.")
+        self.weights = [float(alpha) for _, alpha in offsets]
+        parts = [large, *(model for model, _ in offsets)]
+        if reference is not None:
+            parts.append(reference)
+            self.weights.append(-sum(self.weights))
+        self._fns = [as_component(p) for p in parts]
+        self.parts = nn.ModuleList(fn for fn in self._fns if isinstance(fn, nn.Module))
+        self.relative_top = relative_top
+        self.vocab_size = vocab_size
+
+    def new_cache(self) -> CacheGroup:
+        return CacheGroup(fn.new_cache() if isinstance(fn, LogitsComponent) else DynamicCache() for fn in self._fns)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values: CacheGroup | None
+    ) -> Tensor:
+        """Filtered offset logits ``[B, T, V]`` float32 (``V`` = ``vocab_size``)."""
+        caches = past_key_values if past_key_values is not None else [None] * len(self._fns)
+        logits = [fn(input_ids, attention_mask, position_ids, cache)[..., : self.vocab_size]
+                  for fn, cache in zip(self._fns, caches)]
+        delta = sum(w * z.float() for w, z in zip(self.weights, logits[1:]))
+        return filtered_offset(logits[0], delta, self.relative_top)
