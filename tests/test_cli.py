@@ -85,7 +85,8 @@ def test_logit_method_configs_train_a_step(name: str, mode: str, tiny_world: dic
     cli = main(["fit", "--config", str(config), "--model.small_model", tiny_world["small"], *large,
                 "--model.large_dtype", "float32", "--model.small_dtype", "float32", "--trainer.fast_dev_run", "1",
                 "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--data.batch_size", "2",
-                "--data.max_length", "256", "--data.evaluation", "loss", "--data.eval_subset", "2"])
+                "--data.max_length", "256", "--data.evaluation", "loss", "--data.eval_subset", "2",
+                "--data.lm_eval_tasks", "[]"])
     assert type(cli.model).__name__ == name and cli.trainer.global_step == 1
     assert (cli.model.large is not None) == (mode == "offset")
     assert "train/forget_loss" in cli.trainer.callback_metrics

@@ -23,38 +23,20 @@ COLUMNS = (("forget_quality", "forget quality"), ("model_utility", "model utilit
 
 
 def general_accuracy(summary: Mapping[str, Any]) -> float | None:
-    """Mean of the lm-eval accuracies in a TOFU summary; None when it holds none.
+    """Mean lm-eval accuracy over the tasks of a TOFU summary; None when it holds none.
 
-    Accuracies are the keys starting with ``lm_eval`` whose last component (after ``/``, ``.`` or ``_`` of the
-    task name, any ``,filter`` suffix dropped) is ``acc`` or ``acc_norm``, plus ``acc``/``acc_norm`` inside a
-    nested ``lm_eval`` dict of tasks; stderr entries are skipped. A task reporting both counts ``acc_norm``.
+    The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric`` keys
+    (:mod:`lightning_unlearn.lm_eval.hooks`), and only they carry a ``/``. A task counts its ``acc_norm`` where it
+    reports one (lm-eval's length-normalised accuracy, the usual headline for ARC, HellaSwag, OpenBookQA), else its
+    ``acc``; ``acc_stderr`` and other metrics are skipped. Each task weighs the same.
     """
     per_task: dict[str, float] = {}
-
-    def take(task: str, metric: str, value: Any) -> None:
-        metric = metric.split(",")[0]
-        usable = metric in ("acc", "acc_norm") and isinstance(value, (int, float))
-        if usable and (metric == "acc_norm" or task not in per_task):
-            per_task[task] = float(value)
-
     for key, value in summary.items():
-        if not key.startswith("lm_eval"):
+        if "/" not in key or not isinstance(value, (int, float)):
             continue
-        if isinstance(value, Mapping):
-            for task, metrics in value.items():
-                if isinstance(metrics, Mapping):
-                    for metric, v in metrics.items():
-                        take(task, metric, v)
-            continue
-        rest = key[len("lm_eval"):].lstrip("/._")
-        for sep in ("/", "."):
-            if sep in rest:
-                task, metric = rest.rsplit(sep, 1)
-                break
-        else:
-            task, _, metric = rest.rpartition("_acc")
-            metric = "acc" + metric
-        take(task, metric, value)
+        task, metric = key.rsplit("/", 1)
+        if metric == "acc_norm" or (metric == "acc" and task not in per_task):
+            per_task[task] = float(value)
     return sum(per_task.values()) / len(per_task) if per_task else None
 
 
