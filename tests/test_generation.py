@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lightning_unlearn.models.generation import (
+from lightning_unlearn.offset.generation import (
     OffsetCausalLM,
     cache_keyword,
     greedy_generate,

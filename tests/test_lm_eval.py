@@ -20,7 +20,7 @@ from lightning_unlearn.lm_eval.__main__ import main as lm_eval_main
 from lightning_unlearn.lm_eval.registry import task_manager
 from lightning_unlearn.lm_eval.run import evaluate, flat_metrics
 from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
-from lightning_unlearn.models.unlearned import UnlearnedModel
+from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.modules import NPO
 
 LIMIT = 12  # documents per task: 4 choices each, so 96 requests over the two tasks

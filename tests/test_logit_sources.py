@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from lightning_unlearn.models.logit_cache import FrozenLogitCache
-from lightning_unlearn.models.offset import offset_logits
+from lightning_unlearn.offset.logit_cache import FrozenLogitCache
+from lightning_unlearn.offset.logits import offset_logits
 from lightning_unlearn.offset.sources import ServedLargeModel, TokenHistory
 from lightning_unlearn.offset.topk import dense_logprobs, dense_rows
 from lightning_unlearn.offset.vllm_client import ServerError, ServerUnavailable, VLLMClient, is_served, parse_top_logprobs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_unlearn.models.offset import cached_offset_logits, offset_logits
+from lightning_unlearn.offset.logits import cached_offset_logits, offset_logits
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5, -2.0])

@@ -21,7 +21,7 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
 from lightning_unlearn.evaluation.data import left_pad
 from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
-from lightning_unlearn.models.logit_cache import FrozenLogitCache
+from lightning_unlearn.offset.logit_cache import FrozenLogitCache
 from lightning_unlearn.models.tiny import build_tiny_llama, train_tokenizer
 from lightning_unlearn.modules import NPO, UnlearnModule
 from lightning_unlearn.offset.sources import ServedLargeModel, check_served_tokenizer

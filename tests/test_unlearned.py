@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.generate import main as generate_main
+from lightning_unlearn.deploy.generate import main as generate_main
 from lightning_unlearn.losses.functional import sequence_logp
 from lightning_unlearn.models.loading import load_causal_lm
-from lightning_unlearn.models.manifest import COMPOSITION_MANIFEST, OFFSET_MANIFEST, compose
-from lightning_unlearn.models.unlearned import UnlearnedModel
+from lightning_unlearn.deploy.manifest import COMPOSITION_MANIFEST, OFFSET_MANIFEST, compose
+from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.modules import NPO, UnlearnModule
 
 ROOT = Path(__file__).resolve().parents[1]

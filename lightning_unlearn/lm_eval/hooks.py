@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ..models.generation import StopFn
+from ..offset.generation import StopFn
 
 __all__ = ["LmEvalSettings", "ModuleLM", "lm_eval_metrics"]
 

@@ -37,9 +37,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..models.generation import StopFn
-from ..models.manifest import compose
-from ..models.unlearned import UnlearnedModel
+from ..offset.generation import StopFn
+from ..deploy.manifest import compose
+from ..deploy.unlearned import UnlearnedModel
 
 __all__ = ["CombinedLM", "UnlearnedLM", "max_context_length"]
 
@@ -53,7 +53,7 @@ DEFAULT_MAX_LENGTH = 2048
 
 
 class CombinedLM(Protocol):
-    """What :class:`UnlearnedLM` needs of a model: :class:`~lightning_unlearn.models.unlearned.UnlearnedModel`
+    """What :class:`UnlearnedLM` needs of a model: :class:`~lightning_unlearn.deploy.unlearned.UnlearnedModel`
     has it, and so has the training module through :class:`~lightning_unlearn.lm_eval.hooks.ModuleLM`."""
 
     tokenizer: PreTrainedTokenizerBase
@@ -349,7 +349,7 @@ def load_unlearned(
 def _hub_model(name: str, dtype: str, device: str) -> UnlearnedModel:
     """A Hugging Face hub id as a direct model (offline only when it is in the hub cache)."""
     from ..models.loading import freeze, load_causal_lm, load_tokenizer
-    from ..models.manifest import Composition, Offset
+    from ..deploy.manifest import Composition, Offset
 
     tokenizer = load_tokenizer(name)
     model = freeze(load_causal_lm(name, dtype))

@@ -28,8 +28,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from .generation import LogitsComponent, cache_keyword
-from .manifest import ADAPTER_CONFIG
+from ..offset.generation import LogitsComponent, cache_keyword
+from ..deploy.manifest import ADAPTER_CONFIG
 
 __all__ = ["AdapterComponent", "add_lora", "adapter_base_model", "attach_adapters", "reference_mode"]
 

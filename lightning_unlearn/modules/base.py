@@ -19,11 +19,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from ..losses.functional import IGNORE_INDEX, kl_on_labelled, nll_mean, step_scale
 from ..models import memory
-from ..models.generation import LogitsComponent
+from ..offset.generation import LogitsComponent
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
-from ..models.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
+from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
-from ..models.offset import cached_offset_logits, offset_logits
+from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served, large_source
 from .divergence import DivergenceGuard, require_finite_weights
 from .evaluation import EvaluationHooks
@@ -121,7 +121,7 @@ class UnlearnModule(EvaluationHooks):
         lora_target_modules: module names to adapt, or ``all-linear`` (every linear layer but the head).
         logit_cache: keep the frozen models' logits of every training sequence (``memory`` or ``disk``)
             so that later epochs run only the trainable model; ``null`` recomputes them at every step. See
-            :mod:`lightning_unlearn.models.logit_cache` for what is stored and the precision.
+            :mod:`lightning_unlearn.offset.logit_cache` for what is stored and the precision.
         logit_cache_dir: folder of the disk cache (required with ``disk``; each rank uses a subfolder).
         logit_cache_dtype: storage dtype of cached logits (float16: relative error at most 2**-11).
         large_device: device of the frozen large model (e.g. ``cuda:1``) when it should not sit with the
@@ -544,7 +544,7 @@ class UnlearnModule(EvaluationHooks):
 
     def offset_manifest(self) -> dict[str, Any]:
         """What ``offset.json`` records: the large model, the reference, alpha, the method (and ``"adapter": "lora"``
-        when the export is an adapter on the reference); see :mod:`lightning_unlearn.models.manifest`."""
+        when the export is an adapter on the reference); see :mod:`lightning_unlearn.deploy.manifest`."""
         manifest = {"large_model": self.hparams.large_model, "reference_model": self.hparams.small_model,
                     "alpha": self.alpha, "method": type(self).__name__}
         if self.uses_lora:  # the export is an adapter on the reference, not a model

@@ -24,7 +24,7 @@ from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
 from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
-from ..models.generation import StopFn, decode_answers, greedy_generate, offset_components
+from ..offset.generation import StopFn, decode_answers, greedy_generate, offset_components
 from ..tracking import publish_summary
 
 Batch = dict[str, Any]

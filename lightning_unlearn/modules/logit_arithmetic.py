@@ -23,9 +23,9 @@ from ..losses.functional import nll_mean
 from ..losses.logit_arithmetic import (
     filtered_offset, soft_cross_entropy_on_labelled, uniform_kl_on_labelled, whp_generic_logits,
 )
-from ..models.generation import greedy_generate
+from ..offset.generation import greedy_generate
 from ..models.loading import check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
-from ..models.logit_arithmetic import FilteredOffset
+from ..offset.filtered import FilteredOffset
 from .base import MeanOver, PartOutput, RetainLoss, UnlearnModule, with_step_loss
 
 Target = Literal["hard", "soft"]

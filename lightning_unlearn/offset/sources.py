@@ -1,12 +1,12 @@
 """Logit sources: where the frozen large model's contribution ``z_L`` to the offset comes from.
 
-A *logit source* is a :class:`~lightning_unlearn.models.generation.LogitsComponent`: called without a cache it
+A *logit source* is a :class:`~lightning_unlearn.offset.generation.LogitsComponent`: called without a cache it
 returns teacher-forced ``[B, T, V]`` values for a batch (training, evaluation, the frozen-logit cache); called
 with the cache it made it returns the next token's ``[B, 1, V]`` (greedy offset decoding). Two kinds exist:
 
 * a local Hugging Face model (:func:`large_source` wraps it as before:
-  :class:`~lightning_unlearn.models.generation.CausalLMComponent`, or
-  :class:`~lightning_unlearn.models.placement.DeviceComponent` on its own device);
+  :class:`~lightning_unlearn.offset.generation.CausalLMComponent`, or
+  :class:`~lightning_unlearn.offset.placement.DeviceComponent` on its own device);
 * :class:`ServedLargeModel`: a model behind a vLLM server, of which only log-probabilities are seen. They
   stand in for the logits exactly (softmax is shift-invariant) except for the top-k fill of
   :mod:`lightning_unlearn.offset.topk`.
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ..models.generation import CausalLMComponent, LogitsComponent
-from ..models.placement import DeviceComponent
+from .generation import CausalLMComponent, LogitsComponent
+from .placement import DeviceComponent
 from .topk import dense_rows
 from .vllm_client import VLLMClient, is_served
 

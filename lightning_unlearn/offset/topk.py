@@ -41,7 +41,7 @@ def dense_logprobs(answer: Mapping[int, float], vocab_size: int) -> Tensor:
 
     Ids from ``V`` on are dropped: they are rows of an embedding padded past the tokenizer (families pad to
     multiples of 64 or 128), which no token has; the in-process offset drops them too
-    (:func:`~lightning_unlearn.models.generation.combine_logits`), and their mass joins the fill.
+    (:func:`~lightning_unlearn.offset.generation.combine_logits`), and their mass joins the fill.
 
     Args:
         answer: token id -> log-probability for the tokens the server returned (top-k and the actual token).

@@ -1,4 +1,4 @@
-"""Answer questions with an unlearned model: ``python -m lightning_unlearn.generate EXPORT [EXPORT ...]``.
+"""Answer questions with an unlearned model: ``python -m lightning_unlearn.deploy.generate EXPORT [EXPORT ...]``.
 
 Each EXPORT is a directory written by ``fit`` with ``model.export_dir`` set (or a ``composition.json``);
 several offset exports trained against the same large model and reference are composed,
@@ -8,7 +8,7 @@ line (newlines inside an answer are kept), or JSON lines with ``--jsonl``. An an
 stop token, as in training and evaluation: ``eos_token``, any ``eos_token_id`` of the models'
 ``generation_config.json``, or the chat template's end-of-turn token (``<|eot_id|>``, ``<end_of_turn>``...).
 
-    python -m lightning_unlearn.generate runs/npo_request1 runs/npo_request2 \\
+    python -m lightning_unlearn.deploy.generate runs/npo_request1 runs/npo_request2 \\
         --prompt "Where was Basil Mahfouz Al-Kuwaiti born?" --max-new-tokens 64
 
 This is a small argparse tool rather than a LightningCLI ``predict`` subcommand: answering prompts needs
@@ -23,13 +23,13 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from .data.formatting import DEFAULT_TEMPLATE
-from .models.unlearned import UnlearnedModel
-from .offset.vllm_client import ServerError
+from ..data.formatting import DEFAULT_TEMPLATE
+from .unlearned import UnlearnedModel
+from ..offset.vllm_client import ServerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_unlearn.generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lightning_unlearn.deploy.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="+", help="export directories (model.export_dir) or composition.json files")
     parser.add_argument("--prompt", action="append", default=None,

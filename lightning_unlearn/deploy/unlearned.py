@@ -8,7 +8,7 @@ model -- logits, log-probabilities of answers, greedy generations -- with the pr
 as during training (:class:`~lightning_unlearn.data.formatting.PromptFormatter`), so that what the model
 forgot in training is what it has forgotten here.
 
-Generation keeps one KV cache per model (:func:`~lightning_unlearn.models.generation.greedy_generate`):
+Generation keeps one KV cache per model (:func:`~lightning_unlearn.offset.generation.greedy_generate`):
 a shared cache would make each model attend to the others' keys and values.
 """
 
@@ -31,10 +31,10 @@ from ..data.formatting import (
 from ..evaluation.data import left_pad
 from ..losses.functional import sequence_logp, token_nll
 from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served
-from .generation import OffsetCausalLM, StopFn, decode_answers, offset_components
-from .logit_arithmetic import FilteredOffset
-from .loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
-from .lora import AdapterComponent, adapter_base_model, attach_adapters
+from ..offset.generation import OffsetCausalLM, StopFn, decode_answers, offset_components
+from ..offset.filtered import FilteredOffset
+from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from ..models.lora import AdapterComponent, adapter_base_model, attach_adapters
 from .manifest import Composition, PathLike, compose
 
 __all__ = ["UnlearnedModel"]
@@ -264,7 +264,7 @@ class UnlearnedModel(nn.Module):
     def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 200,
                      stop: StopFn | None = None) -> Tensor:
         """Greedy new tokens ``[B, n]`` for a LEFT-padded batch; a row ends at its first of :attr:`stop_ids`
-        (kept) or when ``stop`` says so (see :func:`~lightning_unlearn.models.generation.greedy_generate`), and is
+        (kept) or when ``stop`` says so (see :func:`~lightning_unlearn.offset.generation.greedy_generate`), and is
         padded after it."""
         return self.combined.generate(input_ids.to(self.device), attention_mask.to(self.device),
                                       max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
