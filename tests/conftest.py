@@ -47,3 +47,20 @@ def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in a temporary directory so logs and checkpoints land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def quick_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's ``--quick`` world (seed 0) up to its fine-tuned pair: ``<root>/models/large_ft`` and ``small_ft``.
+
+    Built once per session and shared by the slow tests of the newer methods, which each unlearn it their own way
+    (the demo's own end-to-end test builds its world through the demo command, as a user would).
+    """
+    from lightning_unlearn.demo import run_stage, stages
+
+    root = tmp_path_factory.mktemp("quick_pair") / "demo"
+    upstream: dict[str, str] = {}
+    for stage in stages(root, "NPO", (128, 4), (64, 2), None, quick=True, seed=0):
+        if stage.name in ("init", "finetune_large", "finetune_small"):
+            run_stage(stage, upstream, force=False)
+    return root

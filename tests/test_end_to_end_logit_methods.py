@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from lightning_unlearn.cli import main as cli
-from lightning_unlearn.demo import CONFIGS, QUICK, retain_term_rows, run_stage, selectivity, stages
+from lightning_unlearn.demo import CONFIGS, QUICK, retain_term_rows, selectivity
 
 CASES = {"WGA": ("WGA",), "SatImp": ("SatImp",), "PDU": ("PDU",), "CEU-nll": ("CEU", "--model.retain_loss", "nll"),
          "UNDIAL-nll": ("UNDIAL", "--model.retain_loss", "nll")}
@@ -51,13 +51,10 @@ def summary(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def quick_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The quick world's fine-tuned pair (built once) and the fine-tuned large model's evaluation."""
-    root = tmp_path_factory.mktemp("logit_methods") / "demo"
-    upstream: dict[str, str] = {}
-    for stage in stages(root, "NPO", (128, 4), (64, 2), None, quick=True, seed=0):
-        if stage.name in ("init", "finetune_large", "finetune_small"):
-            run_stage(stage, upstream, force=False)
+def quick_world(quick_pair: Path) -> tuple[Path, dict]:
+    """The quick world's fine-tuned pair (``conftest.quick_pair``, built once) and the fine-tuned large model's
+    evaluation."""
+    root = quick_pair
     cli(["test", "--config", str(CONFIGS / "eval.yaml"), "--model.small_model", str(root / "models" / "large_ft"),
          "--trainer.default_root_dir", str(root / "eval" / "finetuned"), "--verbose", "false", *QUICK["eval"]])
     return root, summary(root / "eval" / "finetuned")
