@@ -211,3 +211,14 @@ def test_flattening_differs_from_open_unlearnings_only_by_its_unshifted_mask(ref
     ours = logit_flattening_loss(logits, labels)
     assert ours.item() == pytest.approx(theirs(logits[:, :-1], labels[:, 1:]).item(), rel=1e-5)
     assert abs(ours.item() - theirs(logits, labels).item()) > 1e-2
+
+
+def test_a_single_answer_token_is_its_own_mean_and_no_answer_token_gives_zero() -> None:
+    """WGA with beta 0 on one labelled token is exactly that token's log-probability (the mean divides by 1), and a
+    batch with no labelled token gives 0 rather than NaN."""
+    logits = torch.tensor([[[2.0, 0.5, -1.0], [0.3, 1.2, 0.1]]])
+    labels = torch.tensor([[-100, -100]])
+    labels_one = torch.tensor([[-100, 1]])  # position 0 predicts labels[:, 1]
+    expected = F.log_softmax(logits[0, 0], dim=-1)[1]
+    assert wga_loss(logits, labels_one, beta=0.0).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert wga_loss(logits, labels, beta=0.0).item() == 0.0
