@@ -8,13 +8,11 @@ is a row with its error. Every file is written atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.report import atomic_write_json
+from ..evaluation.report import atomic_write_json, atomic_write_text, save_figure
 
 COLUMNS = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
            ("forget_Q_A_ROUGE", "forget ROUGE"), ("retain_Q_A_ROUGE", "retain ROUGE"),
@@ -80,20 +78,6 @@ def markdown(table: Sequence[Mapping[str, Any]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write text through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def plot(table: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path | None:
     """Forget quality (log scale) against model utility, offset cells as circles, direct as squares,
     references as stars, each labelled with its method; None when no row has both numbers."""
@@ -122,13 +106,7 @@ def plot(table: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path | N
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(root: Path, results: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]],

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..evaluation.report import atomic_write_text
 from .sources import Record, load_split
 
 ROW = "Question: {question}\nAnswer: {answer}"
@@ -67,11 +66,7 @@ def verbmem_rows(rows: Sequence[Record], rows_per_document: int, gt_words: int) 
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def build_muse_world(out: str | Path, forget: str = "forget01", retain1: str = "retain_perturbed[:40]",

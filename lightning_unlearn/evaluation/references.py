@@ -15,12 +15,12 @@ Each prints the cached path, the value for ``--model.retain_reference``.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .report import atomic_write
 from .tofu import RetainReference
 
 REPOSITORY = "open-unlearning/eval"
@@ -57,16 +57,7 @@ def _hub_download(filename: str, target_dir: str) -> str:
 def _install(source: Path, target: Path) -> Path:
     """Check ``source`` is a retain log (it parses as one) and copy it to ``target`` atomically."""
     RetainReference.from_file(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def fetch(model: str, split: str = "retain90", cache: str | Path = DEFAULT_CACHE, source: str | Path | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +13,40 @@ from rich.console import Console
 from rich.table import Table
 
 
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temporary file and ``os.replace``, so a crash never leaves half a file."""
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
+    """Have ``write(tmp)`` fill a temporary file beside ``path``, then ``os.replace`` it onto ``path``, so a crash
+    never leaves half a file (the temporary file is removed when ``write`` raises). Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, allow_nan=True)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """Write JSON (indented, NaN allowed) atomically (:func:`atomic_write`)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True))
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG (120 dpi) atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _fmt(value: float | None) -> str:
@@ -78,14 +99,7 @@ def plot_tradeoff(points: Sequence[Mapping[str, float | None]], label_key: str, 
     ax.grid(True, which="both", alpha=0.3)
     ax.set_ylim(bottom=min(min(ys) / 10, 0.1), top=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_history(points: Sequence[Mapping[str, Any]], x_key: str, y_key: str, label_key: str, path: str | Path,
@@ -112,11 +126,4 @@ def plot_history(points: Sequence[Mapping[str, Any]], x_key: str, y_key: str, la
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
