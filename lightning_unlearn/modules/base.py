@@ -264,17 +264,22 @@ class UnlearnModule(EvaluationHooks):
             if self.large is None:  # setup() connects it; configure_model() alone (outside a trainer) does here
                 self._connect_served_large()
         elif self.offset_mode:
-            large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
-            if h.get("large_device") is None:
-                self.large = large
-            else:  # unregistered, so that Lightning moving the module to its device leaves it where it is put
-                object.__setattr__(self, "large", large.to(h.large_device))
+            self._load_local_large()
         small.train()
         if h.gradient_checkpointing:
             # Non-reentrant: with reentrant checkpointing no gradient reaches adapters behind frozen layers.
             kwargs = {"use_reentrant": False} if self.uses_lora else None
             small.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model = small
+
+    def _load_local_large(self) -> None:
+        """Load the large model from ``large_model`` frozen as ``self.large``, on ``large_device`` if set."""
+        h = self.hparams
+        large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
+        if h.get("large_device") is None:
+            self.large = large
+        else:  # unregistered, so that Lightning moving the module to its device leaves it where it is put
+            object.__setattr__(self, "large", large.to(h.large_device))
 
     def frozen_models(self) -> list[torch.nn.Module]:
         return [m for m in (self.large, self.reference) if m is not None]

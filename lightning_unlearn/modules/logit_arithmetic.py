@@ -91,12 +91,8 @@ class ULD(UnlearnModule):
         """The trainable assistant and the frozen large model; no reference (``z_S0 = 0``)."""
         if self.model is not None:
             return
+        self._load_local_large()
         h = self.hparams
-        large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
-        if h.get("large_device") is None:
-            self.large = large
-        else:
-            object.__setattr__(self, "large", large.to(h.large_device))
         small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code)
         if h.gradient_checkpointing:
             small.gradient_checkpointing_enable()
