@@ -58,16 +58,7 @@ def reinforced(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> st
 
 def build(cls: type[UnlearnModule], world: dict, scale: float = 0.05, **kwargs) -> UnlearnModule:
     """The module on the tiny models, its trainable parameters moved away from where they started."""
-    module = cls(**kwargs)
-    module.setup("fit")
-    module.configure_model()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=generator))
-    module.train()
-    return module
+    return wiring.set_up_and_moved(cls(**kwargs), scale)
 
 
 def raw(model: torch.nn.Module, part: dict, vocab: int) -> Tensor:

@@ -187,7 +187,12 @@ def moved(cls: type[UnlearnModule], world: dict, offset: bool, scale: float = 0.
     noise of standard deviation ``scale``."""
     if offset:
         kwargs.update(large_model=world["large"], large_dtype="float32", alpha=ALPHA)
-    module = cls(small_model=world["small"], **kwargs)
+    return set_up_and_moved(cls(small_model=world["small"], **kwargs), scale)
+
+
+def set_up_and_moved(module: UnlearnModule, scale: float) -> UnlearnModule:
+    """``module`` set up for fit with its models built, its trainable parameters moved by Gaussian noise of standard
+    deviation ``scale`` (seeded), in train mode."""
     module.setup("fit")
     module.configure_model()
     generator = torch.Generator().manual_seed(0)
