@@ -275,8 +275,10 @@ def agreement(ou: dict[str, Any], ours: dict[str, Any]) -> list[dict[str, Any]]:
     """Per metric both reports hold: both aggregates, the largest per-sample difference, differing generations.
 
     A per-sample difference is taken over every index and numeric field both sides report (NaN on both
-    sides counts as equal, NaN on one side as an infinite difference); ``generations`` counts indices whose
-    ``generation`` text differs, of those both report.
+    sides counts as equal, NaN on one side as an infinite difference); ``max_scaled_diff`` divides each by
+    ``max(1, |value|)`` (relative for values above 1, such as truth ratios in the thousands, where float32
+    agreement to 1e-5 absolute is not possible); ``generations`` counts indices whose ``generation`` text
+    differs, of those both report.
     """
     rows = []
     for key in sorted(set(ou) & set(ours)):
@@ -286,7 +288,7 @@ def agreement(ou: dict[str, Any], ours: dict[str, Any]) -> list[dict[str, Any]]:
         agg_a, agg_b = a.get("agg_value"), b.get("agg_value")
         by_a, by_b = a.get("value_by_index") or {}, b.get("value_by_index") or {}
         common = sorted(set(by_a) & set(by_b), key=lambda s: int(s) if s.isdigit() else s)
-        worst, fields, differing, texts = 0.0, set(), 0, 0
+        worst, scaled, fields, differing, texts = 0.0, 0.0, set(), 0, 0
         for index in common:
             na, nb = _numbers(by_a[index]), _numbers(by_b[index])
             for field in set(na) & set(nb):
@@ -294,7 +296,8 @@ def agreement(ou: dict[str, Any], ours: dict[str, Any]) -> list[dict[str, Any]]:
                 x, y = na[field], nb[field]
                 if math.isnan(x) and math.isnan(y):
                     continue
-                worst = max(worst, math.inf if math.isnan(x) or math.isnan(y) else abs(x - y))
+                diff = math.inf if math.isnan(x) or math.isnan(y) else abs(x - y)
+                worst, scaled = max(worst, diff), max(scaled, diff / max(1.0, abs(x), abs(y)))
             ga = by_a[index].get("generation") if isinstance(by_a[index], dict) else None
             gb = by_b[index].get("generation") if isinstance(by_b[index], dict) else None
             if ga is not None and gb is not None:
@@ -303,6 +306,7 @@ def agreement(ou: dict[str, Any], ours: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"metric": key, "ou": agg_a, "ours": agg_b, "samples": len(common),
                      "only_ou": len(set(by_a) - set(by_b)), "only_ours": len(set(by_b) - set(by_a)),
                      "fields": sorted(fields), "max_abs_diff": worst if fields else None,
+                     "max_scaled_diff": scaled if fields else None,
                      "generations": f"{differing}/{texts}" if texts else ""})
     return rows
 
@@ -316,19 +320,64 @@ def _fmt(value: Any) -> str:
 
 
 def print_agreement(rows: list[dict[str, Any]], only_ou: list[str], only_ours: list[str], tolerance: float) -> bool:
-    """Print the table; return whether every per-sample value agrees within ``tolerance`` and every text."""
+    """Print the table; return whether every per-sample value agrees within ``tolerance`` (scaled by
+    ``max(1, |value|)``, see :func:`agreement`) and every generation is the same text."""
     print(f"\n{'metric':28s} {'open-unlearning':>16s} {'this framework':>16s} {'samples':>7s} {'max |diff|':>11s} "
-          f"{'gen. differ':>11s}  fields")
+          f"{'scaled':>11s} {'gen. differ':>11s}  fields")
     ok = True
     for r in rows:
-        diff = r["max_abs_diff"]
-        bad = (diff is not None and not diff <= tolerance) or (r["generations"] and not r["generations"].startswith("0/"))
+        diff = r["max_scaled_diff"]
+        texts_differ = bool(r["generations"]) and not r["generations"].startswith("0/")
+        bad = (diff is not None and not diff <= tolerance) or texts_differ
         ok &= not bad
         print(f"{r['metric']:28s} {_fmt(r['ou']):>16s} {_fmt(r['ours']):>16s} {r['samples']:>7d} "
-              f"{_fmt(diff):>11s} {r['generations']:>11s}  {','.join(r['fields'])}{'  <-- differs' if bad else ''}")
+              f"{_fmt(r['max_abs_diff']):>11s} {_fmt(diff):>11s} {r['generations']:>11s}  {','.join(r['fields'])}"
+              f"{'  <-- differs' if bad else ''}")
     print(f"only in open-unlearning's report: {', '.join(only_ou) or 'none'}")
     print(f"only in this framework's report: {', '.join(only_ours) or 'none'}")
     return ok
+
+
+PROB_SPLITS = {"forget_Q_A_Prob": "{forget}_perturbed", "retain_Q_A_Prob": "retain_perturbed",
+               "ra_Q_A_Prob": "real_authors_perturbed", "wf_Q_A_Prob": "world_facts_perturbed"}
+"""The file each answer-probability metric reads its question/answer rows from (same rows, same order on both
+sides; ``forget{NN}_perturbed`` repeats ``forget{NN}``'s questions and answers)."""
+
+
+def exact_probabilities(model_dir: Path, data_dir: Path, forget: str, ou: dict[str, Any], ours: dict[str, Any],
+                        per_metric: int = 2) -> list[tuple[str, str, float, float, float]]:
+    """The answer probabilities the two sides disagree on most, recomputed in float64 (batch of 1).
+
+    For each ``*_Q_A_Prob`` metric, the ``per_metric`` samples with the largest difference: ``exp(-mean
+    NLL)`` over the answer tokens (TOFU's normalised probability) from the model's float32 logits cast to
+    float64, on this framework's token ids (which the shim makes open-unlearning's too). Tells which side
+    carries the numerical error. Returns ``(metric, index, open-unlearning, this framework, float64)``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_unlearn.data.formatting import PromptFormatter
+    from lightning_unlearn.data.sources import load_split
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    formatter = PromptFormatter(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out = []
+    for metric, split in PROB_SPLITS.items():
+        if metric not in ou or metric not in ours:
+            continue
+        a, b = ou[metric]["value_by_index"], ours[metric]["value_by_index"]
+        worst = sorted(set(a) & set(b), key=lambda i: -abs(a[i]["prob"] - b[i]["prob"]))[:per_metric]
+        rows = load_split(str(data_dir), split.format(forget=forget))
+        for index in worst:
+            encoded = formatter.encode(rows[int(index)]["question"], rows[int(index)]["answer"])
+            with torch.no_grad():
+                logits = model(torch.tensor([encoded.input_ids])).logits[0, :-1].double()
+            labels = torch.tensor(encoded.labels[1:])
+            keep = labels != -100
+            nll = torch.nn.functional.cross_entropy(logits[keep], labels[keep]).item()
+            out.append((metric, index, a[index]["prob"], b[index]["prob"], math.exp(-nll)))
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -351,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="this framework's data.eval_batch_size (default: the data module's)")
     parser.add_argument("--offset", action="store_true", help="also time offset mode (the model thrice, zero offset)")
-    parser.add_argument("--tolerance", type=float, default=1e-5, help="largest per-sample difference counted equal")
+    parser.add_argument("--tolerance", type=float, default=1e-5,
+                        help="largest per-sample difference counted equal (relative for values above 1)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_ou", help="shims, logs and reports")
     parser.add_argument("--python", default=sys.executable, help="python of this framework's environment")
     args = parser.parse_args(argv)
@@ -416,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in kinds:
         print(f"{names[k]:18s} {med[k]['wall_s']:14.1f} {med[k]['cpu_s']:13.1f} {med[k]['peak_mib']:13.0f}")
     ratios = [o.wall_s / m.wall_s for o, m in zip(runs["ou"], runs["ours"])]
-    print(f"speed-up open-unlearning / this framework: median wall ratio {med['ou']['wall_s'] / med['ours']['wall_s']:.2f}x "
+    wall_ratio = med["ou"]["wall_s"] / med["ours"]["wall_s"]
+    print(f"speed-up open-unlearning / this framework: median wall ratio {wall_ratio:.2f}x "
           f"(per round {', '.join(f'{x:.2f}' for x in ratios)}), median CPU ratio "
           f"{med['ou']['cpu_s'] / med['ours']['cpu_s']:.2f}x")
     if args.offset:
@@ -430,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = agreement(ou_report, ours_report)
     ok = print_agreement(rows, sorted(set(ou_report) - set(ours_report)), sorted(set(ours_report) - set(ou_report)),
                          args.tolerance)
+    if not ok:
+        print("\nlargest answer-probability differences against float64 (batch of 1, same tokens):")
+        print(f"{'metric':18s} {'index':>5s} {'open-unlearning':>16s} {'this framework':>16s} {'float64':>16s} "
+              f"{'|OU - f64|':>11s} {'|ours - f64|':>12s}")
+        for metric, index, a, b, exact in exact_probabilities(model, data, args.forget_split, ou_report, ours_report):
+            print(f"{metric:18s} {index:>5s} {a:16.9f} {b:16.9f} {exact:16.9f} {abs(a - exact):11.2e} "
+                  f"{abs(b - exact):12.2e}")
     if args.offset:
         offset_report = json.loads((last / "offset" / "TOFU_EVAL.json").read_text())
         same = agreement(ours_report, offset_report)
@@ -441,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                "median_wall_ratio": med["ou"]["wall_s"] / med["ours"]["wall_s"], "agreement": rows,
                "identical_within_tolerance": ok}
     (work / "SUMMARY.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nper-sample agreement within {args.tolerance:g} and identical generations: {'yes' if ok else 'NO'}; "
+    print(f"\nper-sample agreement within {args.tolerance:g} (relative above 1) and identical generations: "
+          f"{'yes' if ok else 'NO'}; "
           f"summary in {work / 'SUMMARY.json'}")
     return 0 if ok else 1
 

@@ -100,3 +100,15 @@ def test_agreement_finds_a_changed_value_and_a_changed_generation() -> None:
     assert rows["forget_Q_A_ROUGE"]["generations"] == "1/2"
     assert not bench.print_agreement(list(rows.values()), [], [], 1e-5)
     assert bench.print_agreement(list(same.values()), [], [], 1e-5)
+
+
+def test_agreement_scales_the_tolerance_above_one() -> None:
+    def report(score: float) -> dict:
+        return {"ra_Truth_Ratio": {"agg_value": 0.5, "value_by_index": {"0": {"score": score}}}}
+
+    bench = _bench()
+    close = bench.agreement(report(2000.0), report(2000.01))
+    assert close[0]["max_abs_diff"] == pytest.approx(0.01) and close[0]["max_scaled_diff"] == pytest.approx(0.01 / 2000.01)
+    assert bench.print_agreement(close, [], [], 1e-5)
+    assert not bench.print_agreement(bench.agreement(report(2000.0), report(2000.1)), [], [], 1e-5)
+    assert not bench.print_agreement(bench.agreement(report(0.5), report(0.50002)), [], [], 1e-5)
