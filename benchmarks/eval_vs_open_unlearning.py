@@ -380,6 +380,34 @@ def exact_probabilities(model_dir: Path, data_dir: Path, forget: str, ou: dict[s
     return out
 
 
+def compare_round(folder: Path, model: Path, data: Path, forget: str, tolerance: float,
+                  offset: bool) -> tuple[list[dict[str, Any]], bool]:
+    """Print the agreement of one round's reports (``folder/{ou,ours,offset}/TOFU_EVAL.json``).
+
+    Returns the table's rows and whether everything agrees; on disagreement also prints the largest
+    answer-probability differences against float64 (:func:`exact_probabilities`).
+    """
+    ou_report = json.loads((folder / "ou" / "TOFU_EVAL.json").read_text())
+    ours_report = json.loads((folder / "ours" / "TOFU_EVAL.json").read_text())
+    rows = agreement(ou_report, ours_report)
+    ok = print_agreement(rows, sorted(set(ou_report) - set(ours_report)), sorted(set(ours_report) - set(ou_report)),
+                         tolerance)
+    if not ok:
+        print("\nlargest answer-probability differences against float64 (batch of 1, same tokens):")
+        print(f"{'metric':18s} {'index':>5s} {'open-unlearning':>16s} {'this framework':>16s} {'float64':>16s} "
+              f"{'|OU - f64|':>11s} {'|ours - f64|':>12s}")
+        for metric, index, a, b, exact in exact_probabilities(model, data, forget, ou_report, ours_report):
+            print(f"{metric:18s} {index:>5s} {a:16.9f} {b:16.9f} {exact:16.9f} {abs(a - exact):11.2e} "
+                  f"{abs(b - exact):12.2e}")
+    if offset:
+        offset_report = json.loads((folder / "offset" / "TOFU_EVAL.json").read_text())
+        same = agreement(ours_report, offset_report)
+        worst = max((r["max_abs_diff"] or 0.0) for r in same)
+        gens = sum(int(r["generations"].split("/")[0]) for r in same if r["generations"])
+        print(f"offset (zero offset) vs direct: max per-sample |diff| {worst:.3g}, {gens} differing generations")
+    return rows, ok
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -404,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest per-sample difference counted equal (relative for values above 1)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_ou", help="shims, logs and reports")
     parser.add_argument("--python", default=sys.executable, help="python of this framework's environment")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="run nothing: print the agreement of the last round already in --work")
     args = parser.parse_args(argv)
 
     ou = args.ou.resolve()
@@ -424,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data {data} lacks {', '.join(s + '.jsonl' for s in missing)}.")
 
     work = args.work.resolve()
+    if args.compare_only:
+        _, ok = compare_round(work / f"round{args.rounds - 1}", model, data, args.forget_split, args.tolerance,
+                              args.offset)
+        return 0 if ok else 1
     shims = work / "ou_shims"
     start = time.perf_counter()
     tok_config = write_tokenizer_shim((args.tokenizer or model).resolve(), shims / "tokenizer")
@@ -475,25 +509,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{med['offset']['cpu_s'] / med['ours']['cpu_s']:.2f}x (three models' forward passes vs one: 3x "
               "would be no sharing of the rest)")
 
-    last = work / f"round{args.rounds - 1}"
-    ou_report = json.loads((last / "ou" / "TOFU_EVAL.json").read_text())
-    ours_report = json.loads((last / "ours" / "TOFU_EVAL.json").read_text())
-    rows = agreement(ou_report, ours_report)
-    ok = print_agreement(rows, sorted(set(ou_report) - set(ours_report)), sorted(set(ours_report) - set(ou_report)),
-                         args.tolerance)
-    if not ok:
-        print("\nlargest answer-probability differences against float64 (batch of 1, same tokens):")
-        print(f"{'metric':18s} {'index':>5s} {'open-unlearning':>16s} {'this framework':>16s} {'float64':>16s} "
-              f"{'|OU - f64|':>11s} {'|ours - f64|':>12s}")
-        for metric, index, a, b, exact in exact_probabilities(model, data, args.forget_split, ou_report, ours_report):
-            print(f"{metric:18s} {index:>5s} {a:16.9f} {b:16.9f} {exact:16.9f} {abs(a - exact):11.2e} "
-                  f"{abs(b - exact):12.2e}")
-    if args.offset:
-        offset_report = json.loads((last / "offset" / "TOFU_EVAL.json").read_text())
-        same = agreement(ours_report, offset_report)
-        worst = max((r["max_abs_diff"] or 0.0) for r in same)
-        gens = sum(int(r["generations"].split("/")[0]) for r in same if r["generations"])
-        print(f"offset (zero offset) vs direct: max per-sample |diff| {worst:.3g}, {gens} differing generations")
+    rows, ok = compare_round(work / f"round{args.rounds - 1}", model, data, args.forget_split, args.tolerance,
+                             args.offset)
     summary = {"model": str(model), "forget_split": args.forget_split, "max_new_tokens": args.max_new_tokens,
                "runs": {k: [vars(x) for x in v] for k, v in runs.items()}, "median": med,
                "median_wall_ratio": med["ou"]["wall_s"] / med["ours"]["wall_s"], "agreement": rows,
