@@ -20,9 +20,10 @@ CLONE`` makes one). To run it offline on CPU the script writes, under ``--work``
 whose TOFU dataset configs read the local ``<split>.jsonl`` files (``path: json`` with ``data_files``) and
 with a model config (float32, default attention, CPU); a model directory whose ``config.json`` transformers
 4.45 reads (weights linked, not copied); and a tokenizer directory with the model's ``tokenizer.json`` and a
-``tokenizer_config.json`` 4.45 can read. That tokenizer gets a chat template which renders exactly the prompt
-and answer this framework builds (its own chat template if it has one; else the plain ``Question: ...
-Answer:`` template with the tokenizer's BOS and EOS), so both sides score the same token sequences.
+``tokenizer_config.json`` 4.45 can read. A tokenizer without a chat template (the tiny models) gets one that
+renders exactly the prompt and answer this framework builds with its plain ``Question: ... Answer:`` template
+(BOS and EOS included), so both sides score the same token sequences. A chat model's own template is passed
+on as it is; the two projects mark where its answers end differently, which the agreement table shows.
 
     benchmarks/open_unlearning_env.sh /path/to/open-unlearning
     python benchmarks/eval_vs_open_unlearning.py --ou /path/to/open-unlearning --model runs/demo/models/large_ft
