@@ -51,12 +51,17 @@ TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "reta
               "extraction_strength", "tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc")
 ALPHAS = (1.0, 1.5, 2.0)
 """Offset strengths the unlearned checkpoint is evaluated at; the selection rule picks one (see ``configs/demo/unlearn.yaml``)."""
-RETAIN_TERM_ROWS = {"offset": (40, 10), "EUL": (40, 10)}
+RETAIN_TERM_ROWS = {"NPO": (200, 10), "offset": (40, 10), "EUL": (40, 10)}
 """How many of the first ``retain_perturbed`` rows the unlearning retain term uses (full world, ``--quick``).
 The evaluation scores the first 40 (20) rows the models were fine-tuned on; the rows past this count are known
 to the model but outside the retain term, so they show whether retention carries beyond the rows it is trained
 on. The full world keeps both retain authors in the retain term (as calibrated; its real authors and world
-facts are outside it); ``--quick`` splits its one retain author in halves."""
+facts are outside it); ``--quick`` splits its one retain author in halves. The full world's NPO takes a KL
+retain term over the first 200 rows (:data:`NPO_CONFIG`): the 40 the models know and 160 of authors they never
+saw, on which the KL holds the offset at zero (an NLL term there would teach those authors)."""
+NPO_CONFIG = CONFIGS / "unlearn_npo.yaml"
+"""The full world's NPO settings, added after ``unlearn.yaml`` for ``--method NPO`` (not ``--quick``, whose slow-test
+bounds were measured with ``unlearn.yaml``'s): beta 0.02 and a KL retain term; the file says why."""
 NLL_SETS = ("forget", "retain_term", "retain_heldout", "ra", "wf")
 
 
@@ -103,7 +108,7 @@ def selected_checkpoint(method: str, quick: bool = False) -> str:
 
 def retain_term_rows(method: str, quick: bool) -> int:
     """Rows of ``retain_perturbed`` in the unlearning retain term (see :data:`RETAIN_TERM_ROWS`)."""
-    return RETAIN_TERM_ROWS["EUL" if method == "EUL" else "offset"][int(quick)]
+    return RETAIN_TERM_ROWS[method if method in RETAIN_TERM_ROWS else "offset"][int(quick)]
 
 
 def selectivity(report: dict, retain_rows: int) -> dict[str, float | None]:
@@ -157,6 +162,8 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
     else:
         unlearning = ["--config", un, "--model", method, "--model.large_model", f"{r}/models/large_ft",
                       "--model.small_model", f"{r}/models/small_ft"]
+        if method == "NPO" and not quick:
+            unlearning += ["--config", os.path.relpath(NPO_CONFIG)]
     unlearn_common = unlearning + seeded + retain_term + [
         "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
         "--trainer.default_root_dir", f"{r}/logs/unlearn",
