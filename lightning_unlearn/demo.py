@@ -49,8 +49,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE",
               "retain_heldout_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE", "model_utility", "forget_quality", "privleak",
               "extraction_strength", "tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc")
-ALPHAS = (1.0, 1.5, 2.0)
-"""Offset strengths the unlearned checkpoint is evaluated at; the selection rule picks one (see ``configs/demo/unlearn.yaml``)."""
+ALPHAS = (1.0, 1.25, 1.5)
+"""Offset strengths the unlearned checkpoint is evaluated at; the selection rule picks one (see ``configs/demo/unlearn.yaml``).
+Steps of 0.25: with the NPO settings of :data:`NPO_CONFIG` the forget truth ratios at alpha 1 are already close to
+the retain model's, and alpha 1.5 pushes them past it (forget quality falls again); 2 only overshoots further."""
 RETAIN_TERM_ROWS = {"NPO": (200, 10), "offset": (40, 10), "EUL": (40, 10)}
 """How many of the first ``retain_perturbed`` rows the unlearning retain term uses (full world, ``--quick``).
 The evaluation scores the first 40 (20) rows the models were fine-tuned on; the rows past this count are known
