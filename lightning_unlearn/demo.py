@@ -12,10 +12,11 @@ Every stage is an ordinary command (printed before it runs) that works the same 
 6. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
    and the per-epoch forget quality vs model utility plot.
 
-The selection protocol, fixed in advance: the epoch with the highest forget quality among those keeping model
+The selection protocol: the epoch with the highest forget quality among those keeping model
 utility >= 0.9x the retain model's (``UtilityFloorCheckpoint``, ``lightning_unlearn/evaluation/selection.py``),
 then the alpha picked by the same rule. The rule reads the evaluation sets the table reports (the tiny world
-has no separate validation split), so the table's forget quality is the best of several looks.
+has no separate validation split), so the table's forget quality is the best of several looks; the NPO settings
+(``configs/demo/unlearn_npo.yaml``) and the alphas were themselves chosen by comparing runs on those sets.
 
 A stage whose outputs exist and whose command, configs and inputs are unchanged is skipped, so a second
 run only redoes what changed; ``--force`` redoes everything.
