@@ -12,10 +12,11 @@ Every stage is an ordinary command (printed before it runs) that works the same 
 6. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
    and the per-epoch forget quality vs model utility plot.
 
-The selection protocol, fixed in advance: the epoch with the highest forget quality among those keeping model
+The selection protocol: the epoch with the highest forget quality among those keeping model
 utility >= 0.9x the retain model's (``UtilityFloorCheckpoint``, ``lightning_unlearn/evaluation/selection.py``),
 then the alpha picked by the same rule. The rule reads the evaluation sets the table reports (the tiny world
-has no separate validation split), so the table's forget quality is the best of several looks.
+has no separate validation split), so the table's forget quality is the best of several looks; the NPO settings
+(``configs/demo/unlearn_npo.yaml``) and the alphas were themselves chosen by comparing runs on those sets.
 
 A stage whose outputs exist and whose command, configs and inputs are unchanged is skipped, so a second
 run only redoes what changed; ``--force`` redoes everything.
@@ -49,14 +50,21 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE",
               "retain_heldout_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE", "model_utility", "forget_quality", "privleak",
               "extraction_strength", "tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc")
-ALPHAS = (1.0, 1.5, 2.0)
-"""Offset strengths the unlearned checkpoint is evaluated at; the selection rule picks one (see ``configs/demo/unlearn.yaml``)."""
-RETAIN_TERM_ROWS = {"offset": (40, 10), "EUL": (40, 10)}
+ALPHAS = (1.0, 1.25, 1.5)
+"""Offset strengths the unlearned checkpoint is evaluated at; the selection rule picks one (see ``configs/demo/unlearn.yaml``).
+Steps of 0.25: with the NPO settings of :data:`NPO_CONFIG` the forget truth ratios at alpha 1 are already close to
+the retain model's, and alpha 1.5 pushes them past it (forget quality falls again); 2 only overshoots further."""
+RETAIN_TERM_ROWS = {"NPO": (200, 10), "offset": (40, 10), "EUL": (40, 10)}
 """How many of the first ``retain_perturbed`` rows the unlearning retain term uses (full world, ``--quick``).
 The evaluation scores the first 40 (20) rows the models were fine-tuned on; the rows past this count are known
 to the model but outside the retain term, so they show whether retention carries beyond the rows it is trained
 on. The full world keeps both retain authors in the retain term (as calibrated; its real authors and world
-facts are outside it); ``--quick`` splits its one retain author in halves."""
+facts are outside it); ``--quick`` splits its one retain author in halves. The full world's NPO takes a KL
+retain term over the first 200 rows (:data:`NPO_CONFIG`): the 40 the models know and 160 of authors they never
+saw, on which the KL holds the offset at zero (an NLL term there would teach those authors)."""
+NPO_CONFIG = CONFIGS / "unlearn_npo.yaml"
+"""The full world's NPO settings, added after ``unlearn.yaml`` for ``--method NPO`` (not ``--quick``, whose slow-test
+bounds were measured with ``unlearn.yaml``'s): beta 0.02 and a KL retain term; the file says why."""
 NLL_SETS = ("forget", "retain_term", "retain_heldout", "ra", "wf")
 
 
@@ -103,7 +111,7 @@ def selected_checkpoint(method: str, quick: bool = False) -> str:
 
 def retain_term_rows(method: str, quick: bool) -> int:
     """Rows of ``retain_perturbed`` in the unlearning retain term (see :data:`RETAIN_TERM_ROWS`)."""
-    return RETAIN_TERM_ROWS["EUL" if method == "EUL" else "offset"][int(quick)]
+    return RETAIN_TERM_ROWS[method if method in RETAIN_TERM_ROWS else "offset"][int(quick)]
 
 
 def selectivity(report: dict, retain_rows: int) -> dict[str, float | None]:
@@ -157,6 +165,8 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
     else:
         unlearning = ["--config", un, "--model", method, "--model.large_model", f"{r}/models/large_ft",
                       "--model.small_model", f"{r}/models/small_ft"]
+        if method == "NPO" and not quick:
+            unlearning += ["--config", os.path.relpath(NPO_CONFIG)]
     unlearn_common = unlearning + seeded + retain_term + [
         "--model.retain_reference", f"{r}/eval/retain/TOFU_EVAL.json",
         "--trainer.default_root_dir", f"{r}/logs/unlearn",

@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lightning_unlearn.demo import main as demo, selected_alpha_dir, selectivity
+from lightning_unlearn.demo import CONFIGS, NPO_CONFIG, main as demo, selected_alpha_dir, selectivity, stages
 
 
 def rise(before: dict, after: dict, part: str) -> float:
@@ -108,3 +110,20 @@ def test_offset_npo_forgets_the_forget_set_and_keeps_the_rest(tmp_cwd: Path) -> 
 
     again = demo(["--root", str(tmp_cwd / "demo"), "--quick"])
     assert again == columns, "a second run skips every stage and reports the same numbers"
+
+
+def test_only_the_full_worlds_npo_reads_the_npo_settings(tmp_path: Path) -> None:
+    def unlearn_args(method: str, quick: bool) -> list[str]:
+        return next(s for s in stages(tmp_path, method, (128, 4), (64, 2), None, quick) if s.name == "unlearn").args
+
+    npo = unlearn_args("NPO", quick=False)
+    assert npo[npo.index(str(os.path.relpath(NPO_CONFIG))) - 1] == "--config", npo
+    assert npo.index(os.path.relpath(NPO_CONFIG)) > npo.index("NPO"), "after --model NPO, so that its values stand"
+    assert npo[npo.index("--data.retain_split") + 1] == "retain_perturbed[:200]", "the KL term's rows, as the file says"
+    for method, quick in (("NPO", True), ("SimNPO", False), ("GD", False)):
+        assert os.path.relpath(NPO_CONFIG) not in unlearn_args(method, quick), (method, quick)
+    # The shared config sets no loss-specific hyper-parameter: SimNPO, UNDIAL, WGA, ... would take it as theirs.
+    shared = yaml.safe_load((CONFIGS / "unlearn.yaml").read_text())["model"]["init_args"]
+    assert not {"beta", "retain_loss"} & set(shared), shared
+    calibrated = yaml.safe_load(NPO_CONFIG.read_text())
+    assert calibrated["model"]["class_path"].endswith(".NPO") and calibrated["model"]["init_args"]["beta"] < 0.1
