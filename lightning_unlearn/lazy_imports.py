@@ -1,7 +1,7 @@
-"""Import the two parts of torchmetrics and NLTK this package uses without their whole packages.
+"""Import the parts of torchmetrics, NLTK and SciPy's optimizers that are used without their whole packages.
 
-Every command pays for its imports before it does anything, and two third-party packages import far more
-than they are used for here:
+Every command pays for its imports before it does anything, and three third-party packages import far more
+than they are used for here (CPU times on the shared 2-vCPU machine, under load):
 
 * Lightning imports ``torchmetrics`` (for ``Metric`` and ``MetricCollection``), whose ``__init__`` imports every
   metric of every domain, ``torchmetrics.functional`` with its text metrics (transformers), audio (SciPy's
@@ -9,6 +9,8 @@ than they are used for here:
   classes (about 0.5 s, matplotlib included, which ``torchmetrics.metric`` imports for its plots).
 * ``rouge_score`` (TOFU's and MUSE's ROUGE) imports ``nltk``, whose ``__init__`` imports all of NLTK, scikit-learn
   and pandas with it, to stem words with NLTK's Porter stemmer: about 1 s of CPU for one module.
+* transformers' model code imports ``scipy.optimize`` (all of SciPy's optimizers) for one function,
+  ``linear_sum_assignment``, in the loss of its object-detection models: about 0.5 s of CPU.
 
 :func:`defer_package_init` registers such a package with its ``__init__`` not yet run: its submodules import
 as usual (``torchmetrics.metric``, ``nltk.stem.porter``), a name that is a submodule is imported when it is
@@ -18,7 +20,7 @@ the compatibility patches those ``__init__`` files apply to other libraries (``n
 ``scipy.signal.hamming``), which only their own metrics need. A package already imported is left as it is,
 and any error while preparing a deferred package puts the ordinary import back.
 
-``lightning_unlearn/__init__.py`` defers both, so every entry point (``main.py``, the demo, the compare and
+``lightning_unlearn/__init__.py`` defers all three, so every entry point (``main.py``, the demo, the compare and
 sweep commands) starts without them; ``tests/test_import_diet.py`` checks what ``import lightning_unlearn.cli``
 leaves out.
 """
@@ -34,7 +36,7 @@ import threading
 from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["defer_package_init", "defer_nltk", "defer_torchmetrics", "is_deferred"]
+__all__ = ["defer_package_init", "defer_nltk", "defer_scipy_optimize", "defer_torchmetrics", "is_deferred"]
 
 _DEFERRED: dict[str, Callable[[], None]] = {}
 
@@ -153,3 +155,11 @@ def defer_nltk() -> bool:
         return False
     defer_package_init("nltk.stem")
     return True
+
+
+def defer_scipy_optimize() -> bool:
+    """Defer ``scipy.optimize``'s ``__init__``: ``linear_sum_assignment`` (what transformers imports from it) comes
+    from its compiled module alone."""
+    return defer_package_init("scipy.optimize", exports={
+        "linear_sum_assignment": lambda: importlib.import_module("scipy.optimize._lsap").linear_sum_assignment,
+    })

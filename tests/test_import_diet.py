@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Not needed to parse a command, build the Trainer or evaluate: each is imported where it is used.
 LEFT_OUT = ("lm_eval", "httpx", "wandb", "peft", "datasets", "sklearn", "pandas", "nltk.chunk", "rouge_score",
-            "scipy.stats", "scipy.signal", "torchmetrics.functional", "torchmetrics.classification")
+            "scipy.stats", "scipy.signal", "scipy.optimize._minimize", "torchmetrics.functional",
+            "torchmetrics.classification")
 
 # (generation, answer, ROUGE-L recall by hand): rouge_score lower-cases, splits on non-alphanumerics and
 # Porter-stems tokens of more than 3 characters. First pair: "cats" -> cat, "runs"/"running" -> run, "quickly" ->
@@ -43,7 +44,7 @@ def _run(code: str) -> dict:
 
 def test_importing_the_cli_leaves_out_what_no_command_needs() -> None:
     """In a fresh interpreter (the import is the cost measured): the CLI's import leaves the heavy optional modules
-    out and torchmetrics and NLTK deferred, and ROUGE through the deferred NLTK stems as the whole of it does."""
+    out and torchmetrics, NLTK and scipy.optimize deferred, and ROUGE through the deferred NLTK stems as the whole of it does."""
     out = _run(f"""
         import json, sys
         import lightning_unlearn.cli
@@ -53,24 +54,28 @@ def test_importing_the_cli_leaves_out_what_no_command_needs() -> None:
         pairs = {PAIRS!r}
         rouge = rouge_l_recall([p for p, _, _ in pairs], [r for _, r, _ in pairs])
         print(json.dumps({{"present": present, "rouge": rouge,
-                          "deferred": [is_deferred("torchmetrics"), is_deferred("nltk")]}}))
+                          "deferred": [is_deferred(p) for p in ("torchmetrics", "nltk", "scipy.optimize")]}}))
     """)
     assert out["present"] == []
-    assert out["deferred"] == [True, True]
+    assert out["deferred"] == [True, True, True]
     assert out["rouge"] == pytest.approx([expected for _, _, expected in PAIRS])
 
 
-def test_deferred_torchmetrics_and_nltk_give_their_whole_package_on_demand() -> None:
+def test_deferred_packages_give_their_whole_package_on_demand() -> None:
     """Names only the packages' own ``__init__`` defines arrive on first use (in this process the packages may be
     deferred or already whole), with torchmetrics' log handler set up once."""
     import logging
 
     import nltk
+    import scipy.optimize
     import torchmetrics
+    from scipy.optimize import linear_sum_assignment
 
+    assert linear_sum_assignment([[4.0, 1.0], [2.0, 0.0]])[1].tolist() == [1, 0]
     assert torchmetrics.Accuracy.__name__ == "Accuracy"
     assert nltk.edit_distance("kitten", "sitting") == 3
-    assert not is_deferred("torchmetrics") and not is_deferred("nltk")
+    assert scipy.optimize.brentq(lambda x: x - 0.5, 0.0, 1.0) == pytest.approx(0.5)
+    assert not any(is_deferred(p) for p in ("torchmetrics", "nltk", "scipy.optimize"))
     assert len(logging.getLogger("torchmetrics").handlers) == 1
 
 
