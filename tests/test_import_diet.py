@@ -8,6 +8,7 @@ names only its ``__init__`` defines).
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_unlearn.lazy_imports import defer_package_init, is_deferred
+from lightning_unlearn.lazy_imports import collector_paused, defer_package_init, is_deferred
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,21 +45,32 @@ def _run(code: str) -> dict:
 
 def test_importing_the_cli_leaves_out_what_no_command_needs() -> None:
     """In a fresh interpreter (the import is the cost measured): the CLI's import leaves the heavy optional modules
-    out and torchmetrics, NLTK and scipy.optimize deferred, and ROUGE through the deferred NLTK stems as the whole of it does."""
+    out and torchmetrics, NLTK and scipy.optimize deferred, ROUGE through the deferred NLTK stems as the whole of it
+    does, the garbage collector is on again after the import, and only the command line's ``main()`` freezes the
+    imported objects out of its passes."""
     out = _run(f"""
-        import json, sys
+        import gc, json, sys
         import lightning_unlearn.cli
         from lightning_unlearn.lazy_imports import is_deferred
         from lightning_unlearn.metrics.functional import rouge_l_recall
         present = [m for m in {LEFT_OUT!r} if m in sys.modules]
         pairs = {PAIRS!r}
         rouge = rouge_l_recall([p for p, _, _ in pairs], [r for _, r, _ in pairs])
-        print(json.dumps({{"present": present, "rouge": rouge,
+        collector = [gc.isenabled(), gc.get_freeze_count()]
+        for args in (["--help"], None):
+            sys.argv = ["main.py", "--help"]
+            try:
+                lightning_unlearn.cli.main(args)
+            except SystemExit:
+                pass
+            collector.append(gc.get_freeze_count() > 0)
+        print(json.dumps({{"present": present, "rouge": rouge, "collector": collector,
                           "deferred": [is_deferred(p) for p in ("torchmetrics", "nltk", "scipy.optimize")]}}))
     """)
     assert out["present"] == []
     assert out["deferred"] == [True, True, True]
     assert out["rouge"] == pytest.approx([expected for _, _, expected in PAIRS])
+    assert out["collector"] == [True, 0, False, True]
 
 
 def test_deferred_packages_give_their_whole_package_on_demand() -> None:
@@ -137,3 +149,17 @@ def test_a_failing_preparation_gives_the_ordinary_import_back(fake_root: Path) -
 def test_an_imported_or_missing_package_is_left_alone() -> None:
     assert not defer_package_init("json")
     assert not defer_package_init("no_such_package_here")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_paused_inside_and_left_as_it_was(enabled: bool) -> None:
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(RuntimeError):
+            with collector_paused():
+                assert not gc.isenabled()
+                raise RuntimeError("an import failed")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
