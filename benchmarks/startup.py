@@ -74,11 +74,12 @@ clock("load", UnlearnModule, "configure_model")
 clock("loaders", UnlearnDataModule, "test_dataloader")
 clock("steps", UnlearnModule, "test_step")
 clock("end", UnlearnModule, "on_test_epoch_end")
+out = sys.argv[1]
 sys.argv = [sys.argv[0], *sys.argv[2:]]
 cli.main()  # as from the command line
 spent["parse"] = instantiate_start[0] - main_start
 spent["total_cpu"] = time.process_time()
-with open(sys.argv[1], "w") as f:
+with open(out, "w") as f:
     json.dump(spent, f)
 """
 
