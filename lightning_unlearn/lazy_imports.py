@@ -40,7 +40,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-__all__ = ["collector_paused", "defer_package_init", "defer_nltk", "defer_scipy_optimize", "defer_torchmetrics", "is_deferred"]
+__all__ = ["collector_paused", "defer_nltk", "defer_package_init", "defer_scipy_optimize", "defer_torchmetrics",
+           "is_deferred"]
 
 _DEFERRED: dict[str, Callable[[], None]] = {}
 
@@ -65,13 +66,6 @@ def collector_paused() -> Iterator[None]:
 def is_deferred(name: str) -> bool:
     """Whether package ``name`` is registered here and its own ``__init__`` has not run yet."""
     return name in _DEFERRED
-
-
-def _full_init(name: str) -> None:
-    """Run the deferred package's own ``__init__`` (once); a no-op for any other package."""
-    load = _DEFERRED.get(name)
-    if load is not None:
-        load()
 
 
 def defer_package_init(
