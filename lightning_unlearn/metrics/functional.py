@@ -4,6 +4,10 @@ Definitions follow the open-unlearning project so that numbers compare. Token-le
 take Hugging Face aligned tensors: ``logits[:, t]`` predicts ``labels[:, t + 1]`` and labels are
 ``-100`` on prompt and padding, so a single forward pass over ``prompt + answer`` feeds every score.
 Per-sample values that are undefined for a sample without answer tokens are NaN.
+
+``rouge_score`` (which imports all of NLTK) and ``scipy.stats`` (for the KS test of forget quality only) are
+imported by the functions that use them, so that importing the package (``main.py --help``, ``fit`` without
+evaluation) or an evaluation without a retain reference does not pay for them.
 """
 
 from __future__ import annotations
@@ -14,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from rouge_score import rouge_scorer
-from scipy import stats
 from torch import Tensor
 
 IGNORE_INDEX = -100
@@ -256,6 +258,8 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
 
@@ -268,6 +272,8 @@ def forget_quality(
     High (near 1) when the unlearned model's truth ratios cannot be told apart from those of a
     model that never saw the forget set.
     """
+    from scipy import stats
+
     sample = torch.as_tensor(truth_ratios, dtype=torch.float64).cpu().numpy()
     reference = torch.as_tensor(reference_truth_ratios, dtype=torch.float64).cpu().numpy()
     return float(stats.ks_2samp(sample, reference).pvalue)
@@ -291,22 +297,39 @@ def model_utility(values: Mapping[str, float]) -> float:
     return len(numbers) / sum(1.0 / x for x in numbers)
 
 
+def average_ranks(values: Tensor) -> Tensor:
+    """1-based ranks of a 1-D tensor, ties given the mean of the ranks they span (float64, same shape).
+
+    The ``average`` method of ``scipy.stats.rankdata``: a group of ``c`` equal values ending at rank ``e`` gets
+    ``e - (c - 1) / 2``. Ranks are half-integers, exact in float64.
+    """
+    ordered, order = torch.sort(values, stable=True)
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    ranks = torch.empty(values.shape, dtype=torch.float64, device=values.device)
+    ranks[order] = (ends - (counts.to(torch.float64) - 1) / 2)[group]
+    return ranks
+
+
 def mia_auc(
     forget_scores: Tensor | Sequence[float], holdout_scores: Tensor | Sequence[float]
 ) -> float:
     """ROC AUC of loss-like scores with forget labelled 0 and holdout labelled 1.
 
-    Equals P(holdout score > forget score) + 0.5 P(tie) (Mann-Whitney U / (n0 n1)), the same as
-    ``roc_auc_score`` in open-unlearning. 0.5: members look like non-members; near 1: the forget
-    set still has clearly lower scores (is more likely) than unseen data.
+    Equals P(holdout score > forget score) + 0.5 P(tie) (Mann-Whitney U / (n0 n1), from the
+    :func:`average_ranks` of both groups together), the same as ``roc_auc_score`` in open-unlearning.
+    0.5: members look like non-members; near 1: the forget set still has clearly lower scores (is
+    more likely) than unseen data. NaN if any score is NaN.
     """
     forget = torch.as_tensor(forget_scores, dtype=torch.float64).flatten().cpu()
     holdout = torch.as_tensor(holdout_scores, dtype=torch.float64).flatten().cpu()
     if forget.numel() == 0 or holdout.numel() == 0:
         raise ValueError("mia_auc needs at least one forget and one holdout score")
-    ranks = stats.rankdata(torch.cat([forget, holdout]).numpy())
+    scores = torch.cat([forget, holdout])
+    if torch.isnan(scores).any():
+        return math.nan
     n0, n1 = forget.numel(), holdout.numel()
-    u = ranks[n0:].sum() - n1 * (n1 + 1) / 2
+    u = average_ranks(scores)[n0:].sum().item() - n1 * (n1 + 1) / 2
     return float(u / (n0 * n1))
 
 

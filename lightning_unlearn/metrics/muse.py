@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from rouge_score import rouge_scorer
 from torch import Tensor
 
 from .tofu import PerSampleMean
@@ -32,6 +31,8 @@ def rouge_l_f1(predictions: Sequence[str], references: Sequence[str]) -> list[fl
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    from rouge_score import rouge_scorer  # imports all of NLTK: only when a generation is scored
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
 

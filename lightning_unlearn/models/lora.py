@@ -23,13 +23,16 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
 from ..offset.generation import LogitsComponent, cache_keyword
 from ..deploy.manifest import ADAPTER_CONFIG
+
+if TYPE_CHECKING:  # peft is imported where an adapter is made or loaded: most runs have none
+    from peft import PeftModel
 
 __all__ = ["AdapterComponent", "add_lora", "adapter_base_model", "attach_adapters", "reference_mode"]
 
@@ -61,6 +64,7 @@ def add_lora(
     """
     if rank < 1:
         raise ValueError(f"lora_rank must be a positive integer, got {rank}.")
+    from peft import LoraConfig, get_peft_model
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank if alpha is None else alpha,
                         lora_dropout=dropout, target_modules=targets)
@@ -137,6 +141,7 @@ def attach_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
     """
     if not adapters:
         raise ValueError("Give at least one adapter directory.")
+    from peft import PeftModel
     items = list(adapters.items())
     name, path = items[0]
     with _quiet_peft():

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..losses.functional import IGNORE_INDEX, kl_on_labelled, nll_mean, step_scale
 from ..models import memory
@@ -498,6 +498,8 @@ class UnlearnModule(EvaluationHooks):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimise only what requires a gradient: the frozen models never reach the optimizer."""
+        from transformers import get_scheduler  # imports peft (through transformers' Trainer utilities): fit only
+
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         scheduler = get_scheduler(

@@ -25,14 +25,28 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
+if TYPE_CHECKING:  # imported when a client is made: a run without a served model never needs it
+    import httpx
 
 __all__ = ["ServerError", "ServerUnavailable", "VLLMClient", "is_served", "parse_top_logprobs"]
 
 T = TypeVar("T")
-RETRIED = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def _http_client(timeout: float) -> httpx.Client:
+    """A connection pool waiting ``timeout`` seconds for an answer, at most 10 to connect."""
+    import httpx
+
+    return httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+
+
+def _retried() -> tuple[type[Exception], ...]:
+    """The transport failures a request is retried after (a timeout, a dropped connection)."""
+    import httpx
+
+    return httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError
 
 
 class ServerError(RuntimeError):
@@ -91,7 +105,7 @@ class VLLMClient:
             raise ValueError(f"A served large model is given as http://HOST:PORT/v1, got {self.url!r}.")
         self.base = self.url.rstrip("/")
         self.root = self.base.removesuffix("/v1")
-        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)))
+        self._http = _http_client(self.timeout)
         self._model: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the connection pool does not pickle (checkpoints, spawn)
@@ -99,7 +113,7 @@ class VLLMClient:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)))
+        self._http = _http_client(self.timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -114,7 +128,7 @@ class VLLMClient:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 response = self._http.request(method, url, json=payload)
-            except RETRIED as err:
+            except _retried() as err:
                 last = f"{type(err).__name__}: {err}"
                 continue
             if response.status_code >= 500:

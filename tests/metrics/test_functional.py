@@ -348,3 +348,15 @@ def test_privleak() -> None:
     # ((1 - 0.25) - (1 - 0.5)) / (1 - 0.5) * 100 = 0.25 / 0.5 * 100
     assert F.privleak(0.25, 0.5) == pytest.approx(50.0)
     assert F.privleak(0.75, 0.5) == pytest.approx(-50.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_ranks_equal_scipy_rankdata_with_ties(seed: int) -> None:
+    from scipy import stats
+
+    values = torch.randint(0, 6, (40,), generator=torch.Generator().manual_seed(seed)).to(torch.float64) / 2
+    assert F.average_ranks(values).tolist() == stats.rankdata(values.numpy()).tolist()
+
+
+def test_mia_auc_is_nan_with_a_nan_score() -> None:
+    assert math.isnan(F.mia_auc([1.0, math.nan], [2.0]))
