@@ -163,3 +163,18 @@ def test_the_collector_is_paused_inside_and_left_as_it_was(enabled: bool) -> Non
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_eager_imports_switch_keeps_the_ordinary_imports() -> None:
+    """LIGHTNING_UNLEARN_EAGER_IMPORTS=1: a program embedding the package gets torchmetrics, NLTK and
+    scipy.optimize imported the ordinary way (nothing deferred, torchmetrics' whole __init__ has run)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import json, sys, lightning_unlearn, torchmetrics\n"
+         "from lightning_unlearn.lazy_imports import is_deferred\n"
+         "print(json.dumps([is_deferred(p) for p in ('torchmetrics', 'nltk', 'scipy.optimize')]"
+         " + ['torchmetrics.classification' in sys.modules]))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+             "LIGHTNING_UNLEARN_EAGER_IMPORTS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, False, False, True]
