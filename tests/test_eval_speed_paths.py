@@ -212,3 +212,73 @@ def test_tofu_values_do_not_depend_on_the_token_budget(models) -> None:
         row = pad_batch([answers[0]], PAD)
         nll = F.answer_token_stats(logits_fn(row["input_ids"], row["attention_mask"]), row["labels"]).mean_nll
     assert pooled["prob"][1][2].item() == pytest.approx(torch.exp(-nll.double()).item(), abs=1e-6)
+
+
+def test_sorted_collection_serves_each_set_longest_first_with_its_own_indices(tiny_world) -> None:
+    from lightning_unlearn.data.formatting import PromptFormatter
+    from lightning_unlearn.evaluation.data import EvalCollection, EvalDataset, item_length, tofu_eval_specs
+    from lightning_unlearn.models.loading import load_tokenizer
+
+    formatter = PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), 192)
+    datasets = [EvalDataset.load(s, "bundled", formatter, subset=12) for s in tofu_eval_specs("forget01", None, None)]
+    plain, ordered = EvalCollection(datasets), EvalCollection(datasets, sort_by_length=True)
+    assert len(plain) == len(ordered) == 60
+    served = [ordered[i] for i in range(len(ordered))]
+    for k, dataset in enumerate(datasets):
+        block = served[12 * k: 12 * (k + 1)]
+        assert {item["set"] for item in block} == {dataset.name}, "sets must stay in their order"
+        assert sorted(item["index"] for item in block) == list(range(12))
+        lengths = [item_length(item) for item in block]
+        assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1
+        for item in block:  # each index still names its own sample
+            assert item["prompt"] == dataset[item["index"]]["prompt"]
+            assert item["question"] == dataset.records[item["index"]]["question"]
+
+
+def test_longest_first_evaluation_reports_as_dataset_order(tiny_world) -> None:
+    """The whole TOFU evaluation with the data module's longest-first order and with dataset order: the same
+    report, keys in dataset order, every per-sample value and generation the same."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from lightning_unlearn.data.datamodule import UnlearnDataModule
+    from lightning_unlearn.evaluation.data import collate_collection
+    from lightning_unlearn.modules import GA
+
+    dm = UnlearnDataModule(forget_split="forget01", retain_split="retain99", evaluation="tofu", eval_subset=6,
+                           eval_batch_size=4, max_length=128)
+    module = GA(small_model=tiny_world["large"], max_new_tokens=6)
+    module.setup("test")
+    dm.connect(module.tokenizer, module.parts)
+    dm.setup("test")
+    module.configure_model()
+    module.build_evaluation([spec.name for spec in dm.eval_specs()], "tofu", dm.eval_token_budget())
+    module.eval()
+    pad = module.tokenizer.pad_token_id
+    plain = dm._eval_collections(dm.formatter, pad, sort_by_length=False)[0][0]
+    loaders = {"sorted": dm.test_dataloader()[0],
+               "plain": DataLoader(plain, batch_size=4, collate_fn=partial(collate_collection, pad_token_id=pad))}
+    first = next(iter(loaders["sorted"]))["parts"][0]
+    assert first["index"].tolist() != list(range(len(first["index"]))), "the data module did not sort"
+    reports = {}
+    for name, loader in loaders.items():
+        module.evaluation.reset()
+        with torch.inference_mode():
+            for batch in loader:
+                for part in batch["parts"]:
+                    module.evaluation.update(part, module, module.generate_texts)
+            reports[name] = module.evaluation.compute()[1]
+    plain_report, sorted_report = reports["plain"], reports["sorted"]
+    assert list(sorted_report) == list(plain_report)
+    for key, entry in plain_report.items():
+        other = sorted_report[key]
+        if "value_by_index" not in entry:
+            continue
+        assert list(other["value_by_index"]) == [str(i) for i in range(6)] == list(entry["value_by_index"])
+        for i, values in entry["value_by_index"].items():
+            for field, value in values.items():
+                if isinstance(value, float):
+                    assert other["value_by_index"][i][field] == pytest.approx(value, abs=1e-5), (key, i, field)
+                else:
+                    assert other["value_by_index"][i][field] == value, (key, i, field)
