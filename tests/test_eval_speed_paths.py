@@ -282,3 +282,24 @@ def test_longest_first_evaluation_reports_as_dataset_order(tiny_world) -> None:
                     assert other["value_by_index"][i][field] == pytest.approx(value, abs=1e-5), (key, i, field)
                 else:
                     assert other["value_by_index"][i][field] == value, (key, i, field)
+
+
+def test_limited_evaluation_keeps_dataset_order_and_budget_is_checked(tiny_world) -> None:
+    """``limit_val_batches`` means the first samples: with a limit the sets are served in dataset order."""
+    from types import SimpleNamespace
+
+    from lightning_unlearn.data.datamodule import UnlearnDataModule
+    from lightning_unlearn.models.loading import load_tokenizer
+
+    with pytest.raises(ValueError, match="eval_token_budget"):
+        UnlearnDataModule(forget_split="forget01", retain_split=None, eval_token_budget=0)
+    orders = {}
+    for limit in (1.0, 2):
+        dm = UnlearnDataModule(forget_split="forget01", retain_split=None, evaluation="tofu", eval_subset=5,
+                               eval_batch_size=5, max_length=128)
+        dm.trainer = SimpleNamespace(limit_val_batches=limit, limit_test_batches=1.0)
+        dm.connect(load_tokenizer(tiny_world["tokenizer"]))
+        dm.setup("validate")
+        orders[limit] = next(iter(dm.val_dataloader()[0]))["parts"][0]["index"].tolist()
+    assert orders[2] == list(range(5))
+    assert sorted(orders[1.0]) == list(range(5)) and orders[1.0] != orders[2]

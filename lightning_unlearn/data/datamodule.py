@@ -21,6 +21,7 @@ from ..evaluation.data import (
     collate_collection,
     tofu_eval_specs,
 )
+from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.muse_data import MuseEvalDataset, MuseSetSpec, collate_muse, muse_eval_specs
 from ..models.loading import load_tokenizer
 from .datasets import PairedDataset
@@ -70,8 +71,8 @@ class UnlearnDataModule(L.LightningDataModule):
         eval_subset: evaluate only the first N samples of each set, for speed (``null``: all).
         eval_token_budget: most padded tokens (rows x longest row) per teacher-forced evaluation pass: the answer
             variants of an evaluation batch are sorted by length and cut into passes of at most this many tokens
-            (:mod:`~lightning_unlearn.evaluation.passes`); ``null``: ``eval_batch_size x max_length``, the largest
-            pass of a batch padded as a whole, so the memory of the logits is bounded as before.
+            (:mod:`~lightning_unlearn.evaluation.passes`), so a larger ``eval_batch_size`` (fewer, larger generation
+            batches) costs no padding; ``null``: 2048 (``passes.DEFAULT_TOKEN_BUDGET``).
         answer_pool_split: split whose answers LLMU pairs with the forget questions as random answers
             (``null``: the retain split's answers).
         num_workers: DataLoader workers.
@@ -292,10 +293,9 @@ class UnlearnDataModule(L.LightningDataModule):
         return tofu_eval_specs(forget, h.eval_forget_split, h.eval_holdout_split)
 
     def eval_token_budget(self) -> int:
-        """Padded tokens per teacher-forced evaluation pass: ``eval_token_budget``, else ``eval_batch_size x
-        max_length``."""
-        h = self.hparams
-        return h.eval_token_budget or (h.eval_batch_size or h.batch_size) * h.max_length
+        """Padded tokens per teacher-forced evaluation pass: ``eval_token_budget``, else
+        :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET`."""
+        return self.hparams.eval_token_budget or DEFAULT_TOKEN_BUDGET
 
     def _eval_loaders(self) -> list[DataLoader]:
         """The evaluation loaders; each item carries its index in its set.
