@@ -20,7 +20,7 @@ from itertools import groupby
 import torch
 from torch import Tensor
 
-from ..data.formatting import IGNORE_INDEX
+from ..metrics.functional import IGNORE_INDEX
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
 Scorer = Callable[[Tensor, Tensor], dict[str, Tensor]]
