@@ -278,8 +278,9 @@ def greedy_generate(
                 break
             if drop and bool(finished.any()):
                 keep = (~finished).nonzero().squeeze(1)
+                on_cpu = keep.cpu()  # CPU indices select rows on any device (a large model on its own GPU)
                 for cache in caches:
-                    select_cache_rows(cache, keep)
+                    select_cache_rows(cache, on_cpu)
                 active, mask, step_pos, token = active[keep], mask[keep], step_pos[keep], token[keep]
                 finished = finished[keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
