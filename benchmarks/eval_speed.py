@@ -220,7 +220,7 @@ def build_framework(small: str, large: str | None, subset: int | None, batch_siz
     dm.connect(module.tokenizer, module.parts)
     dm.setup("test")
     module.configure_model()
-    module.build_evaluation([spec.name for spec in dm.eval_specs()])
+    module.build_evaluation([spec.name for spec in dm.eval_specs()], "tofu", dm.eval_token_budget())
     module.eval()  # as Lightning's test loop does
     return dm, module
 

@@ -21,6 +21,7 @@ from ..evaluation.data import (
     collate_collection,
     tofu_eval_specs,
 )
+from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.muse_data import MuseEvalDataset, MuseSetSpec, collate_muse, muse_eval_specs
 from ..models.loading import load_tokenizer
 from .datasets import PairedDataset
@@ -68,6 +69,10 @@ class UnlearnDataModule(L.LightningDataModule):
         eval_holdout_split: holdout split for membership inference; ``null`` means ``holdoutXX`` matching
             the forget split's number.
         eval_subset: evaluate only the first N samples of each set, for speed (``null``: all).
+        eval_token_budget: most padded tokens (rows x longest row) per teacher-forced evaluation pass: the answer
+            variants of an evaluation batch are sorted by length and cut into passes of at most this many tokens
+            (:mod:`~lightning_unlearn.evaluation.passes`), so a larger ``eval_batch_size`` (fewer, larger generation
+            batches) costs no padding; ``null``: 2048 (``passes.DEFAULT_TOKEN_BUDGET``).
         answer_pool_split: split whose answers LLMU pairs with the forget questions as random answers
             (``null``: the retain split's answers).
         num_workers: DataLoader workers.
@@ -99,6 +104,7 @@ class UnlearnDataModule(L.LightningDataModule):
         eval_forget_split: str | None = None,
         eval_holdout_split: str | None = None,
         eval_subset: int | None = None,
+        eval_token_budget: int | None = None,
         answer_pool_split: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -111,6 +117,8 @@ class UnlearnDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if eval_token_budget is not None and eval_token_budget < 1:
+            raise ValueError(f"eval_token_budget must be at least 1 token (or null), got {eval_token_budget}.")
         self.save_hyperparameters()
         self.parts: tuple[str, ...] = ("forget", "retain")
         self.formatter: PromptFormatter | None = None
@@ -122,6 +130,7 @@ class UnlearnDataModule(L.LightningDataModule):
         self.num_random_answers = 5
         self.sampler: StepSampler | None = None
         self._resume: tuple[int, int] | None = None
+        self._eval_sets: tuple[Any, ...] | None = None
 
     def connect(
         self, tokenizer: PreTrainedTokenizerBase | None = None, parts: Sequence[str] | None = None,
@@ -283,6 +292,11 @@ class UnlearnDataModule(L.LightningDataModule):
         forget = h.forget_split if isinstance(h.forget_split, str) else h.eval_forget_split
         return tofu_eval_specs(forget, h.eval_forget_split, h.eval_holdout_split)
 
+    def eval_token_budget(self) -> int:
+        """Padded tokens per teacher-forced evaluation pass: ``eval_token_budget``, else
+        :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET`."""
+        return self.hparams.eval_token_budget or DEFAULT_TOKEN_BUDGET
+
     def _eval_loaders(self) -> list[DataLoader]:
         """The evaluation loaders; each item carries its index in its set.
 
@@ -295,27 +309,43 @@ class UnlearnDataModule(L.LightningDataModule):
         size = h.eval_batch_size or h.batch_size
         formatter = self._formatter()
         pad = formatter.tokenizer.pad_token_id
+        # a limit on evaluation batches (an int, or a fraction below 1.0) means "the first samples": they are
+        # served in dataset order then, not longest first
+        limits = [getattr(self.trainer, name, None) for name in ("limit_val_batches", "limit_test_batches")]
+        limited = any(v is not None and not (isinstance(v, float) and v == 1.0) for v in limits)
+        key = (id(formatter), h.evaluation, h.eval_subset, len(self.forget), len(self.retain), not limited)
+        if self._eval_sets is None or self._eval_sets[0] != key:
+            self._eval_sets = (key, *self._eval_collections(formatter, pad, sort_by_length=not limited))
+        collections, collate = self._eval_sets[1:]
+        return [DataLoader(c, batch_size=size, num_workers=h.num_workers, collate_fn=collate,
+                           generator=self._generator()) for c in collections]
+
+    def _eval_collections(self, formatter: PromptFormatter, pad: int,
+                          sort_by_length: bool) -> tuple[list[EvalCollection], Any]:
+        """The evaluation sets, read (once per run: :meth:`_eval_loaders` keeps them) and, with ``sort_by_length``,
+        tokenized once and each set's items served longest first
+        (:class:`~lightning_unlearn.evaluation.data.EvalCollection`)."""
+        h = self.hparams
         if h.evaluation == "muse":
             collection = EvalCollection([
                 MuseEvalDataset.load(spec, h.dataset, formatter.tokenizer, h.max_length, h.eval_subset)
                 for spec in self.eval_specs()
-            ])
+            ], sort_by_length=sort_by_length)
             collections, collate = [collection], partial(collate_muse, pad_token_id=pad)
         elif h.evaluation == "tofu":
             collection = EvalCollection([
                 EvalDataset.load(spec, h.dataset, formatter, h.eval_subset, h.question_key, h.answer_key)
                 for spec in self.eval_specs()
-            ])
+            ], sort_by_length=sort_by_length)
             collections, collate = [collection], partial(collate_collection, pad_token_id=pad)
         else:
             collections = [
                 EvalCollection([AnswerDataset(name, records[: h.eval_subset] if h.eval_subset else records, formatter,
-                                              h.question_key, h.answer_key)])
+                                              h.question_key, h.answer_key)], sort_by_length=sort_by_length)
                 for name, records in (("forget", self.forget), ("retain", self.retain)) if records
             ]
             collate = partial(collate_answers, pad_token_id=pad)
-        return [DataLoader(c, batch_size=size, num_workers=h.num_workers, collate_fn=collate,
-                           generator=self._generator()) for c in collections]
+        return collections, collate
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()

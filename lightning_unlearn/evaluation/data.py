@@ -186,14 +186,27 @@ class EvalCollection(Dataset):
 
     One loader keeps Lightning's result table to one column and lets any sampler (DDP's included)
     split the work; :func:`collate_collection` (or :func:`collate_answers`) regroups each batch by set.
-    Each item keeps its index within its own set, by which the metrics de-duplicate under DDP.
+    Each item keeps its index within its own set, by which the metrics de-duplicate under DDP and order
+    their per-sample values.
+
+    With ``sort_by_length`` every item is built (tokenized) once, here, and each set's items are served
+    longest first (by :func:`item_length`), so that a batch holds prompts of similar length and little of a
+    generation batch is padding. Only the order in which items are served changes: the sets stay in their
+    order, every item keeps its own index, and the results (ordered by index) are those of the dataset order.
+    A distributed sampler shards this collection like any other.
     """
 
-    def __init__(self, datasets: Sequence[EvalDataset | AnswerDataset]) -> None:
+    def __init__(self, datasets: Sequence[EvalDataset | AnswerDataset], sort_by_length: bool = False) -> None:
         self.datasets = list(datasets)
         self.offsets = [0]
         for d in self.datasets:
             self.offsets.append(self.offsets[-1] + len(d))
+        self.items: list[list[dict[str, Any]]] | None = None
+        if sort_by_length:
+            self.items = []
+            for dataset in self.datasets:
+                items = [dataset[i] for i in range(len(dataset))]
+                self.items.append(sorted(items, key=lambda item: -item_length(item)))
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -201,8 +214,19 @@ class EvalCollection(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         for position, dataset in enumerate(self.datasets):
             if index < self.offsets[position + 1]:
-                return {"set": dataset.name, **dataset[index - self.offsets[position]]}
+                local = index - self.offsets[position]
+                item = dataset[local] if self.items is None else self.items[position][local]
+                return {"set": dataset.name, **item}
         raise IndexError(index)
+
+
+def item_length(item: dict[str, Any]) -> int:
+    """Tokens of an evaluation item's generation prompt, else of its teacher-forced sequence (``answer`` or
+    ``sequence``): what sorting by length groups."""
+    if "prompt" in item:
+        return len(item["prompt"])
+    encoded = item.get("answer", item.get("sequence"))
+    return len(encoded.input_ids) if encoded is not None else 0
 
 
 def collate_collection(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:

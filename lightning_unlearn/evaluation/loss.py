@@ -15,21 +15,28 @@ from torch import Tensor, nn
 
 from ..metrics import functional as F
 from ..metrics.tofu import PerSampleMean
+from .passes import DEFAULT_TOKEN_BUDGET, score_rows
+
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _mean_nll(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    return {"nll": F.answer_token_stats(logits, labels).mean_nll}
 
 
 class LossEvaluation(nn.Module):
     """``<set>_nll``: mean over the set's samples of the per-token mean answer NLL (nats).
 
+    The answers run in length-sorted passes of at most ``token_budget`` padded tokens (:mod:`.passes`).
     A mean of per-sample means, not a token mean over the set: each answer counts once whatever its
     length, and the value depends neither on the batch size nor on the number of devices (a mean of
     batch token means would depend on both).
     """
 
-    def __init__(self, sets: list[str]) -> None:
+    def __init__(self, sets: list[str], token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
         super().__init__()
-        self.sets = list(sets)
+        self.sets, self.token_budget = list(sets), token_budget
         self.metrics = nn.ModuleDict({name: PerSampleMean() for name in self.sets})
 
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: object = None) -> Tensor:
@@ -40,9 +47,7 @@ class LossEvaluation(nn.Module):
         """
         if batch["set"] not in self.metrics:
             raise KeyError(f"evaluation set {batch['set']!r} is not one of {self.sets}")
-        answer = batch["answer"]
-        logits = logits_fn(answer["input_ids"], answer["attention_mask"])
-        nll = F.answer_token_stats(logits, answer["labels"]).mean_nll
+        nll = score_rows(logits_fn, [(batch["answer"], _mean_nll)], self.token_budget)[0]["nll"]
         self.metrics[batch["set"]].update(nll, batch["index"])
         return nll
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..metrics import functional as F
 from ..metrics.muse import RougeLF1, cut_answer
 from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
+from .passes import DEFAULT_TOKEN_BUDGET, score_rows
 from .report import plot_history
 from .tofu import _gather_objects
 
@@ -49,6 +50,15 @@ ROUGE_NAME = {"verbmem_forget": "forget_verbmem_ROUGE", "knowmem_forget": "forge
               "knowmem_retain": "retain_knowmem_ROUGE"}
 HEADLINE = ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak", "mia_min_k",
             "extraction_strength")
+
+
+def _extraction_strength(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    return {"score": F.extraction_strength(logits, labels)}
+
+
+def _min_k(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    stats = F.answer_token_stats(logits, labels)
+    return {"score": F.min_k_score(stats.token_logprobs, stats.mask, MIN_K)}
 
 
 @dataclass(frozen=True)
@@ -83,14 +93,17 @@ class MuseEvaluation(nn.Module):
         sets: the sets served (names of :func:`~.muse_data.muse_eval_specs`).
         reference: the retrained model's results, for privleak (reported as missing without it).
         max_new_tokens: a cap on both generation lengths (the module's ``max_new_tokens``); 0 skips ROUGE.
+        token_budget: most padded tokens per teacher-forced pass (:mod:`.passes`).
     """
 
     benchmark: ClassVar[str] = "MUSE"
     headline: ClassVar[tuple[str, ...]] = HEADLINE
 
-    def __init__(self, sets: list[str], reference: MuseReference | None = None, max_new_tokens: int = 200) -> None:
+    def __init__(self, sets: list[str], reference: MuseReference | None = None, max_new_tokens: int = 200,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
         super().__init__()
         self.sets, self.reference, self.max_new_tokens = list(sets), reference, max_new_tokens
+        self.token_budget = token_budget
         self.rouge = nn.ModuleDict({name: RougeLF1() for name in self.sets if name in ROUGE_NAME})
         self.es = ExtractionStrength()
         self.mia = MembershipInferenceAUC()
@@ -100,14 +113,12 @@ class MuseEvaluation(nn.Module):
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> None:
         """Score one batch of one set (from :func:`~.muse_data.collate_muse`)."""
         name, index = batch["set"], batch["index"]
-        if "sequence" in batch:
-            seq = batch["sequence"]
-            logits = logits_fn(seq["input_ids"], seq["attention_mask"])
+        if "sequence" in batch:  # one pass per row, in length-sorted passes of at most token_budget tokens
+            scorer = _extraction_strength if name == "verbmem_forget" else _min_k
+            scores = score_rows(logits_fn, [(batch["sequence"], scorer)], self.token_budget)[0]["score"]
             if name == "verbmem_forget":
-                self.es.update(F.extraction_strength(logits, seq["labels"]), index)
+                self.es.update(scores, index)
             else:
-                stats = F.answer_token_stats(logits, seq["labels"])
-                scores = F.min_k_score(stats.token_logprobs, stats.mask, MIN_K)
                 self.mia.update(scores, torch.full_like(scores, float(name == "privleak_holdout")), index)
                 self.privleak_sets.add(name)
         if name in self.rouge and generate_fn is not None:

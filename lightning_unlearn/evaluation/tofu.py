@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..metrics import functional as F
+from .passes import DEFAULT_TOKEN_BUDGET, score_rows
 from .report import plot_tradeoff
 from ..metrics.tofu import (
     AnswerProbability,
@@ -80,26 +81,18 @@ def _gather_objects(values: list[Any]) -> list[Any]:
     return [v for part in gathered for v in part]
 
 
-def _mean_nll_in_chunks(logits_fn: LogitsFn, encoded: dict[str, Tensor], rows: int) -> Tensor:
-    """Per-row mean answer NLL of a right-padded batch, ``rows`` rows per forward pass.
-
-    The perturbed answers are K times as many rows as the batch: in one pass their logits would take K times
-    the memory of the answer pass, all padded to the longest of them. Each chunk is cut after its own last
-    real token, which changes no value (padding is masked) but saves the work on padding.
-    """
-    out = []
-    for ids, mask, labels in zip(*(encoded[k].split(rows) for k in ("input_ids", "attention_mask", "labels"))):
-        length = int(mask.any(dim=0).nonzero().max()) + 1
-        out.append(F.answer_token_stats(logits_fn(ids[:, :length], mask[:, :length]), labels[:, :length]).mean_nll)
-    return torch.cat(out)
+def _mean_nll(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """The scorer of the truth ratio's answers: each row's mean answer NLL."""
+    return {"nll": F.answer_token_stats(logits, labels).mean_nll}
 
 
 class TofuEvaluation(nn.Module):
     """Accumulates every TOFU metric over the evaluation sets present and reports them.
 
-    One teacher-forced pass per answer variant feeds probability, truth ratio, exact memorization,
-    extraction strength and the four membership-inference scores together; one generation per prompt
-    feeds ROUGE. Every per-sample value is stored with its sample's index in its set, so the results
+    The teacher-forced passes over every answer variant of a batch (answer, paraphrase, perturbed answers) are
+    pooled, sorted by length and cut by ``token_budget`` padded tokens per pass (:mod:`.passes`); the answer's
+    logits feed probability, exact memorization, extraction strength and the four membership-inference scores
+    together. One generation per prompt feeds ROUGE. Every per-sample value is stored with its sample's index in its set, so the results
     gathered from DDP ranks count each sample once, in dataset order, whatever the distributed sampler
     repeated to even out the ranks (see ``metrics.tofu``): they equal the single-process results.
 
@@ -112,9 +105,10 @@ class TofuEvaluation(nn.Module):
     benchmark: ClassVar[str] = "TOFU"  # names the result files: TOFU_SUMMARY.json, TOFU_EVAL.json, TOFU_HISTORY.json
     headline: ClassVar[tuple[str, ...]] = HEADLINE
 
-    def __init__(self, sets: list[str], reference: RetainReference | None = None, min_k: float = 0.4) -> None:
+    def __init__(self, sets: list[str], reference: RetainReference | None = None, min_k: float = 0.4,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
         super().__init__()
-        self.sets, self.reference, self.min_k = list(sets), reference, min_k
+        self.sets, self.reference, self.min_k, self.token_budget = list(sets), reference, min_k, token_budget
         metrics: dict[str, nn.ModuleDict] = {}
         for name in self.sets:
             m: dict[str, nn.Module] = {"nll": PerSampleMean()}
@@ -139,50 +133,62 @@ class TofuEvaluation(nn.Module):
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> Tensor:
         """Score one batch; returns the per-sample answer NLL, shape [B]."""
         name, m = batch["set"], self.metrics[batch["set"]]
-        answer, index = batch["answer"], batch["index"]
-        logits = logits_fn(answer["input_ids"], answer["attention_mask"])
-        stats = F.answer_token_stats(logits, answer["labels"])
-        m["nll"].update(stats.mean_nll, index)
+        index = batch["index"]
+        groups = [(batch["answer"], self._answer_scorer(name))]
+        if "truth" in m:
+            groups += [(batch["correct"], _mean_nll)] if "correct" in batch else []
+            groups.append((batch["perturbed"], _mean_nll))
+        scores = score_rows(logits_fn, groups, self.token_budget)
+        answer = scores[0]
+        nll = answer["nll"]
+        m["nll"].update(nll, index)
         if "prob" in m:
-            m["prob"].update(stats.mean_nll, index)
+            m["prob"].update(nll, index)
         if name == "forget":
-            trimmed = F.drop_last_answer_token(answer["labels"])
-            m["em"].update(F.exact_memorization(logits, trimmed), index)
-            m["es"].update(F.extraction_strength(logits, trimmed), index)
-        if name in ("forget", "holdout") and self.mia:
-            self._update_mia(logits, answer["labels"], stats, batch["answer_texts"], index, is_holdout=name == "holdout")
+            m["em"].update(answer["em"], index)
+            m["es"].update(answer["es"], index)
+        if "mia_min_k" in answer:
+            mia = {"mia_loss": nll, "mia_zlib": F.zlib_score(nll, batch["answer_texts"]),
+                   "mia_min_k": answer["mia_min_k"], "mia_min_k_plus_plus": answer["mia_min_k_plus_plus"]}
+            label = torch.full_like(nll, float(name == "holdout"))
+            for key, value in mia.items():
+                self.mia[key].update(value.to(label.device), label, index)
         if "truth" in m:
             rows = len(index)
-            correct = stats.mean_nll
-            if "correct" in batch:
-                correct = _mean_nll_in_chunks(logits_fn, batch["correct"], rows)
-            wrong = _mean_nll_in_chunks(logits_fn, batch["perturbed"], rows)
-            wrong = wrong.view(rows, batch["num_perturbed"])
+            correct = scores[1]["nll"] if "correct" in batch else nll
+            wrong = scores[-1]["nll"].view(rows, batch["num_perturbed"])
             m["truth"].update(correct, wrong, index)
             m["truth_exact"].update(correct, wrong, index)
             if "prob_norm" in m:
-                m["prob_norm"].update(stats.mean_nll, wrong, index)
+                m["prob_norm"].update(nll, wrong, index)
         if "rouge" in m and generate_fn is not None:
             generations = generate_fn(batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"])
             m["rouge"].update(generations, batch["answer_texts"], index)
             self.texts[name].extend(zip(index.tolist(), batch["questions"], batch["answer_texts"], generations))
-        return stats.mean_nll
+        return nll
 
-    def _update_mia(self, logits: Tensor, labels: Tensor, stats: F.AnswerTokenStats, texts: list[str], index: Tensor,
-                    is_holdout: bool) -> None:
-        trimmed = F.drop_last_answer_token(labels)
-        # Min-K% reads the token log-probs already in ``stats`` (same logits), minus the final answer token:
-        # recomputing them would cost another log-softmax over the whole [B, T, V] logits.
-        trimmed_mask = trimmed[:, 1:] != F.IGNORE_INDEX
-        scores = {
-            "mia_loss": stats.mean_nll,
-            "mia_zlib": F.zlib_score(stats.mean_nll, texts),
-            "mia_min_k": F.min_k_score(stats.token_logprobs, trimmed_mask, self.min_k),
-            "mia_min_k_plus_plus": F.min_k_plus_plus_score(logits, trimmed, self.min_k),
-        }
-        label = torch.full_like(stats.mean_nll, float(is_holdout))
-        for key, value in scores.items():
-            self.mia[key].update(value.to(label.device), label, index)
+    def _answer_scorer(self, name: str) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
+        """What a set reads off its answers' logits: the mean NLL; on forget exact memorization and extraction
+        strength; on forget and holdout (with MIA) Min-K% and Min-K%++. The last three leave the final answer
+        token out, as open-unlearning does (``functional.drop_last_answer_token``)."""
+        forget, mia = name == "forget", name in ("forget", "holdout") and bool(self.mia)
+
+        def score(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+            stats = F.answer_token_stats(logits, labels)
+            out = {"nll": stats.mean_nll}
+            if forget or mia:
+                trimmed = F.drop_last_answer_token(labels)
+            if forget:
+                out["em"] = F.exact_memorization(logits, trimmed)
+                out["es"] = F.extraction_strength(logits, trimmed)
+            if mia:
+                # Min-K% reads the token log-probs already in ``stats`` (same logits), minus the final answer
+                # token: recomputing them would cost another log-softmax over the whole [B, T, V] logits.
+                out["mia_min_k"] = F.min_k_score(stats.token_logprobs, trimmed[:, 1:] != F.IGNORE_INDEX, self.min_k)
+                out["mia_min_k_plus_plus"] = F.min_k_plus_plus_score(logits, trimmed, self.min_k)
+            return out
+
+        return score
 
     def reset(self) -> None:
         for group in list(self.metrics.values()) + [self.mia]:

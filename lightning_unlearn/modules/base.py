@@ -224,7 +224,8 @@ class UnlearnModule(EvaluationHooks):
         if datamodule is not None and hasattr(datamodule, "connect"):
             datamodule.connect(self.tokenizer, self.parts, **self.data_options)
             benchmark = getattr(datamodule, "hparams", {}).get("evaluation", "tofu")
-            self.build_evaluation([spec.name for spec in datamodule.eval_specs()], benchmark)
+            budget = datamodule.eval_token_budget() if hasattr(datamodule, "eval_token_budget") else None
+            self.build_evaluation([spec.name for spec in datamodule.eval_specs()], benchmark, budget)
         if self.model is None and self._trainer is not None:
             self.plan_memory(stage, datamodule)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..evaluation.report import atomic_write_json, print_table, summary_table
 from ..evaluation.loss import LossEvaluation
 from ..evaluation.muse import MuseEvaluation, MuseReference
+from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
 from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
@@ -36,23 +37,26 @@ class EvaluationHooks(L.LightningModule):
     evaluation: TofuEvaluation | MuseEvaluation | LossEvaluation | None
     history: list[dict[str, Any]]
 
-    def build_evaluation(self, set_names: list[str], benchmark: str = "tofu") -> None:
+    def build_evaluation(self, set_names: list[str], benchmark: str = "tofu", token_budget: int | None = None) -> None:
         """Create the metric objects once the data module has said which sets it serves.
 
         ``set_names`` are the sets of ``benchmark`` (``tofu`` or ``muse``, the data module's ``evaluation``);
-        none means ``data.evaluation: loss``, scored by the forget and retain answer NLL.
+        none means ``data.evaluation: loss``, scored by the forget and retain answer NLL. ``token_budget``: padded
+        tokens per teacher-forced pass (the data module's ``eval_token_budget()``; ``None``:
+        :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET`).
         """
         self._check_monitors()
         if self.evaluation is not None:
             return
-        ref = self.hparams.retain_reference
+        ref, budget = self.hparams.retain_reference, token_budget or DEFAULT_TOKEN_BUDGET
         if set_names and benchmark == "muse":
             self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
-                                             self.hparams.max_new_tokens)
+                                             self.hparams.max_new_tokens, budget)
         elif set_names:
-            self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None)
+            self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None,
+                                             token_budget=budget)
         else:
-            self.evaluation = LossEvaluation(["forget", "retain"])
+            self.evaluation = LossEvaluation(["forget", "retain"], budget)
 
     def _check_monitors(self) -> None:
         """Fail before training, not after the first epoch, when a callback monitors a metric needing a reference."""

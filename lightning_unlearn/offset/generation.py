@@ -37,6 +37,7 @@ __all__ = [
     "greedy_generate",
     "offset_components",
     "position_ids_from_mask",
+    "select_cache_rows",
 ]
 
 ComponentFn = Callable[[Tensor, Tensor, Tensor, DynamicCache | None], Tensor]
@@ -188,6 +189,33 @@ def decode_answers(tokenizer: PreTrainedTokenizerBase, new_tokens: Tensor, stop_
     return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
+def select_cache_rows(cache: object, rows: Tensor) -> None:
+    """Keep only the batch rows ``rows`` (indices, in order) of a generation cache, in place.
+
+    A Hugging Face cache drops the rows of every layer's keys and values; a cache that is a list of caches
+    (:class:`~lightning_unlearn.offset.filtered.CacheGroup`) drops them from each; any other cache must have a
+    ``select_rows(rows)`` method (:class:`~lightning_unlearn.offset.sources.TokenHistory`).
+
+    Raises:
+        TypeError: a cache with none of these, so that its rows cannot be dropped.
+    """
+    if isinstance(cache, list):
+        for inner in cache:
+            select_cache_rows(inner, rows)
+    elif hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)
+    elif hasattr(cache, "select_rows"):
+        cache.select_rows(rows)
+    else:
+        raise TypeError(f"cannot drop rows from a cache of type {type(cache).__name__}")
+
+
+def _rows_selectable(cache: object) -> bool:
+    if isinstance(cache, list):
+        return all(_rows_selectable(inner) for inner in cache)
+    return hasattr(cache, "batch_select_indices") or hasattr(cache, "select_rows")
+
+
 def greedy_generate(
     components: Sequence[Component],
     input_ids: Tensor,
@@ -198,6 +226,7 @@ def greedy_generate(
     pad_token_id: int,
     vocab_size: int | None = None,
     stop: StopFn | None = None,
+    drop_finished: bool = True,
 ) -> Tensor:
     """Greedy decoding of ``argmax sum_k w_k z_k``; returns only the new tokens.
 
@@ -206,10 +235,16 @@ def greedy_generate(
     would be read off a pad). Each component is called with its own
     ``DynamicCache``. A sequence stops at its first id of ``eos_token_id`` (an int
     or every stop id of :func:`~lightning_unlearn.data.formatting.stop_token_ids`;
-    kept in the output), or once ``stop`` (called after every step with the tokens so far) says so; later
-    positions hold ``pad_token_id``. The result is ``[B, n]`` with
+    kept in the output), or once ``stop`` (called after every step with the tokens so far of the whole
+    batch, ``[B, n]``) says so; later positions hold ``pad_token_id``. The result is ``[B, n]`` with
     ``n <= max_new_tokens``: the loop ends once every sequence has finished.
     Models must already be in eval mode.
+
+    With ``drop_finished`` (the default) a finished sequence leaves the batch: its rows are removed from every
+    component's cache together (:func:`select_cache_rows`), so the caches stay in step and later steps cost
+    only the sequences still running. Each row's computation does not depend on the other rows (attention is
+    per row, the masks and positions are the row's own), so the tokens are those of decoding the full batch
+    to the end; ``drop_finished=False``, or a cache whose rows cannot be selected, keeps every row to the end.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError("input_ids and attention_mask must both be [batch, seq_len]")
@@ -220,29 +255,38 @@ def greedy_generate(
     batch = input_ids.shape[0]
     device = input_ids.device
     eos = _eos_tensor(eos_token_id, device)
-    new_tokens: list[Tensor] = []
+    out = input_ids.new_full((batch, max_new_tokens), pad_token_id)
+    steps = 0
     with torch.inference_mode():
         caches = [_new_cache(fn) for fn in fns]
+        drop = drop_finished and all(_rows_selectable(c) for c in caches)
         mask = attention_mask.long()
         step_ids = input_ids
         step_pos = position_ids_from_mask(mask)
+        active = torch.arange(batch, device=device)  # the output row of each row still in the batch
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             last = [fn(step_ids, mask, step_pos, cache)[:, -1, :] for fn, cache in zip(fns, caches)]
             token = combine_logits(last, weights, vocab_size).argmax(dim=-1)
             token = token.masked_fill(finished, pad_token_id)
-            new_tokens.append(token)
+            out[active, step] = token
+            steps = step + 1
             finished |= torch.isin(token, eos)
             if stop is not None and not bool(finished.all()):
-                finished |= stop(torch.stack(new_tokens, dim=1)).to(device)
+                finished |= stop(out[:, :steps]).to(device)[active]
             if bool(finished.all()):
                 break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            if drop and bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(1)
+                on_cpu = keep.cpu()  # CPU indices select rows on any device (a large model on its own GPU)
+                for cache in caches:
+                    select_cache_rows(cache, on_cpu)
+                active, mask, step_pos, token = active[keep], mask[keep], step_pos[keep], token[keep]
+                finished = finished[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             step_pos = step_pos[:, -1:] + 1
             step_ids = token[:, None]
-    if not new_tokens:
-        return input_ids.new_empty(batch, 0)
-    return torch.stack(new_tokens, dim=1)
+    return out[:, :steps]
 
 
 class OffsetCausalLM(nn.Module):

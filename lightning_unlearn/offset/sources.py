@@ -51,6 +51,10 @@ class TokenHistory:
         new = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask[:, -input_ids.shape[1]:].cpu())]
         self.rows = new if not self.rows else [old + add for old, add in zip(self.rows, new)]
 
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only the batch rows ``rows`` (indices, in order): finished sequences leave greedy decoding."""
+        self.rows = [self.rows[i] for i in rows.tolist()] if self.rows else self.rows
+
 
 class ServedLargeModel(LogitsComponent):
     """The large model behind a vLLM server, as a logit source returning log-probabilities.
