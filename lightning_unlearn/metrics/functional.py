@@ -79,9 +79,11 @@ def answer_token_stats(logits: Tensor, labels: Tensor) -> AnswerTokenStats:
     (``exp(-mean_nll)``), the truth ratio and the LOSS attack; the token log-probs feed Min-K%.
     """
     shifted, targets, mask = _shift(logits, labels)
-    logprobs = torch.log_softmax(_at_least_float32(shifted), dim=-1)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    token_logprobs = token_logprobs.masked_fill(~mask, 0.0)
+    # The log-softmax only at answer positions: prompt and padding rows of ``[B, T, V]`` would cost as much
+    # again and be masked out (each position's normalisation is its own, so the values are the same).
+    answer_logits = _at_least_float32(shifted[mask])
+    picked = torch.log_softmax(answer_logits, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    token_logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
     sum_nll = -token_logprobs.sum(dim=-1)
     n_tokens = mask.sum(dim=-1)
     return AnswerTokenStats(
@@ -173,13 +175,14 @@ def min_k_plus_plus_score(logits: Tensor, labels: Tensor, k: float = 0.4) -> Ten
     drawn from. Returned as ``-mean`` of the lowest k-fraction: loss-like like the others.
     """
     shifted, targets, mask = _shift(logits, labels)
-    logprobs = torch.log_softmax(_at_least_float32(shifted), dim=-1)
+    logprobs = torch.log_softmax(_at_least_float32(shifted[mask]), dim=-1)  # answer positions only, [n, V]
     probs = logprobs.exp()
     mu = (probs * logprobs).sum(dim=-1)
     var = (probs * logprobs.square()).sum(dim=-1) - mu.square()
     sigma = var.clamp(min=1e-6).sqrt()
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return -_mean_of_lowest((token_logprobs - mu) / sigma, mask, k)
+    token_logprobs = logprobs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    scores = torch.zeros(mask.shape, dtype=mu.dtype, device=mu.device).masked_scatter(mask, (token_logprobs - mu) / sigma)
+    return -_mean_of_lowest(scores, mask, k)
 
 
 def zlib_score(mean_nll: Tensor, texts: Sequence[str]) -> Tensor:
