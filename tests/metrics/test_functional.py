@@ -348,3 +348,5 @@ def test_privleak() -> None:
     # ((1 - 0.25) - (1 - 0.5)) / (1 - 0.5) * 100 = 0.25 / 0.5 * 100
     assert F.privleak(0.25, 0.5) == pytest.approx(50.0)
     assert F.privleak(0.75, 0.5) == pytest.approx(-50.0)
+    # A retain model at AUC 1 (1 - AUC = 0): open-unlearning's +1e-10 keeps the gap finite and its sign.
+    assert F.privleak(0.5, 1.0) == pytest.approx(0.5 / 1e-10 * 100.0) and F.privleak(1.0, 1.0) == 0.0
