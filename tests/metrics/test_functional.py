@@ -83,11 +83,13 @@ def test_answer_token_stats_rejects_misaligned_shapes() -> None:
 
 
 def test_drop_last_answer_token() -> None:
-    labels = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, -100, -100, -100], [1, 2, 3, 4, 9]])
+    labels = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, -100, -100, -100], [1, 2, 3, 4, 9],
+                           [8, -100, -100, -100, -100]])
     assert F.drop_last_answer_token(labels).tolist() == [
         [-100, 5, 6, -100, -100],
         [-100, -100, -100, -100, -100],
         [1, 2, 3, 4, -100],
+        [-100, -100, -100, -100, -100],  # a lone answer token at position 0 is the last one too
     ]
     assert labels[0, 3] == 7  # input untouched
 
