@@ -57,6 +57,8 @@ def test_whp_targets_lower_what_the_reinforcement_raised() -> None:
     base, reinforced, before = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 1.0, 5.0]), torch.ones(3)
     # rise = ReLU(R - R0) = (1, 0, 4); v = base - 2 * rise
     assert whp_generic_logits(base, reinforced, before, a=2.0).tolist() == [-1.0, 2.0, -5.0]
+    # the default a is the paper's alpha, 5 (Eldan & Russinovich 2023, appendix): v = base - 5 * rise
+    assert whp_generic_logits(base, reinforced, before).tolist() == [-4.0, 2.0, -17.0]
 
 
 def test_cross_entropy_towards_hard_and_soft_targets() -> None:

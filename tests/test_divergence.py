@@ -11,6 +11,7 @@ that update is applied, and last.ckpt keeps the finite weights after step 0 (glo
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -72,10 +73,22 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     message = str(raised.value)
     assert message.startswith("Training diverged at step 1 (epoch 0): the gradients of")
     assert "Losses of the micro-batch: loss=" in message and "forget_loss=" in message
-    assert "this step's update was not applied" in message and str(tmp_path / "ckpt" / "last.ckpt") in message
+    assert f"Training stopped; this step's update was not applied; the last checkpoint written, {tmp_path}/ckpt/last.ckpt," \
+        in message
     assert f"lower the learning rate (now {lr:g})" in message and advice in message
     checkpoint = saved(tmp_path)
     assert checkpoint["global_step"] == 1 and all_finite(checkpoint)
+
+
+def test_the_message_names_the_best_checkpoint_when_no_last_one_is_kept() -> None:
+    # ModelCheckpoint without save_last leaves last_model_path "": the message then names best_model_path.
+    trainer = SimpleNamespace(global_step=3, current_epoch=0, optimizers=[SimpleNamespace(param_groups=[{"lr": 1e-3}])],
+                              checkpoint_callback=SimpleNamespace(last_model_path="", best_model_path="ck/best.ckpt"))
+    module = SimpleNamespace(hparams={})
+    message = divergence.DivergenceGuard().message(trainer, module, "a NaN", applied=False)
+    assert "the last checkpoint written, ck/best.ckpt, holds finite weights" in message, message
+    trainer.checkpoint_callback = None
+    assert "no checkpoint was written" in divergence.DivergenceGuard().message(trainer, module, "a NaN", applied=False)
 
 
 def test_weights_made_non_finite_by_an_update_are_never_saved(tiny_world: dict, tmp_path: Path) -> None:

@@ -2,45 +2,49 @@
 
 Training a tiny world is chaotic: another CPU, thread count or seed gives another trajectory (forget quality
 1.1e-8 -> 9.5e-6 on one machine, 2.7e-4 -> 1.1e-3 on another). So the bounds are on statistics that move by
-much more than they vary, and were set from runs of ``demo --quick --seed S`` at OMP 2 threads (as ``make
-test`` runs) (tools: ``lightning_unlearn.demo.selectivity``; mean answer NLL in nats per token, before -> after):
+much more than they vary. ``--quick`` unlearns gently (``demo.QUICK``: NPO, retain weight 10, lr 3e-4, 10
+epochs, the last one at alpha 1), so that forgetting is selective and model utility (retain, real authors,
+world facts) keeps a floor. Measured with ``demo --quick --seed S`` on the shared 2-vCPU machine under a load
+of 8-10 (tools: ``lightning_unlearn.demo.selectivity``; mean answer NLL in nats per token, before -> after;
+seed 0 gave the same numbers to the last digit at 1 and 2 threads):
 
-    statistic                                s0/2t     s1/2t     s2/2t
-    forget ROUGE before                      0.962     0.962     0.962
-    forget ROUGE after/before               0.0668     0.114     0.107
-    forget NLL rise                           6.91      5.94      5.32
-    forget truth ratio rise                  0.149     0.113     0.102
-    retain-term NLL rise                   0.00444   0.00376  -0.00356
-    retain-term ROUGE after/before               1         1         1
-    held-out retain NLL rise                  1.14      0.28     0.398
-    held-out retain ROUGE after/before       0.258     0.417     0.362
-    real-authors NLL rise                     3.68      2.45     0.834
-    world-facts NLL rise                       4.5       2.7      1.32
-    forget rise - largest control rise        2.41      3.25      3.99
-    model utility before                      0.94     0.927     0.923
-    model utility after                      0.273      0.46     0.519
-    forget quality before                 1.43e-07  1.33e-06  1.33e-06
-    forget quality after                  9.55e-06  9.55e-06  5.57e-05
+    statistic                               s0/1t=2t     s1/1t
+    forget ROUGE after/before                 0.0640    0.0995
+    forget NLL rise                             4.12      4.07
+    forget truth ratio rise                   0.0703    0.0360
+    retain-term NLL rise                     0.00015   0.00022
+    retain-term ROUGE after/before                 1         1
+    held-out retain NLL rise                  0.0911    0.0458
+    held-out retain ROUGE after/before         0.918     0.905
+    real-authors NLL rise                      0.688     0.761
+    world-facts NLL rise                        1.27     0.797
+    forget rise - largest control rise          2.85      3.28
+    model utility before                       0.940     0.927
+    model utility after                        0.783     0.725
+    model utility after/before                 0.833     0.782
 
-The quick world's fine-tuning runs 60 epochs: with the full world's 30, seed 2 stayed on a loss plateau
-and left the model half-trained (forget ROUGE 0.395, model utility 0.52 before unlearning), which failed the
-precondition below; at 60 every seed memorises (0.962). Seed 2 at 1 thread gave the s2/2t column to the last
-digit (and, at 30 epochs, seed 1 too), and one machine repeats itself exactly (s0 ran twice,
-evaluating every epoch and every 5: the same numbers, so the evaluation does not steer the training).
-Bounds, each well outside the measured values: forget ROUGE ratio <= 0.3; forget NLL rise > 2 nats; forget
-truth ratio rise > 0.05; forget rise > every control rise + 0.5 and > the retain author's rises + 2; the
-retain term's rows kept (NLL rise < 0.3, ROUGE >= 0.9x); damage outside it bounded (held-out retain rise
-< 3, real-author and world-fact rises < 6 nats). No model-utility floor: this NPO (10-row retain term, 10
-epochs at lr 1e-3) costs the real authors and world facts up to 4.5 nats (model utility 0.27-0.52 after,
-and 0 at 30 fine-tuning epochs), too close to zero to bound; a floor needs a gentler quick unlearning.
+Seed 2 was not measured at this setting (a quick world took ~35 min to build under that load). The fine-tuned
+worlds are those of the earlier calibration (seed 0 at 1 thread gave its 2-thread column to the last digit,
+also at the earlier unlearning: forget NLL rise 6.91, model utility 0.273 after), which also showed why the
+quick world's fine-tuning runs 60 epochs: with the full world's 30, seed 2 stayed on a loss plateau and left
+the model half-trained (forget ROUGE 0.395, model utility 0.52 before unlearning), which failed the
+precondition below; at 60 every seed memorises (0.962).
+
+Bounds, each outside the measured spread by a margin of about a third of the statistic or more: forget ROUGE
+ratio <= 0.3; forget NLL rise > 2 nats; forget truth ratio rise > 0.01 (the smallest margin, 0.036 measured:
+the truth ratio moves least); forget rise > every control rise + 1 and > the retain author's rises + 2; the
+retain term's rows kept (NLL rise < 0.3, ROUGE >= 0.9x); the retain rows outside the retain term kept too
+(NLL rise < 0.5, ROUGE >= 0.7x); real-author and world-fact rises < 2.5 nats; model utility after >= 0.6x the
+fine-tuned model's (measured 0.78x-0.83x). The earlier quick unlearning (retain weight 1, lr 1e-3) forgot
+harder (forget NLL +5.3 to +6.9, seeds 0-2) but cost the real authors and world facts up to 4.5 nats and left
+model utility at 0.27-0.52, too close to zero for a floor.
 
 Forget quality is left out: its p-values are tiny and move by orders of magnitude between runs.
 
-The full demo's calibration (retain weight 10, the epoch and alpha picked by the utility-floor rule) does not
-carry over to this world: with its 10-row retain term, retain weight 10 still left model utility at 0.54-0.68
-from the second epoch on (seed 0, 1 thread), so the rule would keep the first epoch, which has hardly forgotten
-(forget NLL rise 0.7). ``--quick`` therefore keeps the setting these bounds were measured on (``demo.QUICK``),
-and the model-utility floor still waits for a gentler quick unlearning.
+The full demo's calibration (retain weight 10 at lr 1e-3, the epoch and alpha picked by the utility-floor
+rule) does not carry over to this world: with its 10-row retain term, model utility was 0.54-0.68 from the
+second epoch on (seed 0, 1 thread), so the rule would keep the first epoch, which has hardly forgotten (forget
+NLL rise 0.7); at lr 3e-4 the last epoch is kept instead.
 """
 
 from __future__ import annotations
@@ -98,15 +102,20 @@ def test_offset_npo_forgets_the_forget_set_and_keeps_the_rest(tmp_cwd: Path) -> 
     assert after["forget_Q_A_ROUGE"] <= 0.3 * before["forget_Q_A_ROUGE"], (before, after)
     forget = rise(before, after, "forget")
     assert forget > 2.0, (before, after)
-    assert after["forget_truth_ratio"] - before["forget_truth_ratio"] > 0.05, (before, after)
+    assert after["forget_truth_ratio"] - before["forget_truth_ratio"] > 0.01, (before, after)
 
     # Selective: the forget answers lose more than every control part, in or out of the retain term.
     controls = {part: rise(before, after, part) for part in ("retain_term", "retain_heldout", "ra", "wf")}
-    assert forget > max(controls.values()) + 0.5, (forget, controls)
+    assert forget > max(controls.values()) + 1.0, (forget, controls)
     assert forget > max(controls["retain_term"], controls["retain_heldout"]) + 2.0, (forget, controls)
-    # The retain term keeps its own rows; the damage elsewhere is bounded, not small (see the module docstring).
+    # The retain term keeps its own rows, and retention carries to the retain rows it does not train on.
     assert controls["retain_term"] < 0.3 and after["retain_term_Q_A_ROUGE"] >= 0.9 * before["retain_term_Q_A_ROUGE"]
-    assert controls["retain_heldout"] < 3.0 and max(controls["ra"], controls["wf"]) < 6.0, controls
+    assert controls["retain_heldout"] < 0.5, controls
+    assert after["retain_heldout_Q_A_ROUGE"] >= 0.7 * before["retain_heldout_Q_A_ROUGE"], (before, after)
+    # The real authors and world facts, outside every training term, are damaged boundedly: model utility (retain,
+    # real authors and world facts together) keeps a floor (bounds from the spread in the module docstring).
+    assert max(controls["ra"], controls["wf"]) < 2.5, controls
+    assert after["model_utility"] >= 0.6 * before["model_utility"], (before["model_utility"], after["model_utility"])
 
     again = demo(["--root", str(tmp_cwd / "demo"), "--quick"])
     assert again == columns, "a second run skips every stage and reports the same numbers"

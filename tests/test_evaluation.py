@@ -206,3 +206,16 @@ def test_monitoring_forget_quality_without_reference_fails_before_training(tiny_
     with pytest.raises(ValueError, match="set model.retain_reference"):
         main(["fit", "--config", TOFU_EVAL, "--model", "NPO", "--model.small_model", tiny_world["small"],
               "--model.large_model", tiny_world["large"]])
+
+
+def test_the_sweep_command_documents_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_unlearn.evaluation.sweep import main as sweep_main
+
+    with pytest.raises(SystemExit) as done:
+        sweep_main(["--help"])
+    assert done.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for option, says in [("--config", "config of the unlearning run"), ("--ckpt_path", "checkpoint of the trained offset"),
+                         ("--alphas ALPHAS [ALPHAS ...]", ""), ("--out", "per-alpha runs and the plot"),
+                         ("--floor", "floor on model utility")]:
+        assert option in help_text and says in help_text, option

@@ -62,6 +62,11 @@ def test_wga_is_the_probability_weighted_log_likelihood(batch, beta: float) -> N
     assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[1, 0].abs().sum() == 0
 
 
+def test_wga_defaults_to_the_sources_beta_of_one(batch) -> None:
+    logits, labels = batch  # open-unlearning's compute_wga_loss: beta 1, weight p_t
+    assert wga_loss(logits, labels).item() == pytest.approx(sum(true_p(t) * LN(true_p(t)) for t in "abc") / 3)
+
+
 def test_wga_with_beta_zero_is_gradient_ascent(batch) -> None:
     logits, labels = batch
     from lightning_unlearn.losses.functional import nll_mean

@@ -203,3 +203,13 @@ def test_question_answer_rows_still_train_as_before(tiny_world: dict) -> None:
     assert isinstance(dm.forget[0], dict)
     expected = PromptFormatter(tokenizer, 512).encode(dm.forget[0]["question"], dm.forget[0]["answer"])
     assert PairedDataset(dm.forget, dm.retain, dm.formatter, ("forget",))[0]["forget"] == expected
+
+
+def test_a_verbmem_continuation_is_joined_to_its_prompt_with_one_space() -> None:
+    # The ground truth is tokenised as it follows the prompt in the document: after a space unless either side
+    # already has one at the boundary (so a BPE tokeniser sees " word", not "word", and no double space).
+    from lightning_unlearn.evaluation.muse_data import _joined
+
+    assert _joined("He said", "hello") == " hello"
+    assert _joined("He said ", "hello") == "hello" and _joined("He said", " hello") == " hello"
+    assert _joined("", "hello") == "hello" and _joined("He said", "") == ""

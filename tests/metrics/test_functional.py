@@ -83,11 +83,13 @@ def test_answer_token_stats_rejects_misaligned_shapes() -> None:
 
 
 def test_drop_last_answer_token() -> None:
-    labels = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, -100, -100, -100], [1, 2, 3, 4, 9]])
+    labels = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, -100, -100, -100], [1, 2, 3, 4, 9],
+                           [8, -100, -100, -100, -100]])
     assert F.drop_last_answer_token(labels).tolist() == [
         [-100, 5, 6, -100, -100],
         [-100, -100, -100, -100, -100],
         [1, 2, 3, 4, -100],
+        [-100, -100, -100, -100, -100],  # a lone answer token at position 0 is the last one too
     ]
     assert labels[0, 3] == 7  # input untouched
 
@@ -348,6 +350,8 @@ def test_privleak() -> None:
     # ((1 - 0.25) - (1 - 0.5)) / (1 - 0.5) * 100 = 0.25 / 0.5 * 100
     assert F.privleak(0.25, 0.5) == pytest.approx(50.0)
     assert F.privleak(0.75, 0.5) == pytest.approx(-50.0)
+    # A retain model at AUC 1 (1 - AUC = 0): open-unlearning's +1e-10 keeps the gap finite and its sign.
+    assert F.privleak(0.5, 1.0) == pytest.approx(0.5 / 1e-10 * 100.0) and F.privleak(1.0, 1.0) == 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
