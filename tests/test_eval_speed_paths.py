@@ -15,7 +15,7 @@ from lightning_unlearn.evaluation.tofu import TofuEvaluation
 from lightning_unlearn.metrics import functional as F
 from lightning_unlearn.offset.generation import greedy_generate, offset_components
 from lightning_unlearn.offset.sources import TokenHistory
-from tests.test_generation import PAD, VOCAB, perturbed_copy, tiny_llama
+from tests.test_generation import PAD, VOCAB, left_padded, perturbed_copy, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +24,6 @@ def models():
     reference = tiny_llama(1)
     small = perturbed_copy(reference, seed=2, scale=0.5)
     return large, small, reference
-
-
-def left_padded(lengths: list[int], seed: int = 3) -> tuple[Tensor, Tensor]:
-    torch.manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, VOCAB, (n,))
-        mask[row, width - n:] = 1
-    return ids, mask
 
 
 class RowCounter(torch.nn.Module):

@@ -56,10 +56,9 @@ def models() -> tuple[LlamaForCausalLM, LlamaForCausalLM, LlamaForCausalLM]:
     return large, small, reference
 
 
-@pytest.fixture(scope="module")
-def batch() -> tuple[Tensor, Tensor]:
-    torch.manual_seed(3)
-    lengths = [7, 3, 5]
+def left_padded(lengths: list[int], seed: int = 3) -> tuple[Tensor, Tensor]:
+    """Random prompts of the given lengths, left-padded with PAD: ``(input_ids, attention_mask)``, [B, max]."""
+    torch.manual_seed(seed)
     width = max(lengths)
     ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -67,6 +66,11 @@ def batch() -> tuple[Tensor, Tensor]:
         ids[row, width - n :] = torch.randint(3, VOCAB, (n,))
         mask[row, width - n :] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[Tensor, Tensor]:
+    return left_padded([7, 3, 5])
 
 
 def naive_generate(
