@@ -62,13 +62,19 @@ MAIN_CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.y
 """Every ``main.py`` config; compare configs (a top-level ``methods``) are tested in ``test_compare.py``."""
 
 
+OVERLAYS = {Path("configs/demo/unlearn_npo.yaml"): Path("configs/demo/unlearn.yaml")}
+"""Configs meant to be given after another one (``--config BASE --config OVERLAY``), with their base."""
+
+
 @pytest.mark.parametrize("config", MAIN_CONFIGS, ids=str)
 def test_every_config_parses_and_instantiates(config: Path, tiny_world: dict, tmp_cwd: Path) -> None:
-    """Each YAML under configs/ builds its trainer, model and data objects (no weights are loaded)."""
+    """Each YAML under configs/ builds its trainer, model and data objects (no weights are loaded); an overlay
+    on top of its base config, as the demo runs it."""
     text = yaml.safe_load((ROOT / config).read_text())
     complete = "class_path" in text.get("model", {})
     extra = [] if complete else ["--model", "GA", "--model.small_model", tiny_world["small"]]
-    cli = main(["--config", str(ROOT / config), *extra], run=False)
+    base = ["--config", str(ROOT / OVERLAYS[config])] if config in OVERLAYS else []
+    cli = main([*base, "--config", str(ROOT / config), *extra], run=False)
     assert isinstance(cli.model, UnlearnModule) and cli.model.model is None
     assert isinstance(cli.datamodule, UnlearnDataModule)
 
