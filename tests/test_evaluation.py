@@ -129,6 +129,19 @@ def test_missing_reference_file_is_a_clear_error(tmp_path: Path) -> None:
         RetainReference.from_file(tmp_path / "bad.json")
 
 
+def test_reference_file_gives_every_field_forget_quality_privleak_and_the_utility_ratio_read(tmp_path: Path) -> None:
+    """The scores (null ones skipped), the retain model's Min-K% AUC and its model utility, as written in a
+    TOFU_EVAL.json: each feeds a reported number (forget quality, privleak, model_utility_vs_retain)."""
+    report = {"forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {"0": {"score": 0.5}, "3": {"score": None},
+                                                                          "7": {"score": 0.75}}},
+              "mia_min_k": {"agg_value": 0.42}, "model_utility": {"agg_value": 0.91}}
+    (tmp_path / "TOFU_EVAL.json").write_text(json.dumps(report))
+    reference = RetainReference.from_file(tmp_path / "TOFU_EVAL.json")
+    assert reference.forget_truth_ratios.tolist() == [0.5, 0.75]
+    assert reference.forget_truth_ratios.dtype == torch.float64
+    assert reference.mia_min_k == 0.42 and reference.model_utility == 0.91
+
+
 def test_offset_generation_at_initialisation_is_the_large_models_greedy_output(tiny_world: dict) -> None:
     module = NPO(small_model=tiny_world["small"], large_model=tiny_world["large"], large_dtype="float32")
     module.setup("test")
