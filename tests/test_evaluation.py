@@ -114,6 +114,21 @@ def test_loss_evaluation_counts_a_repeated_sample_once() -> None:
         evaluation.update({**part([0], [[0]]), "set": "holdout"}, logits_fn)
 
 
+def test_loss_evaluation_reports_a_set_after_one_without_samples() -> None:
+    """A set that received nothing (forget, listed first) is left out of the summary, and the sets after it
+    are still reported: the loop skips the empty one rather than stopping there."""
+    probs = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    ids = torch.tensor([[2, 1, 1]])
+    labels = torch.tensor([[-100, 1, 1]])
+    evaluation = LossEvaluation(["forget", "retain"])
+    evaluation.update({"set": "retain", "index": torch.tensor([0]),
+                       "answer": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}},
+                      lambda i, m: probs.log().expand(*i.shape, 3))
+    summary, report = evaluation.compute()
+    assert summary == {"retain_nll": pytest.approx(math.log(4.0))}
+    assert list(report) == ["retain_nll"]
+
+
 def test_missing_evaluation_split_says_what_to_set(formatter: PromptFormatter, tmp_path: Path) -> None:
     (tmp_path / "mine.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     spec = tofu_eval_specs("mine", None, None)[0]
