@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..metrics import functional as F
 from ..metrics.tofu import PerSampleMean
-from .passes import DEFAULT_TOKEN_BUDGET, score_rows
+from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
@@ -47,7 +47,8 @@ class LossEvaluation(nn.Module):
         """
         if batch["set"] not in self.metrics:
             raise KeyError(f"evaluation set {batch['set']!r} is not one of {self.sets}")
-        nll = score_rows(logits_fn, [(batch["answer"], _mean_nll)], self.token_budget)[0]["nll"]
+        nll = score_rows(logits_fn, [(batch["answer"], _mean_nll)], self.token_budget,
+                         continuation_fn_of(logits_fn))[0]["nll"]
         self.metrics[batch["set"]].update(nll, batch["index"])
         return nll
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..metrics import functional as F
 from ..metrics.muse import RougeLF1, cut_answer
 from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
-from .passes import DEFAULT_TOKEN_BUDGET, score_rows
+from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 from .report import plot_history
 from .tofu import _gather_objects
 
@@ -115,7 +115,8 @@ class MuseEvaluation(nn.Module):
         name, index = batch["set"], batch["index"]
         if "sequence" in batch:  # one pass per row, in length-sorted passes of at most token_budget tokens
             scorer = _extraction_strength if name == "verbmem_forget" else _min_k
-            scores = score_rows(logits_fn, [(batch["sequence"], scorer)], self.token_budget)[0]["score"]
+            scores = score_rows(logits_fn, [(batch["sequence"], scorer)], self.token_budget,
+                                continuation_fn_of(logits_fn))[0]["score"]
             if name == "verbmem_forget":
                 self.es.update(scores, index)
             else:

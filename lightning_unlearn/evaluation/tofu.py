@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..metrics import functional as F
-from .passes import DEFAULT_TOKEN_BUDGET, score_rows
+from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 from .report import plot_tradeoff
 from ..metrics.tofu import (
     AnswerProbability,
@@ -138,7 +138,7 @@ class TofuEvaluation(nn.Module):
         if "truth" in m:
             groups += [(batch["correct"], _mean_nll)] if "correct" in batch else []
             groups.append((batch["perturbed"], _mean_nll))
-        scores = score_rows(logits_fn, groups, self.token_budget)
+        scores = score_rows(logits_fn, groups, self.token_budget, continuation_fn_of(logits_fn))
         answer = scores[0]
         nll = answer["nll"]
         m["nll"].update(nll, index)

@@ -123,6 +123,9 @@ class AdapterComponent(LogitsComponent):
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
 
+    def continues_cache(self) -> bool:
+        return True
+
 
 def adapter_base_model(path: str | os.PathLike) -> str:
     """The model a saved adapter applies to, as recorded in its ``adapter_config.json``."""

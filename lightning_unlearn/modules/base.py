@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -19,7 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..losses.functional import IGNORE_INDEX, kl_on_labelled, nll_mean, step_scale
 from ..models import memory
-from ..offset.generation import LogitsComponent
+from ..evaluation.passes import ContinuationFn
+from ..offset.generation import LogitsComponent, as_component, offset_components
+from ..offset.prefix import continuation_logits, supports_continuation
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
@@ -407,6 +410,28 @@ class UnlearnModule(EvaluationHooks):
     def reference_component(self) -> torch.nn.Module | LogitsComponent:
         """The reference for offset generation: the frozen copy, or the LoRA model with its adapter off."""
         return AdapterComponent(self.model, None) if self.uses_lora else self.reference
+
+    def logit_components(self) -> list[tuple[torch.nn.Module | LogitsComponent, float]]:
+        """The models whose weighted logits the module's forward sums, as components with their own KV caches:
+        the small model alone in direct mode, ``z_L + alpha (z_S - z_S0)`` in offset mode."""
+        if self.large is None:
+            return [(self.model, 1.0)]
+        return offset_components(self.large_component(), self.reference_component(), [(self.model, self.alpha)])
+
+    @property
+    def continuation_fn(self) -> ContinuationFn | None:
+        """Teacher-forced scoring that runs a prefix shared by several rows once (:mod:`~lightning_unlearn.offset.
+        prefix`), as the evaluation uses it; ``None`` where it would not equal :meth:`forward`: while training,
+        in a subclass that computes its logits otherwise (EUL, ULD), or with a component that cannot continue a
+        cache over several tokens (a served large model, whose server caches prefixes itself)."""
+        cls = type(self)
+        if (self.training or cls.logits_and_reference is not UnlearnModule.logits_and_reference
+                or cls.forward is not UnlearnModule.forward):
+            return None
+        components = self.logit_components()
+        if not all(supports_continuation(as_component(model)) for model, _ in components):
+            return None
+        return functools.partial(continuation_logits, components, vocab_size=self.vocab_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Offset logits ``z_L + alpha * (z_S - z_S0)`` (or ``z_S`` in direct mode), float32, shared vocab."""

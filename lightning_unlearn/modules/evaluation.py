@@ -25,7 +25,7 @@ from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
 from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
-from ..offset.generation import StopFn, decode_answers, greedy_generate, offset_components
+from ..offset.generation import StopFn, decode_answers, greedy_generate
 from ..tracking import publish_summary
 
 Batch = dict[str, Any]
@@ -88,14 +88,8 @@ class EvaluationHooks(L.LightningModule):
         """Greedy new tokens for a left-padded batch, over the tokenizer's vocabulary (an embedding padded past it,
         as GPT-NeoX's, must not yield ids no token has), stopping at :meth:`stop_ids` (or when ``stop`` says, as
         lm-eval's ``until`` strings): one KV cache per model."""
-        if self.large is None:
-            components = [(self.model, 1.0)]
-        else:  # through the module's components: with LoRA the reference is the trainable model with its adapter
-            # off, and the large model may live on its own device
-            components = offset_components(self.large_component(), self.reference_component(),
-                                           [(self.model, self.alpha)])
         return greedy_generate(
-            components, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
+            self.logit_components(), input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
             pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, stop=stop,
         )
 

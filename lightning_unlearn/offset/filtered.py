@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from ..losses.logit_arithmetic import filtered_offset
-from .generation import ComponentFn, LogitsComponent, as_component
+from .generation import ComponentFn, LogitsComponent, as_component, next_logits
 
 __all__ = ["CacheGroup", "FilteredOffset"]
 
@@ -63,6 +63,10 @@ class FilteredOffset(LogitsComponent):
         self.relative_top = relative_top
         self.vocab_size = vocab_size
 
+    def continues_cache(self) -> bool:
+        """Its parts' caches continue over several tokens when every part's does."""
+        return all(isinstance(fn, LogitsComponent) and fn.continues_cache() for fn in self._fns)
+
     def new_cache(self) -> CacheGroup:
         return CacheGroup(fn.new_cache() if isinstance(fn, LogitsComponent) else DynamicCache() for fn in self._fns)
 
@@ -71,7 +75,17 @@ class FilteredOffset(LogitsComponent):
     ) -> Tensor:
         """Filtered offset logits ``[B, T, V]`` float32 (``V`` = ``vocab_size``)."""
         caches = past_key_values if past_key_values is not None else [None] * len(self._fns)
-        logits = [fn(input_ids, attention_mask, position_ids, cache)[..., : self.vocab_size]
-                  for fn, cache in zip(self._fns, caches)]
+        return self._filtered([fn(input_ids, attention_mask, position_ids, cache)
+                               for fn, cache in zip(self._fns, caches)])
+
+    def next_logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                    cache: CacheGroup) -> Tensor:
+        """The filtered offset at the last position, ``[B, 1, V]``, from each part's last-position logits (the
+        filter reads each position alone)."""
+        return self._filtered([next_logits(fn, input_ids, attention_mask, position_ids, part)
+                               for fn, part in zip(self._fns, cache)])
+
+    def _filtered(self, logits: list[Tensor]) -> Tensor:
+        logits = [z[..., : self.vocab_size] for z in logits]
         delta = sum(w * z.float() for w, z in zip(self.weights, logits[1:]))
         return filtered_offset(logits[0], delta, self.relative_top)

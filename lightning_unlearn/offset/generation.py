@@ -73,6 +73,17 @@ class LogitsComponent(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache()
 
+    def continues_cache(self) -> bool:
+        """Whether a call with a cache and several new tokens returns logits at each of them (then
+        :mod:`~lightning_unlearn.offset.prefix` can run shared prefixes once). Off unless a subclass says so."""
+        return False
+
+    def next_logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                    cache: DynamicCache) -> Tensor:
+        """The logits of the last position only, ``[B, 1, V]``, appending every position to ``cache``: a decoding
+        step or a prompt whose other logits nobody reads (a subclass may skip computing them)."""
+        return self(input_ids, attention_mask, position_ids, cache)[:, -1:]
+
 
 class CausalLMComponent(LogitsComponent):
     """Adapts a Hugging Face causal LM (``model(...).logits``) to :data:`ComponentFn`."""
@@ -96,11 +107,35 @@ class CausalLMComponent(LogitsComponent):
         config = getattr(self.model, "config", None)
         return DynamicCache(config=config) if config is not None else DynamicCache()
 
+    def continues_cache(self) -> bool:
+        return True
+
+    def next_logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                    cache: DynamicCache) -> Tensor:
+        """The forward with ``logits_to_keep=1`` where the model takes it: the output layer (a quarter or more of
+        a small model's work per token, and ``[B, T, V]`` of memory for a prompt) runs on the last position only."""
+        if not takes_logits_to_keep(self.model):
+            return self(input_ids, attention_mask, position_ids, cache)[:, -1:]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          **{cache_keyword(self.model): cache}, use_cache=True, logits_to_keep=1).logits
+
 
 @functools.cache
 def _cache_keyword(forward_type: type) -> str:
     forward = forward_type.forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+@functools.cache
+def _takes_logits_to_keep(forward_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward can compute the logits of its last positions only (``logits_to_keep``,
+    transformers 4.50 on; most causal LMs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _takes_logits_to_keep(type(base))
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -116,6 +151,15 @@ def as_component(model: nn.Module | ComponentFn) -> LogitsComponent | ComponentF
     if isinstance(model, LogitsComponent) or not isinstance(model, nn.Module):
         return model
     return CausalLMComponent(model)
+
+
+def next_logits(fn: LogitsComponent | ComponentFn, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                cache: object) -> Tensor:
+    """``[B, 1, V]``: the last position's logits of a component's cached step (:meth:`LogitsComponent.next_logits`),
+    or of a bare callable's whole output."""
+    if isinstance(fn, LogitsComponent):
+        return fn.next_logits(input_ids, attention_mask, position_ids, cache)
+    return fn(input_ids, attention_mask, position_ids, cache)[:, -1:]
 
 
 def _new_cache(fn: LogitsComponent | ComponentFn) -> DynamicCache:
@@ -266,7 +310,7 @@ def greedy_generate(
         active = torch.arange(batch, device=device)  # the output row of each row still in the batch
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            last = [fn(step_ids, mask, step_pos, cache)[:, -1, :] for fn, cache in zip(fns, caches)]
+            last = [next_logits(fn, step_ids, mask, step_pos, cache)[:, -1, :] for fn, cache in zip(fns, caches)]
             token = combine_logits(last, weights, vocab_size).argmax(dim=-1)
             token = token.masked_fill(finished, pad_token_id)
             out[active, step] = token

@@ -37,3 +37,12 @@ class DeviceComponent(LogitsComponent):
 
     def new_cache(self) -> DynamicCache:
         return self.inner.new_cache()
+
+    def continues_cache(self) -> bool:
+        return True
+
+    def next_logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                    cache: DynamicCache) -> Tensor:
+        device = self.device
+        logits = self.inner.next_logits(input_ids.to(device), attention_mask.to(device), position_ids.to(device), cache)
+        return logits.to(input_ids.device)
