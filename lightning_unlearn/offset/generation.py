@@ -233,31 +233,37 @@ def decode_answers(tokenizer: PreTrainedTokenizerBase, new_tokens: Tensor, stop_
     return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
-def select_cache_rows(cache: object, rows: Tensor) -> None:
-    """Keep only the batch rows ``rows`` (indices, in order) of a generation cache, in place.
+def _row_selector(cache: object) -> Callable[[Tensor], None] | None:
+    """How to keep only some batch rows of ``cache`` in place, or ``None`` if it cannot: a list of caches
+    (:class:`~lightning_unlearn.offset.filtered.CacheGroup`) through each of its caches, a Hugging Face cache by
+    ``batch_select_indices``, any other by its ``select_rows`` (:class:`~lightning_unlearn.offset.sources.
+    TokenHistory`)."""
+    if isinstance(cache, list):
+        inner = [_row_selector(c) for c in cache]
+        if any(select is None for select in inner):
+            return None
 
-    A Hugging Face cache drops the rows of every layer's keys and values; a cache that is a list of caches
-    (:class:`~lightning_unlearn.offset.filtered.CacheGroup`) drops them from each; any other cache must have a
-    ``select_rows(rows)`` method (:class:`~lightning_unlearn.offset.sources.TokenHistory`).
+        def select_each(rows: Tensor) -> None:
+            for select in inner:
+                select(rows)  # type: ignore[misc]  # checked above
+
+        return select_each
+    for name in ("batch_select_indices", "select_rows"):
+        if hasattr(cache, name):
+            return getattr(cache, name)
+    return None
+
+
+def select_cache_rows(cache: object, rows: Tensor) -> None:
+    """Keep only the batch rows ``rows`` (indices, in order; repeated indices repeat rows) of a KV cache, in place.
 
     Raises:
-        TypeError: a cache with none of these, so that its rows cannot be dropped.
+        TypeError: a cache whose rows cannot be selected (see :func:`_row_selector`).
     """
-    if isinstance(cache, list):
-        for inner in cache:
-            select_cache_rows(inner, rows)
-    elif hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(rows)
-    elif hasattr(cache, "select_rows"):
-        cache.select_rows(rows)
-    else:
+    select = _row_selector(cache)
+    if select is None:
         raise TypeError(f"cannot drop rows from a cache of type {type(cache).__name__}")
-
-
-def _rows_selectable(cache: object) -> bool:
-    if isinstance(cache, list):
-        return all(_rows_selectable(inner) for inner in cache)
-    return hasattr(cache, "batch_select_indices") or hasattr(cache, "select_rows")
+    select(rows)
 
 
 def greedy_generate(
@@ -303,7 +309,7 @@ def greedy_generate(
     steps = 0
     with torch.inference_mode():
         caches = [_new_cache(fn) for fn in fns]
-        drop = drop_finished and all(_rows_selectable(c) for c in caches)
+        drop = drop_finished and all(_row_selector(c) is not None for c in caches)
         mask = attention_mask.long()
         step_ids = input_ids
         step_pos = position_ids_from_mask(mask)
