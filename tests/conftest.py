@@ -64,3 +64,14 @@ def quick_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if stage.name in ("init", "finetune_large", "finetune_small"):
             run_stage(stage, upstream, force=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def offset_models() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """Random tiny Llamas ``(large, small, reference)``: the small one a strong perturbation of the reference, so
+    the offset is far from zero (for tests of the scoring and decoding paths, not of learning)."""
+    from tests.test_generation import perturbed_copy, tiny_llama
+
+    large = tiny_llama(0, hidden=48, layers=3)
+    reference = tiny_llama(1)
+    return large, perturbed_copy(reference, seed=2, scale=0.5), reference

@@ -15,15 +15,7 @@ from lightning_unlearn.evaluation.tofu import TofuEvaluation
 from lightning_unlearn.metrics import functional as F
 from lightning_unlearn.offset.generation import greedy_generate, offset_components
 from lightning_unlearn.offset.sources import TokenHistory
-from tests.test_generation import PAD, VOCAB, left_padded, perturbed_copy, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def models():
-    large = tiny_llama(0, hidden=48, layers=3)
-    reference = tiny_llama(1)
-    small = perturbed_copy(reference, seed=2, scale=0.5)
-    return large, small, reference
+from tests.test_generation import PAD, VOCAB, left_padded
 
 
 class RowCounter(torch.nn.Module):
@@ -53,8 +45,8 @@ def staggered_stops(full: Tensor) -> list[int]:
 
 
 @pytest.mark.parametrize("offset", [False, True])
-def test_dropping_finished_rows_gives_the_full_batch_tokens(models, offset: bool) -> None:
-    large, small, reference = models
+def test_dropping_finished_rows_gives_the_full_batch_tokens(offset_models, offset: bool) -> None:
+    large, small, reference = offset_models
     counted = RowCounter(large)
     components = (offset_components(counted, reference, [(small, 0.8)]) if offset else [(counted, 1.0)])
     ids, mask = left_padded([7, 3, 5, 6, 2])
@@ -76,9 +68,9 @@ def test_dropping_finished_rows_gives_the_full_batch_tokens(models, offset: bool
     assert counted.rows == sorted(counted.rows, reverse=True)
 
 
-def test_dropping_rows_with_a_stop_function_keeps_its_rows_aligned(models) -> None:
+def test_dropping_rows_with_a_stop_function_keeps_its_rows_aligned(offset_models) -> None:
     """``stop`` sees the whole batch's tokens in their rows, also after rows left the decoding."""
-    large = models[0]
+    large = offset_models[0]
     ids, mask = left_padded([4, 6, 3])
     full = greedy_generate([(large, 1.0)], ids, mask, max_new_tokens=12, eos_token_id=999, pad_token_id=PAD)
     target = 1  # row 1 stops once it has produced 5 tokens; row 0 by a stop id at step 2
@@ -136,8 +128,8 @@ def nll_and_em(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     return {"nll": F.answer_token_stats(logits, labels).mean_nll, "em": F.exact_memorization(logits, labels)}
 
 
-def test_pooled_passes_give_each_rows_batch_of_one_values(models) -> None:
-    model = models[0]
+def test_pooled_passes_give_each_rows_batch_of_one_values(offset_models) -> None:
+    model = offset_models[0]
 
     def logits_fn(ids: Tensor, mask: Tensor) -> Tensor:
         return model(input_ids=ids, attention_mask=mask).logits.float()
@@ -162,10 +154,10 @@ def test_pooled_passes_give_each_rows_batch_of_one_values(models) -> None:
                     assert pooled[g][key][r].item() == pytest.approx(value.item(), abs=1e-5), (g, r, key)
 
 
-def test_tofu_values_do_not_depend_on_the_token_budget(models) -> None:
+def test_tofu_values_do_not_depend_on_the_token_budget(offset_models) -> None:
     """The whole TOFU update on a forget batch: a budget of one row per pass and one of everything in one pass
     give the same per-sample values, in the samples' order."""
-    model = models[0]
+    model = offset_models[0]
 
     def logits_fn(ids: Tensor, mask: Tensor) -> Tensor:
         return model(input_ids=ids, attention_mask=mask).logits.float()

@@ -16,15 +16,7 @@ from lightning_unlearn.models.families import FAMILIES, build_family_model, buil
 from lightning_unlearn.offset.generation import LogitsComponent, OffsetCausalLM, offset_components
 from lightning_unlearn.offset.prefix import continuation_logits, supports_continuation
 from lightning_unlearn.offset.sources import ServedLargeModel
-from tests.test_generation import PAD, VOCAB, perturbed_copy, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def models():
-    large = tiny_llama(0, hidden=48, layers=3)
-    reference = tiny_llama(1)
-    small = perturbed_copy(reference, seed=2, scale=0.5)
-    return large, small, reference
+from tests.test_generation import PAD, VOCAB
 
 
 def shared_prompt_rows(prompts: list[int], answers: list[list[int]], seed: int) -> list[Encoded]:
@@ -70,10 +62,10 @@ class Counting(LogitsComponent):
 
 @pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("budget", [40, 10_000])
-def test_shared_prompts_run_once_and_score_as_whole_rows(models, offset: bool, budget: int) -> None:
+def test_shared_prompts_run_once_and_score_as_whole_rows(offset_models, offset: bool, budget: int) -> None:
     """Two groups (answers; perturbed answers) over the same prompts, one row without a prompt to share (its
     answer starts at position 1), a small budget (several chunks and passes) and one pass for everything."""
-    large, small, reference = models
+    large, small, reference = offset_models
     counted = Counting(large)
     components = (offset_components(counted, reference, [(small, 0.7)]) if offset else [(counted, 1.0)])
     whole = OffsetCausalLM(offset_components(large, reference, [(small, 0.7)]) if offset else [(large, 1.0)])
