@@ -125,3 +125,45 @@ def test_a_served_model_is_scored_whole() -> None:
     with pytest.raises(ValueError, match="served large model"):
         next(continuation_logits([(served, 1.0)], torch.ones(1, 2, dtype=torch.long),
                                  torch.ones(1, 2, dtype=torch.long), []))
+
+
+@pytest.mark.parametrize("kind", ["direct", "offset", "lora", "large_device", "eul", "training"])
+def test_the_modules_shared_prefix_scoring_equals_its_forward(tiny_world: dict, kind: str) -> None:
+    """What the evaluation calls (``score_rows`` with the module's ``continuation_fn``) equals scoring the rows
+    whole through the module's forward, for each way the module builds its logits; where it cannot be equal
+    (EUL computes its own logits, a module in training mode) the module offers none."""
+    from lightning_unlearn.data.formatting import PromptFormatter
+    from lightning_unlearn.models.loading import load_tokenizer
+    from lightning_unlearn.modules import EUL
+    from tests.test_lora import ANSWERS, QUESTIONS, built, perturb_adapter
+
+    if kind == "eul":
+        module = EUL(small_model=tiny_world["small"])
+        module.setup("fit")
+        module.configure_model()
+    else:
+        extra = {"lora_rank": 4} if kind == "lora" else {"large_device": "cpu"} if kind == "large_device" else {}
+        module = built(tiny_world, offset=kind != "direct", alpha=1.5, **extra)
+    if kind == "lora":
+        perturb_adapter(module, scale=0.3)
+    elif kind != "eul":
+        with torch.no_grad():  # a trained offset: the small model away from its reference
+            for p in module.model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    module.train(kind == "training")
+    if kind in ("eul", "training"):
+        assert module.continuation_fn is None
+        return
+    formatter = PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), max_length=64)
+    answers = [formatter.encode(q, a) for q, a in zip(QUESTIONS, ANSWERS)]
+    perturbed = [formatter.encode(q, a[::-1]) for q, a in zip(QUESTIONS, ANSWERS) for _ in range(2)]
+    groups = [(pad_batch(answers, formatter.tokenizer.pad_token_id), scorer),
+              (pad_batch(perturbed, formatter.tokenizer.pad_token_id), scorer)]
+    with torch.no_grad():
+        whole = score_rows(module, groups, 10_000)
+        shared = score_rows(module, groups, 10_000, module.continuation_fn)
+    assert module.continuation_fn is not None
+    for g in range(2):
+        for key in whole[g]:
+            atol = 1e-3 if key == "mkpp" else 1e-5
+            torch.testing.assert_close(shared[g][key], whole[g][key], rtol=0, atol=atol, equal_nan=True)

@@ -23,12 +23,12 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from ..offset.generation import LogitsComponent, cache_keyword
+from ..offset.generation import LogitsComponent, cache_keyword, takes_logits_to_keep
 from ..deploy.manifest import ADAPTER_CONFIG
 
 if TYPE_CHECKING:  # peft is imported where an adapter is made or loaded: most runs have none
@@ -111,8 +111,19 @@ class AdapterComponent(LogitsComponent):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values: DynamicCache | None
     ) -> Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  cache_keyword(self.model): past_key_values, "use_cache": past_key_values is not None}
+        return self._run(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         **{cache_keyword(self.model): past_key_values}, use_cache=past_key_values is not None)
+
+    def next_logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                    cache: DynamicCache) -> Tensor:
+        """The last position's logits ``[B, 1, V]`` (``logits_to_keep=1`` where the base model takes it)."""
+        if not takes_logits_to_keep(self.model):
+            return self(input_ids, attention_mask, position_ids, cache)[:, -1:]
+        return self._run(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         **{cache_keyword(self.model): cache}, use_cache=True, logits_to_keep=1)
+
+    def _run(self, **kwargs: Any) -> Tensor:
+        """The peft model's logits with this component's adapter, or with none."""
         if self.adapter is None:
             with reference_mode(self.model):
                 return self.model(**kwargs).logits
