@@ -4,40 +4,49 @@ Training a tiny world is chaotic: another CPU, thread count or seed gives anothe
 1.1e-8 -> 9.5e-6 on one machine, 2.7e-4 -> 1.1e-3 on another). So the bounds are on statistics that move by
 much more than they vary. ``--quick`` unlearns gently (``demo.QUICK``: NPO, retain weight 10, lr 3e-4, 10
 epochs, the last one at alpha 1), so that forgetting is selective and model utility (retain, real authors,
-world facts) keeps a floor. Measured with ``demo --quick --seed S`` on the shared 2-vCPU machine under a load
-of 8-10 (tools: ``lightning_unlearn.demo.selectivity``; mean answer NLL in nats per token, before -> after;
-seed 0 gave the same numbers to the last digit at 1 and 2 threads):
+world facts) keeps a floor. Measured with ``demo --quick --seed S`` on the shared 2-vCPU x86_64 machine
+(tools: ``lightning_unlearn.demo.selectivity``; mean answer NLL in nats per token, before -> after; seed 0
+gave the same numbers to the last digit at 1 and 2 threads). Seeds 0 and 1 under a load of 8-10; seeds 2-4
+later (commit 0f2cf46, load about 2, ~4.5 min per world at 1 thread), when seed 0 was rerun from scratch and
+gave its column again to the last digit:
 
-    statistic                               s0/1t=2t     s1/1t
-    forget ROUGE after/before                 0.0640    0.0995
-    forget NLL rise                             4.12      4.07
-    forget truth ratio rise                   0.0703    0.0360
-    retain-term NLL rise                     0.00015   0.00022
-    retain-term ROUGE after/before                 1         1
-    held-out retain NLL rise                  0.0911    0.0458
-    held-out retain ROUGE after/before         0.918     0.905
-    real-authors NLL rise                      0.688     0.761
-    world-facts NLL rise                        1.27     0.797
-    forget rise - largest control rise          2.85      3.28
-    model utility before                       0.940     0.927
-    model utility after                        0.783     0.725
-    model utility after/before                 0.833     0.782
+    statistic                               s0/1t=2t     s1/1t     s2/1t     s3/1t     s4/1t
+    forget ROUGE after/before                 0.0640    0.0995     0.129     0.178    0.0610
+    forget NLL rise                             4.12      4.07      3.70      3.98      4.16
+    forget truth ratio rise                   0.0703    0.0360    0.0454    0.0787    0.0748
+    retain-term NLL rise                     0.00015   0.00022  -0.00838   0.00073  -0.00444
+    retain-term ROUGE after/before                 1         1         1         1         1
+    held-out retain NLL rise                  0.0911    0.0458    0.0766     0.115     0.102
+    held-out retain ROUGE after/before         0.918     0.905     0.811     0.856     0.854
+    real-authors NLL rise                      0.688     0.761     0.156     0.235     0.268
+    world-facts NLL rise                        1.27     0.797     0.386     0.613     0.720
+    forget rise - largest control rise          2.85      3.28      3.31      3.37      3.44
+    forget rise - largest retain rise           4.03      4.03      3.62      3.86      4.05
+    model utility before                       0.940     0.927     0.923     0.939     0.932
+    model utility after                        0.783     0.725     0.871     0.876     0.790
+    model utility after/before                 0.833     0.782     0.943     0.933     0.847
 
-Seed 2 was not measured at this setting (a quick world took ~35 min to build under that load). The fine-tuned
-worlds are those of the earlier calibration (seed 0 at 1 thread gave its 2-thread column to the last digit,
-also at the earlier unlearning: forget NLL rise 6.91, model utility 0.273 after), which also showed why the
-quick world's fine-tuning runs 60 epochs: with the full world's 30, seed 2 stayed on a loss plateau and left
-the model half-trained (forget ROUGE 0.395, model utility 0.52 before unlearning), which failed the
-precondition below; at 60 every seed memorises (0.962).
+Every seed's fine-tuned model knows what the preconditions ask: forget ROUGE 0.962, held-out retain ROUGE
+0.970, model utility 0.92-0.94. The fine-tuned worlds of seeds 0 and 1 are those of the earlier calibration
+(seed 0 at 1 thread gave its 2-thread column to the last digit, also at the earlier unlearning: forget NLL rise
+6.91, model utility 0.273 after), which also showed why the quick world's fine-tuning runs 60 epochs: with the
+full world's 30, seed 2 stayed on a loss plateau and left the model half-trained (forget ROUGE 0.395, model
+utility 0.52 before unlearning), which failed the precondition below; at 60 every seed memorises (0.962).
 
-Bounds, each outside the measured spread by a margin of about a third of the statistic or more: forget ROUGE
-ratio <= 0.3; forget NLL rise > 2 nats; forget truth ratio rise > 0.01 (the smallest margin, 0.036 measured:
-the truth ratio moves least); forget rise > every control rise + 1 and > the retain author's rises + 2; the
-retain term's rows kept (NLL rise < 0.3, ROUGE >= 0.9x); the retain rows outside the retain term kept too
-(NLL rise < 0.5, ROUGE >= 0.7x); real-author and world-fact rises < 2.5 nats; model utility after >= 0.6x the
-fine-tuned model's (measured 0.78x-0.83x). The earlier quick unlearning (retain weight 1, lr 1e-3) forgot
-harder (forget NLL +5.3 to +6.9, seeds 0-2) but cost the real authors and world facts up to 4.5 nats and left
-model utility at 0.27-0.52, too close to zero for a floor.
+Bounds, each outside the spread of seeds 0-4 by a margin of about a third of the statistic or more unless said:
+forget ROUGE ratio <= 0.3 (largest 0.178, seed 3); forget NLL rise > 2 nats (smallest 3.70, seed 2); forget
+truth ratio rise > 0.01 (the smallest margin, 0.036 measured: the truth ratio moves least); forget rise > every
+control rise + 1 (smallest 2.85) and > the retain author's rises + 2 (smallest 3.62); the retain term's rows
+kept (NLL rise < 0.3, ROUGE >= 0.9x); the retain rows outside the retain term kept too (NLL rise < 0.5, largest
+0.115; ROUGE >= 0.6x); real-author and world-fact rises < 2.5 nats (largest 1.27); model utility after >= 0.6x
+the fine-tuned model's (0.78x-0.94x). The held-out ROUGE bound was 0.7x when seeds 0-1 gave 0.905x-0.918x;
+seed 2 gave 0.811x, a margin of 0.11. Its 10 held-out rows move it in steps: a row that loses its answer (ROUGE
+1 -> 0.2, as two rows did at seed 2) costs about 0.08, so 0.7x left room for one more such row. At 0.6x the
+margin is 0.21 (a quarter of the statistic) and the bound still fails the harsher unlearnings tried on seed 0,
+whose damage it is there to catch: 0.442x at retain weight 10 and lr 1e-3, 0.258x at retain weight 1 and lr
+1e-3 (also held-out NLL rises of 0.57 and 1.14, over the 0.5 bound). That earlier quick unlearning (retain
+weight 1, lr 1e-3) forgot harder (forget NLL +5.3 to +6.9, seeds 0-2) but cost the real authors and world facts
+up to 4.5 nats and left model utility at 0.27-0.52, too close to zero for a floor.
 
 Forget quality is left out: its p-values are tiny and move by orders of magnitude between runs.
 
@@ -111,7 +120,7 @@ def test_offset_npo_forgets_the_forget_set_and_keeps_the_rest(tmp_cwd: Path) -> 
     # The retain term keeps its own rows, and retention carries to the retain rows it does not train on.
     assert controls["retain_term"] < 0.3 and after["retain_term_Q_A_ROUGE"] >= 0.9 * before["retain_term_Q_A_ROUGE"]
     assert controls["retain_heldout"] < 0.5, controls
-    assert after["retain_heldout_Q_A_ROUGE"] >= 0.7 * before["retain_heldout_Q_A_ROUGE"], (before, after)
+    assert after["retain_heldout_Q_A_ROUGE"] >= 0.6 * before["retain_heldout_Q_A_ROUGE"], (before, after)
     # The real authors and world facts, outside every training term, are damaged boundedly: model utility (retain,
     # real authors and world facts together) keeps a floor (bounds from the spread in the module docstring).
     assert max(controls["ra"], controls["wf"]) < 2.5, controls
