@@ -40,6 +40,11 @@ seed's fine-tuned model gives the same ROUGE as above (0.962, 0.966, 0.961); rat
     held-out rows ROUGE: CEU 0.26-0.60, PDU 0.51-0.72, SatImp 0.24-0.51, UNDIAL 0.77-1.00, WGA 0.16-0.37
     model utility after: CEU 0-0.58, PDU 0.62-0.79, SatImp 0.25-0.64, UNDIAL 0.86-0.92, WGA 0-0.25
 
+Seed 1's five cases rerun at 2 threads (dbbf3b5, ``OMP_NUM_THREADS=2``, on seed 1's 1-thread world; seed 2's
+world rebuilt at 2 threads logged the same fine-tuning losses to the last bit, ``test_end_to_end.py``) gave
+every ROUGE ratio above to the last bit; model utility differed by about 1e-8 (float32 reductions). 24-37 s
+per case at 2 threads under a load of about 2.
+
 Bounds margin: forget <= 0.5 against measured <= 0.164 (UNDIAL, seed 4), over 3x; retain-term >= 0.8 against
 1.000 at every seed (0.951 at af255cc). Both still fail when unlearning breaks: no forgetting leaves the forget
 ratio at 1, and CE-U without its retain term took the retain-term rows to 0.014 (af255cc).
