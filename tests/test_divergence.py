@@ -118,6 +118,19 @@ def test_checkpoints_and_exports_of_non_finite_weights_are_refused(tiny_world: d
     assert not (tmp_path / "export").exists()
 
 
+def test_the_refusal_counts_every_bad_tensor_and_names_the_first_three() -> None:
+    model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(3)))
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    model.append(frozen)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    # 6 trainable tensors are bad (the frozen layer's NaNs are not trainable weights); named in parameter order.
+    with pytest.raises(DivergenceError, match=r"^Refusing to save: 6 trainable weight tensors hold NaN or infinite "
+                                              r"values \(e\.g\. \['0\.weight', '0\.bias', '1\.weight'\]\); "):
+        divergence.require_finite_weights(model, "to save")
+
+
 def test_the_forget_nll_bound_stops_gradient_ascent_once_reached(
     tiny_world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

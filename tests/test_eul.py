@@ -292,6 +292,26 @@ def test_checkpoints_hold_only_the_adapters_and_the_gram_matrices(tiny_world: di
         fresh.on_load_checkpoint(checkpoint)
 
 
+def test_saved_request_carries_the_gram_matrices_summed_over_processes(
+    tiny_world: dict, rows: dict, tmp_path: Path
+) -> None:
+    """Under DDP each process records its own shard: the saved set must hold the sum, which fusion weighs by."""
+    module = built(small_model=tiny_world["small"])
+    module.train()
+    batch = make_batch(tiny_world["tokenizer"], rows["forget"][:2], rows["retain"][:2])
+    module.compute_losses(batch)
+    local = {k: v.clone() for k, v in collect_grams(module.model).items()}
+    # Two processes that saw the same shard: the all-reduced sum is twice this process's matrices.
+    strategy = SimpleNamespace(reduce=lambda v, reduce_op: 2 * v if reduce_op == "sum" else v)
+    module._trainer = SimpleNamespace(world_size=2, strategy=strategy, log_dir=str(tmp_path), is_global_zero=True)
+    module.on_train_end()
+    saved = load_adapter_set(tmp_path / "unlearning_layers")
+    assert set(saved.grams) == set(local)
+    for key, gram in local.items():
+        torch.testing.assert_close(saved.grams[key], 2 * gram)
+    assert saved.tokens == 2 * sum(int(batch[part]["attention_mask"].sum()) for part in ("forget", "retain"))
+
+
 def test_fit_command_trains_only_adapters_and_saves_the_request(tiny_world: dict, tmp_cwd: Path) -> None:
     cli = main(["fit", "--config", FAST, "--model", "EUL", "--model.small_model", tiny_world["small"],
                 "--model.large_model", "null"])

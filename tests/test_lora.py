@@ -97,6 +97,22 @@ def test_gradients_reach_only_the_adapter(tiny_world: dict) -> None:
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == adapter
 
 
+def test_gradient_checkpointing_keeps_the_adapter_gradients(tiny_world: dict) -> None:
+    """Reentrant checkpointing behind frozen layers would cut the adapter's gradient: it must stay as without."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same random A at initialisation in both
+        module = built(tiny_world, lora_rank=4, gradient_checkpointing=checkpointing)
+        perturb_adapter(module)
+        module.train()
+        module.compute_losses(make_batch(tiny_world["tokenizer"]))["loss"].backward()
+        grads.append([p.grad for p in lora_weights(module)])
+    plain, checkpointed = grads
+    assert checkpointed and all(g is not None and g.abs().sum() > 0 for g in checkpointed)
+    for g_ckpt, g in zip(checkpointed, plain):
+        torch.testing.assert_close(g_ckpt, g)
+
+
 def test_one_small_model_in_memory(tiny_world: dict) -> None:
     full, lora = built(tiny_world), built(tiny_world, lora_rank=4)
     small = sum(p.numel() for p in load_causal_lm(tiny_world["small"]).parameters())

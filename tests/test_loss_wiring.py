@@ -306,6 +306,22 @@ def test_compute_losses_equals_the_formula_on_the_models_logits(
         assert got["retain_loss"].abs() > 1e-4, "the retain term must be informative here"
 
 
+@pytest.mark.parametrize("name", ["WGA", "SatImp"])
+def test_token_weighted_ascent_notes_the_forget_nll_for_its_bound(
+    name: str, tiny_world: dict, originals: dict, batch: dict
+) -> None:
+    """With ``stop_forget_nll`` set, the forget NLL the bound reads is the plain NLL of the forget answers."""
+    module = moved(CLASSES[name], tiny_world, True, gamma=GAMMA, retain_weight=RETAIN_WEIGHT, stop_forget_nll=50.0)
+    module._trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=1)
+    data = parts_needed(module, batch)
+    with torch.no_grad():
+        module.compute_losses(data)
+    step, noted = module._forget_nll_step
+    forget = hand_parts(module, originals, data)["forget"]
+    assert step == 3
+    torch.testing.assert_close(noted.double(), nll(forget.z, forget.labels), rtol=2e-5, atol=1e-6)
+
+
 def test_eul_compute_losses_equals_the_formula(tiny_world: dict, originals: dict, batch: dict) -> None:
     kwargs = {"alpha": 0.6}
     module = moved(EUL, tiny_world, False, scale=0.5, gamma=GAMMA, retain_weight=RETAIN_WEIGHT, bottleneck=4,

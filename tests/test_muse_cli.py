@@ -10,6 +10,7 @@ import pytest
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.muse_world import build_muse_world
+from lightning_unlearn.evaluation.muse import MuseReference
 
 ROOT = Path(__file__).resolve().parents[1]
 MUSE_TEST = str(ROOT / "configs" / "tests" / "muse.yaml")
@@ -88,3 +89,14 @@ def test_every_muse_config_runs_on_tiny_models_and_the_local_folder(config: Path
                 "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false"])
     assert cli.trainer.global_step == 1 and (cli.model.large is not None) == offset
+
+
+@pytest.mark.parametrize("content", [{"mia_min_k": 0.42}, {"mia_min_k": {"auc": 0.42}}, {"forget_quality": 0.1}],
+                         ids=["a-number", "no-agg-value", "another-benchmark"])
+def test_a_retain_reference_without_mia_min_k_agg_value_is_refused_clearly(content: dict, tmp_path: Path) -> None:
+    path = tmp_path / "MUSE_EVAL.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="has no mia_min_k.agg_value: is it the MUSE_EVAL.json"):
+        MuseReference.from_file(path)
+    path.write_text(json.dumps({"mia_min_k": {"agg_value": 0.42}}))
+    assert MuseReference.from_file(path) == MuseReference(0.42)

@@ -35,6 +35,14 @@ def test_a_local_copy_is_cached_and_read_offline_afterwards(tmp_path: Path) -> N
     assert fetch("Llama-3.2-1B-Instruct", "retain90", cache, download=no_network) == path
 
 
+def test_the_command_caches_under_runs_references_by_default(tmp_cwd: Path) -> None:
+    copy = tmp_cwd / "TOFU_EVAL.json"
+    copy.write_text(json.dumps(LOG))
+    path = main(["Llama-3.2-1B-Instruct", "--from", str(copy)])
+    expected = tmp_cwd / "runs" / "references" / "tofu_Llama-3.2-1B-Instruct_retain90" / "TOFU_EVAL.json"
+    assert path.resolve() == expected and json.loads(expected.read_text()) == LOG
+
+
 def test_a_download_is_checked_and_cached(tmp_path: Path) -> None:
     calls = []
 

@@ -315,7 +315,10 @@ def test_model_utility_zero_component_gives_zero() -> None:
 def test_model_utility_missing_name_is_reported() -> None:
     values = _utility_values()
     del values["ra_Truth_Ratio"]
-    with pytest.raises(ValueError, match="ra_Truth_Ratio"):
+    with pytest.raises(ValueError, match=r"^model_utility is missing ra_Truth_Ratio$"):
+        F.model_utility(values)
+    del values["retain_Q_A_Prob"]
+    with pytest.raises(ValueError, match=r"^model_utility is missing retain_Q_A_Prob, ra_Truth_Ratio$"):
         F.model_utility(values)
 
 
@@ -341,8 +344,9 @@ def test_mia_auc(forget: list[float], holdout: list[float], expected: float) -> 
 
 
 def test_mia_auc_needs_both_groups() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        F.mia_auc([], [1.0])
+    for forget, holdout in (([], [1.0]), ([1.0], [])):
+        with pytest.raises(ValueError, match=r"^mia_auc needs at least one forget and one holdout score$"):
+            F.mia_auc(forget, holdout)
 
 
 def test_privleak() -> None:
