@@ -153,8 +153,9 @@ def score_rows(logits_fn: LogitsFn, groups: Sequence[tuple[dict[str, Tensor], Sc
             lengths.append(max(n, 1))
             starts.append(group_starts[r] if group_starts is not None else 0)
     results = _Results(groups)
-    split = [i for i in range(len(rows)) if 2 <= starts[i] < lengths[i]]
-    whole = sorted(set(range(len(rows))) - set(split))
+    shared = [2 <= start < length for start, length in zip(starts, lengths)]
+    split = [i for i, s in enumerate(shared) if s]
+    whole = [i for i, s in enumerate(shared) if not s]
     for members in plan_passes([lengths[i] for i in whole], token_budget):
         picked = sorted((whole[k] for k in members), key=lambda i: rows[i][0])  # each group's rows contiguous
         width = max(lengths[i] for i in picked)
@@ -172,9 +173,9 @@ def _score_continuations(continuation_fn: ContinuationFn, groups: Sequence[tuple
                          split: list[tuple[tuple[int, int], int, int]], token_budget: int, results: _Results) -> None:
     """Rows ``((group, row), cut, length)`` as prefix ``[:cut]`` and continuation ``[cut:length]``.
 
-    Identical prefixes are run once. Prefixes are taken longest row first into chunks whose prefix pass stays
-    within ``token_budget`` (prefixes x longest prefix); each chunk's continuations run in length-sorted passes
-    within the budget, all after the chunk's one prefix pass.
+    Identical prefixes are run once. The prefixes are cut into chunks by :func:`plan_passes` (longest first, a
+    chunk's prefix pass within ``token_budget``); each chunk's continuations run in length-sorted passes within
+    the budget, all after the chunk's one prefix pass.
     """
     ids_of = {(g, r): groups[g][0]["input_ids"][r] for (g, r), _, _ in split}
     prefix_key: dict[tuple[int, ...], int] = {}
@@ -187,18 +188,7 @@ def _score_continuations(continuation_fn: ContinuationFn, groups: Sequence[tuple
             prefixes.append((g, r, cut))
             users.append([])
         users[prefix_key[key]].append(k)
-    order = sorted(range(len(prefixes)), key=lambda p: -max(split[k][2] for k in users[p]))
-    chunks: list[list[int]] = []
-    width = 0
-    for p in order:
-        cut = prefixes[p][2]
-        if chunks and (len(chunks[-1]) + 1) * max(width, cut) <= token_budget:
-            chunks[-1].append(p)
-            width = max(width, cut)
-        else:
-            chunks.append([p])
-            width = cut
-    for chunk in chunks:
+    for chunk in plan_passes([cut for _, _, cut in prefixes], token_budget):
         cuts = [prefixes[p][2] for p in chunk]
         first = groups[prefixes[chunk[0]][0]][0]["input_ids"]
         prefix_ids = first.new_zeros((len(chunk), max(cuts)))

@@ -118,7 +118,7 @@ class AdapterComponent(LogitsComponent):
                     cache: DynamicCache) -> Tensor:
         """The last position's logits ``[B, 1, V]`` (``logits_to_keep=1`` where the base model takes it)."""
         if not takes_logits_to_keep(self.model):
-            return self(input_ids, attention_mask, position_ids, cache)[:, -1:]
+            return super().next_logits(input_ids, attention_mask, position_ids, cache)
         return self._run(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          **{cache_keyword(self.model): cache}, use_cache=True, logits_to_keep=1)
 

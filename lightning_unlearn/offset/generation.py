@@ -99,9 +99,7 @@ class CausalLMComponent(LogitsComponent):
         position_ids: Tensor,
         past_key_values: DynamicCache | None,
     ) -> Tensor:
-        kwargs = {cache_keyword(self.model): past_key_values, "use_cache": past_key_values is not None}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          **kwargs).logits
+        return self._run(input_ids, attention_mask, position_ids, past_key_values)
 
     def new_cache(self) -> DynamicCache:
         config = getattr(self.model, "config", None)
@@ -115,9 +113,14 @@ class CausalLMComponent(LogitsComponent):
         """The forward with ``logits_to_keep=1`` where the model takes it: the output layer (a quarter or more of
         a small model's work per token, and ``[B, T, V]`` of memory for a prompt) runs on the last position only."""
         if not takes_logits_to_keep(self.model):
-            return self(input_ids, attention_mask, position_ids, cache)[:, -1:]
+            return super().next_logits(input_ids, attention_mask, position_ids, cache)
+        return self._run(input_ids, attention_mask, position_ids, cache, logits_to_keep=1)
+
+    def _run(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache | None,
+             **extra: int) -> Tensor:
+        """The model's logits, appending to ``cache`` when one is given."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          **{cache_keyword(self.model): cache}, use_cache=True, logits_to_keep=1).logits
+                          **{cache_keyword(self.model): cache}, use_cache=cache is not None, **extra).logits
 
 
 @functools.cache
