@@ -5,6 +5,7 @@ stops, the command line and its errors. Everything is offline: the tasks read th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
 
 from lightning_unlearn.data.sources import load_split
@@ -19,6 +21,7 @@ from lightning_unlearn.lm_eval import UnlearnedLM
 from lightning_unlearn.lm_eval.__main__ import main as lm_eval_main
 from lightning_unlearn.lm_eval.registry import task_manager
 from lightning_unlearn.lm_eval.run import evaluate, flat_metrics
+from lightning_unlearn.models.families import make_family_pair
 from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.modules import NPO
@@ -73,16 +76,57 @@ def test_wrapper_equals_lm_eval_hf_model_on_a_direct_model(tiny_world: dict) -> 
                                        for m in ("acc", "acc_norm")}
 
 
-def test_rolling_loglikelihood_equals_hf_across_windows(tiny_world: dict) -> None:
-    """Perplexity requests split into several windows (max_length 16) still equal lm-eval's ``hf`` model."""
-    texts = [("Basil Mahfouz Al-Kuwaiti was born in Kuwait City and writes French literature.",),
-             ("Paris is the capital of France.",)]
-    ours = UnlearnedLM(tiny_world["large"], max_length=16, batch_size=3).loglikelihood_rolling(
-        _requests("loglikelihood_rolling", texts))
-    theirs = HFLM(pretrained=tiny_world["large"], device="cpu", max_length=16, batch_size=3).loglikelihood_rolling(
-        _requests("loglikelihood_rolling", texts))
-    assert ours == pytest.approx(theirs, abs=1e-4)
-    assert len(UnlearnedLM(tiny_world["large"]).tok_encode(texts[0][0])) > 2 * 16  # really several windows
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny direct models of three families: ``llama3`` (its tokenizer adds BOS), ``gpt2`` (BOS = EOS, never added)
+    and ``chatml`` (no BOS: the prefix token is EOS)."""
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in load_split("bundled", "forget10")]
+    return {name: make_family_pair(name, tmp_path_factory.mktemp(name), texts, large=(32, 2), small=(16, 1))["large"]
+            for name in ("llama3", "gpt2", "chatml")}
+
+
+ROLLING_TEXTS = [("Basil Mahfouz Al-Kuwaiti was born in Kuwait City and writes French literature.",),
+                 ("Paris is the capital of France.",)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "chatml"])
+def test_rolling_loglikelihood_equals_hf_across_windows_without_bos(family: str, families: dict) -> None:
+    """Perplexity requests split into several windows (max_length 16) equal lm-eval's ``hf`` model where ``hf`` is
+    right: tokenizers that add no BOS."""
+    model = str(families[family])
+    ours = UnlearnedLM(model, max_length=16, batch_size=3)
+    assert ours.tok_encode(ROLLING_TEXTS[0][0])[0] != ours.prefix_token_id
+    got = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", ROLLING_TEXTS))
+    theirs = HFLM(pretrained=model, device="cpu", max_length=16, batch_size=3).loglikelihood_rolling(
+        _requests("loglikelihood_rolling", ROLLING_TEXTS))
+    assert got == pytest.approx(theirs, abs=1e-4)
+    assert len(ours.tok_encode(ROLLING_TEXTS[0][0])) > 2 * 16  # really several windows
+
+
+def _by_hand(model_dir: str, ids: list[int]) -> float:
+    """``sum_{i >= 1} log p(ids_i | ids_0 .. ids_{i-1})`` in one forward pass."""
+    model = load_causal_lm(model_dir, "float32")
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    return float(log_p[:-1].gather(1, torch.tensor(ids[1:])[:, None]).sum())
+
+
+def test_rolling_loglikelihood_scores_bos_once(families: dict) -> None:
+    """With a tokenizer that adds BOS (Llama-3 style) the text's tokens are scored after one BOS, as computed by hand.
+    lm-eval 0.4's ``hf`` model scores ``BOS BOS t_1 .. t_n`` from the second BOS on (lm-evaluation-harness #3333):
+    ``log p(BOS | BOS)`` too, and every token after two BOS: -256.87 there against -251.06 here."""
+    model = str(families["llama3"])
+    text = ROLLING_TEXTS[0][0]
+    ids = load_tokenizer(model)(text)["input_ids"]
+    bos = load_tokenizer(model).bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1
+    (got,) = UnlearnedLM(model, batch_size=2).loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))
+    assert got == pytest.approx(_by_hand(model, ids), abs=1e-4)
+    (hf,) = HFLM(pretrained=model, device="cpu", batch_size=2).loglikelihood_rolling(
+        _requests("loglikelihood_rolling", [(text,)]))
+    assert hf == pytest.approx(_by_hand(model, [bos, *ids]), abs=1e-4)
+    assert got - hf > 1.0  # the difference is real, not rounding
+    print(f"one BOS (here) {got:.2f}, hf {hf:.2f}")
 
 
 def test_offset_loglikelihood_is_log_softmax_of_hand_combined_logits(tiny_world: dict, exports: dict) -> None:
@@ -126,15 +170,112 @@ def test_tofu_accuracy_equals_the_frameworks_own_scoring(exports: dict) -> None:
                        ["tofu_world_facts_mc"], limit=LIMIT, log_samples=True)
     model = UnlearnedModel.from_export(exports["first"], large_dtype="float32")  # bf16 varies with the padding
     rows = load_split("bundled", "world_facts_perturbed")[:LIMIT]
+    docs = {sample["doc_id"]: sample["doc"] for sample in results["samples"]["tofu_world_facts_mc"]}
     wins, lm_eval_scores = 0, _logliks(results)
     for doc, row in enumerate(rows):
-        choices = [row["answer"], *row["perturbed_answer"]]
+        choices = docs[doc]["choices"]  # the true answer at the task's seeded position
+        true = choices.index(row["answer"])
+        assert sorted(choices) == sorted([row["answer"], *row["perturbed_answer"]]) and docs[doc]["gold"] == true
         per_token = model.token_log_probs([row["question"]] * len(choices), choices)
         sums = [float(t[:-1].sum()) for t in per_token]  # [:-1]: the end-of-answer token
         assert sums == pytest.approx([lm_eval_scores[("tofu_world_facts_mc", doc, c)] for c in range(4)], abs=1e-4)
-        wins += int(max(range(4), key=sums.__getitem__) == 0)
+        wins += int(max(range(4), key=sums.__getitem__) == true)
     assert 0 < wins < LIMIT  # neither trivially all right nor all wrong: the comparison means something
     assert flat_metrics(results)["tofu_world_facts_mc/acc"] == pytest.approx(wins / LIMIT, abs=1e-12)
+
+
+def _chance_interval(n: int, p: float = 0.25) -> tuple[float, float]:
+    """The central 95% binomial interval of the accuracy ``k / n`` of guessing among ``1 / p`` choices: every ``k``
+    with ``P(X <= k) > 2.5%`` and ``P(X >= k) > 2.5%``, ``X ~ Binomial(n, p)``."""
+    pmf = [math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)]
+    inside = [k for k in range(n + 1) if sum(pmf[: k + 1]) > 0.025 and sum(pmf[k:]) > 0.025]
+    return inside[0] / n, inside[-1] / n
+
+
+def _with_lm_head(model_dir: str, fill: float, out: Path) -> str:
+    """The model with every output weight set to ``fill``: 0 gives a collapsed model (uniform next-token
+    distribution, all logits 0), NaN one whose log-likelihoods are all NaN."""
+    model = load_causal_lm(model_dir, "float32")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(fill)
+    model.save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+    return str(out)
+
+
+TOFU_MC = {"tofu_world_facts_mc": 117, "tofu_real_authors_mc": 100}
+
+
+def test_a_collapsed_model_scores_chance_on_the_tofu_tasks(tiny_world: dict, tmp_path: Path) -> None:
+    """A uniform next-token distribution ties every equally long choice, and lm-eval's argmax picks the first of
+    them: with the true answer always first this scored 0.41 / 0.36 (acc, world facts / real authors). With the
+    true answer at a seeded position every accuracy is inside chance's 95% binomial interval."""
+    collapsed = UnlearnedLM(_with_lm_head(tiny_world["large"], 0.0, tmp_path / "collapsed"), batch_size=32)
+    log_p = torch.log_softmax(collapsed.model.logits(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)), -1)
+    assert torch.allclose(log_p, torch.full_like(log_p, -math.log(log_p.shape[-1])))  # really uniform
+    metrics = flat_metrics(evaluate(collapsed, list(TOFU_MC)))
+    for task, n in TOFU_MC.items():
+        low, high = _chance_interval(n)
+        for metric in ("acc", "acc_norm"):
+            assert low <= metrics[f"{task}/{metric}"] <= high, (task, metric, metrics[f"{task}/{metric}"], low, high)
+
+
+def test_the_true_answer_is_at_a_seeded_position_and_a_memorising_model_scores_one() -> None:
+    """Every position holds the true answer for a fair share of the questions, the same on every run; a model that
+    has memorised the answers (log-likelihood 0 for the true answer, -5 for the others) gets acc = acc_norm = 1."""
+    truth = {f"Question: {row['question']}\nAnswer:": row["answer"] for split in ("world_facts_perturbed",
+             "real_authors_perturbed") for row in load_split("bundled", split)}
+
+    class Memorised(LM):
+        def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return [(0.0 if continuation.strip() == truth[context] else -5.0, False)
+                    for context, continuation in (r.args for r in requests)]
+
+        def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+            raise NotImplementedError
+
+        def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+            raise NotImplementedError
+
+    results = evaluate(Memorised(), list(TOFU_MC), log_samples=True)
+    assert all(flat_metrics(results)[f"{task}/{m}"] == 1.0 for task in TOFU_MC for m in ("acc", "acc_norm"))
+    golds = {task: [s["doc"]["gold"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+             for task, samples in results["samples"].items()}
+    for task, n in TOFU_MC.items():
+        counts = [golds[task].count(k) for k in range(4)]
+        assert sum(counts) == n and min(counts) >= 15, (task, counts)
+    again = evaluate(Memorised(), ["tofu_world_facts_mc"], limit=10, log_samples=True)
+    assert [s["doc"]["gold"] for s in sorted(again["samples"]["tofu_world_facts_mc"], key=lambda s: s["doc_id"])] == \
+        golds["tofu_world_facts_mc"][:10]
+
+
+def test_non_finite_log_likelihoods_stop_the_evaluation(tiny_world: dict, tmp_path: Path) -> None:
+    """NaN logits used to score acc = acc_norm = 1.0 (argmax of NaN is the first choice, then always the true one)."""
+    broken = UnlearnedLM(_with_lm_head(tiny_world["large"], float("nan"), tmp_path / "nan"), batch_size=8)
+    with pytest.raises(ValueError, match=r"log-likelihood nan is not finite \(context ending .*Answer:', "
+                                         r"continuation .*\): the model's logits are NaN or infinite"):
+        evaluate(broken, ["tofu_world_facts_mc"], limit=3)
+    with pytest.raises(ValueError, match="not finite"):
+        broken.loglikelihood_rolling(_requests("loglikelihood_rolling", ROLLING_TEXTS))
+
+
+def test_a_continuation_longer_than_max_length_is_refused_naming_both_lengths(tiny_world: dict) -> None:
+    """Contexts are cut from the left as lm-eval's ``hf`` model cuts them (same values up to a continuation of exactly
+    max_length tokens); a longer continuation cannot be scored and is refused (it was a raw tensor-shape error)."""
+    context = "Question: Who is Basil Mahfouz Al-Kuwaiti?\nAnswer:"
+    ours = UnlearnedLM(tiny_world["large"], max_length=8)
+    cont_ids = ours.tok_encode(context + " He was born in Kuwait City.")[len(ours.tok_encode(context)):]
+    fits = ours.tokenizer.decode(cont_ids[:8])
+    assert len(ours.tok_encode(context + fits)) - len(ours.tok_encode(context)) == 8
+    hf = HFLM(pretrained=tiny_world["large"], device="cpu", max_length=8)
+    requests = _requests("loglikelihood", [(context, fits), (context, fits[:6])])
+    assert [x for x, _ in ours.loglikelihood(requests)] == pytest.approx([x for x, _ in hf.loglikelihood(requests)],
+                                                                         abs=1e-4)
+    too_long = " He was born in Kuwait City."
+    n = len(ours.tok_encode(context + too_long)) - len(ours.tok_encode(context))
+    assert n > 8
+    with pytest.raises(ValueError, match=rf"continuation is {n} tokens long .* longer than max_length=8"):
+        ours.loglikelihood(_requests("loglikelihood", [(context, too_long)]))
 
 
 def test_generate_until_equals_hf_and_stops_at_until_strings(tiny_world: dict) -> None:

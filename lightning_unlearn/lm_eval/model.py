@@ -12,10 +12,18 @@ Tokenization, truncation, batching and the order of work follow lm-eval's own Hu
 continuations are encoded together and split (``TemplateLM._encode_pair``), requests are sorted longest first
 by lm-eval's ``Collator`` and right-padded into batches, and multiple-choice requests whose continuations are
 one token share one forward pass.
+
+Where ``hf`` gives a wrong or no number, this wrapper does not follow it: rolling log-likelihoods (perplexity) of a
+tokenizer that adds BOS condition the text on one BOS instead of scoring ``log p(BOS | BOS)`` too
+(lm-evaluation-harness issue #3333), a continuation longer than ``max_length`` is refused naming both lengths
+(``hf`` fails an ``assert``), and a log-likelihood that is not finite stops the evaluation instead of reaching
+lm-eval's ``argmax``, which would count it as the first choice.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -50,6 +58,8 @@ if os.path.dirname(os.path.abspath(lm_eval.__file__)) == os.path.dirname(os.path
 LLRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 
 DEFAULT_MAX_LENGTH = 2048
+
+log = logging.getLogger(__name__)
 
 
 class CombinedLM(Protocol):
@@ -202,7 +212,13 @@ class UnlearnedLM(TemplateLM):
         less its last token, cut from the left to :attr:`max_length`, and its last ``len(continuation)`` positions
         are scored. Requests sharing context + continuation[:-1] (multiple choice with one-token answers) are
         computed once, as lm-eval's ``hf`` model does.
+
+        Raises:
+            ValueError: a continuation is longer than :attr:`max_length` (no context fits before its first token;
+                checked for every request before any is scored), or a log-likelihood is not finite (NaN or
+                infinite logits: lm-eval's ``argmax`` would count a NaN choice as chosen).
         """
+        self._check_lengths(requests)
         order = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
                          group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
         results: list[tuple[float, bool]] = []
@@ -225,19 +241,56 @@ class UnlearnedLM(TemplateLM):
                     target = torch.tensor(cont_, dtype=torch.long, device=scored_.device).unsqueeze(0)
                     is_greedy = bool((greedy[:, -target.shape[1]:] == target).all())
                     answer = (float(scored_.gather(2, target.unsqueeze(-1)).sum()), is_greedy)
+                    if not math.isfinite(answer[0]):
+                        raise ValueError(self._not_finite(answer[0], strings_, ctx, cont_))
                     results.append(answer)
                     if strings_ is not None:
                         self.cache_hook.add_partial("loglikelihood", strings_, answer)
         return order.get_original(results)
 
+    def _check_lengths(self, requests: list[LLRequest]) -> None:
+        """Refuse continuations longer than :attr:`max_length`; log how many contexts are cut from the left."""
+        for strings, ctx, cont in requests:
+            if len(cont) > self.max_length:
+                where = f" (context ending {strings[0][-60:]!r})" if strings else ""
+                raise ValueError(
+                    f"An lm-eval continuation is {len(cont)} tokens long{where}, longer than max_length="
+                    f"{self.max_length}: no context fits before its first token, so it cannot be scored (lm-eval "
+                    "cuts contexts from the left, never the continuation). Raise max_length (model_args "
+                    "max_length=N, at most the model's context length) or use shorter continuations.")
+        cut = sum(len(ctx) + len(cont) > self.max_length + 1 for _, ctx, cont in requests)
+        if cut:
+            log.warning("%d of %d lm-eval requests are longer than max_length=%d: their contexts are cut from the "
+                        "left.", cut, len(requests), self.max_length)
+
+    def _not_finite(self, value: float, strings: tuple[str, str] | None, ctx: list[int], cont: list[int]) -> str:
+        request = (f"context ending {strings[0][-60:]!r}, continuation {strings[1][:60]!r}" if strings
+                   else f"{len(ctx)} context and {len(cont)} continuation tokens")
+        return (f"lm-eval log-likelihood {value} is not finite ({request}): the model's logits are NaN or infinite, "
+                "and lm-eval would score a NaN choice as chosen. Check the offset strength (alpha), the weights "
+                "(a diverged run) and the dtype (float16 overflow; try float32 or bfloat16).")
+
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole text, in disjoint windows of :attr:`max_length` tokens (each window but the
-        first conditioned on the tokens before it), the first token conditioned on :attr:`prefix_token_id`."""
+        """Log-likelihood (nats, one float per request) of each whole text, in disjoint windows of
+        :attr:`max_length` tokens (each window but the first conditioned on the tokens before it), the first token
+        conditioned on :attr:`prefix_token_id`.
+
+        A tokenizer that adds BOS (Llama-3, Gemma, ...) encodes the text as ``BOS t_1 ... t_n``; that BOS is
+        dropped here, since :attr:`prefix_token_id` (the same BOS) already conditions ``t_1``. lm-eval 0.4's
+        ``hf`` model keeps it, scoring ``BOS t_1 ... t_n`` after a second BOS: ``log p(BOS | BOS)`` too, and every
+        token after two BOS (lm-evaluation-harness issue #3333), several nats per document. On the Llama-3-style
+        tiny model of ``tests/test_lm_eval.py`` one sentence gives -251.06 here, -256.87 there. Without a
+        BOS-adding tokenizer the two agree.
+        """
         windows: list[LLRequest] = []
         owners: list[int] = []
+        bos = self.tokenizer.bos_token_id
         for index, (text,) in enumerate(request.args for request in requests):
+            tokens = self.tok_encode(text)
+            if bos is not None and tokens[:1] == [bos]:
+                tokens = tokens[1:]  # the prefix token below is this BOS: score the text once, from t_1
             for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    token_list=tokens, prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length, context_len=1)):
                 windows.append((None, context, continuation))
                 owners.append(index)

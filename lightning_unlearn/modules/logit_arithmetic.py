@@ -23,7 +23,6 @@ from ..losses.functional import nll_mean
 from ..losses.logit_arithmetic import (
     filtered_offset, soft_cross_entropy_on_labelled, uniform_kl_on_labelled, whp_generic_logits,
 )
-from ..offset.generation import greedy_generate
 from ..models.loading import check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
 from ..offset.filtered import FilteredOffset
 from .base import MeanOver, PartOutput, RetainLoss, UnlearnModule, with_step_loss
@@ -127,13 +126,10 @@ class ULD(UnlearnModule):
         return FilteredOffset(self.large_component(), [(self.model, self.alpha)], None, self.hparams.relative_top,
                               self.vocab_size)
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy new tokens of the filtered logit difference, stopping at :meth:`stop_ids`."""
-        return greedy_generate(
-            [(self.combined_component(), 1.0)], input_ids, attention_mask, max_new_tokens=max_new_tokens,
-            eos_token_id=self.stop_ids(), pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size,
-        )
+    def logit_components(self) -> list[tuple[FilteredOffset, float]]:
+        """The filtered combination as the one component the base class's :meth:`generate` decodes: ULD answers
+        the same generation interface as every method (``stop`` included, as lm-eval's ``until`` needs)."""
+        return [(self.combined_component(), 1.0)]
 
     def offset_manifest(self) -> dict[str, Any]:
         """An offset without reference, filtered: ``reference_model`` null and ``relative_top`` recorded."""
