@@ -123,9 +123,11 @@ def checked_position(entry: Any, token: int | None, k: int) -> tuple[dict[int, f
 
 
 def _fault(answer: dict[int, float], token: int | None, k: int) -> str | None:
-    bad = [(i, v) for i, v in answer.items() if not math.isfinite(v)]
-    if bad:
-        return f"a log-probability that is not finite ({bad[0][1]} for token {bad[0][0]})"
+    """Single passes over C-level iterators: with the whole vocabulary asked, ``answer`` has ``V`` entries for
+    every position."""
+    if not all(map(math.isfinite, answer.values())):
+        i, v = next((i, v) for i, v in answer.items() if not math.isfinite(v))
+        return f"a log-probability that is not finite ({v} for token {i})"
     if token is not None and token not in answer:
         return (f"no log-probability for the prompt's token {token} (values for another token or sequence: "
                 "a stale answer)")
@@ -133,7 +135,7 @@ def _fault(answer: dict[int, float], token: int | None, k: int) -> str | None:
         return f"{len(answer)} log-probabilities where {k} were asked"
     if max(answer.values()) > MASS_TOLERANCE:
         return f"a log-probability above 0 ({max(answer.values())})"
-    mass = math.fsum(math.exp(v) for v in answer.values())
+    mass = math.fsum(map(math.exp, answer.values()))
     if mass > 1 + MASS_TOLERANCE:
         return f"probabilities summing to {mass:.4f} > 1 (not one distribution: a stale or mixed answer)"
     return None
