@@ -250,3 +250,15 @@ def test_lm_eval_reads_a_served_models_context(fake: ThreadingHTTPServer) -> Non
 
     fake.max_model_len = 300
     assert max_context_length(torch.nn.ModuleList([source(fake)])) == 299
+
+
+def test_the_test_command_stops_on_a_nan_answer_instead_of_reporting_nan_metrics(
+        fake: ThreadingHTTPServer, tiny_world: dict, tmp_cwd: Path) -> None:
+    """Before: ``main.py test`` exited 0 with NaN probabilities, truth ratios and attacks (and 0.5 for Min-K%)."""
+    tokenizer = load_tokenizer(tiny_world["tokenizer"])
+    fake.tokenizer, fake.table, fake.max_model_len = tokenizer, bigram(0, len(tokenizer)), 512
+    url = f"http://127.0.0.1:{fake.server_address[1]}/v1"
+    fake.fault = ("nan", -2)  # in the answer
+    with pytest.raises(InvalidLogprobs, match=r"not finite \(nan .* at prompt position \d+ .*--no-enable-prefix-caching"):
+        main(["test", "--config", FAST, "--model", "NPO", "--model.small_model", tiny_world["small"],
+              "--model.large_model", url, "--model.large_logprobs", "8"])
