@@ -28,8 +28,8 @@ from .placement import DeviceComponent
 from .topk import dense_rows
 from .vllm_client import VLLMClient, is_served
 
-__all__ = ["PROBE_K", "PROBE_TEXTS", "ServedLargeModel", "TokenHistory", "check_served_context", "check_served_tokenizer",
-           "is_served", "large_source"]
+__all__ = ["PROBE_K", "PROBE_TEXTS", "ServedLargeModel", "TokenHistory", "check_served_context",
+           "check_served_tokenizer", "is_served", "large_source"]
 
 PROBE_TEXTS = (
     "Question: Who wrote 'The Silent Orchard'?\nAnswer: Basil Mahfouz Al-Kuwaiti, in 1987.",
