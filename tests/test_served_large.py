@@ -10,6 +10,8 @@ Bounds: 1e-4 on log-probabilities and losses (vLLM's float32 CPU kernels against
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
 from lightning_unlearn.offset.logit_cache import FrozenLogitCache
 from lightning_unlearn.models.tiny import build_tiny_llama, train_tokenizer
 from lightning_unlearn.modules import NPO, UnlearnModule
-from lightning_unlearn.offset.sources import ServedLargeModel, check_served_tokenizer
+from lightning_unlearn.offset.sources import ServedLargeModel, check_served_context, check_served_tokenizer
 from lightning_unlearn.offset.vllm_client import ServerUnavailable, VLLMClient
 from lightning_unlearn.offset.vllm_server import VLLMServer, free_port, vllm_missing
 
@@ -51,10 +53,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tokenizer = train_tokenizer(tofu_texts(), vocab_size=400, out_dir=root / "tokenizer")
     build_tiny_llama(tokenizer, root / "large", seed=1, hidden_size=64, num_layers=2, num_heads=2)
     build_tiny_llama(tokenizer, root / "small", seed=2, hidden_size=16, num_layers=1, num_heads=2)
-    server = VLLMServer(root / "large", max_logprobs=len(tokenizer), log=root / "server.log").start()
+    shutil.copytree(root / "large", root / "served")  # the served name's folder, whose weights a test replaces
+    server = VLLMServer(root / "served", max_logprobs=len(tokenizer), log=root / "server.log").start()
     try:
         yield {"url": server.url, "large": str(root / "large"), "small": str(root / "small"),
-               "tokenizer": str(root / "tokenizer"), "vocab": len(tokenizer), "root": root}
+               "served": str(root / "served"), "tokenizer": str(root / "tokenizer"), "vocab": len(tokenizer),
+               "root": root}
     finally:
         server.stop()
 
@@ -136,7 +140,7 @@ def test_offset_generation_with_the_served_model_equals_in_process(served: dict)
 def test_a_server_with_another_tokenizer_is_refused_naming_both(served: dict, tmp_path: Path) -> None:
     other = train_tokenizer(tofu_texts(200), vocab_size=300, out_dir=tmp_path / "other")
     build_tiny_llama(other, tmp_path / "other_small", seed=3, hidden_size=16, num_layers=1, num_heads=2)
-    with pytest.raises(ValueError, match=rf"served large model .*{served['large']}.* and of .*other_small"):
+    with pytest.raises(ValueError, match=rf"served large model .*{served['served']}.* and of .*other_small"):
         NPO(small_model=str(tmp_path / "other_small"), large_model=served["url"]).setup("fit")
     check_served_tokenizer(VLLMClient(served["url"]), load_tokenizer(served["tokenizer"]), "same")  # no error
 
@@ -182,3 +186,58 @@ def test_fit_test_and_generate_commands_against_the_server(served: dict, tmp_pat
     local_answers = generate_cli.main([str(export), *question, "--large-model", served["large"],
                                        "--large-dtype", "float32"])
     assert served_answers == local_answers and served_answers[0]
+
+
+def test_a_server_context_below_max_length_is_refused_before_training(served: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server takes 512 tokens (max_model_len); data.max_length 600 is refused at setup, naming both."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"takes at most 512 tokens .* data.max_length is 600 .*--max-model-len 601"):
+        main(["fit", "--config", FAST, "--model", "NPO", "--model.small_model", served["small"],
+              "--model.large_model", served["url"], "--data.max_length", "600"])
+    check_served_context(ServedLargeModel(served["url"], served["vocab"]), 511, "data.max_length")  # fits
+
+
+def test_other_weights_behind_the_same_name_rebuild_the_disk_cache(served: dict, tmp_path: Path) -> None:
+    """Issue 23, item 4, against vLLM: the served folder's weights are replaced by others of the same size and
+    modification time and served again under the same name and context length (a second server, with prefix
+    caching on). The disk cache filled from the first server must not be read back: the loss is the new
+    weights' (before: the old weights' loss, from the cache). With prefix caching on, repeated requests sharing
+    prefixes still give the in-process log-probabilities (no answer refused)."""
+    batch = batch_of(served)
+
+    def loss(large: str, **kwargs: object) -> tuple[float, FrozenLogitCache | None]:
+        module = _module(served, large, **kwargs).train()
+        value = float(module.compute_losses(batch)["loss"].detach())
+        cache = module._logit_cache
+        module.teardown("fit")
+        return value, cache
+
+    cache = {"logit_cache": "disk", "logit_cache_dir": str(tmp_path / "cache"), "logit_cache_dtype": "float32"}
+    old, first = loss(served["url"], **cache)
+    assert first.misses > 0 and old == pytest.approx(loss(served["large"])[0], abs=1e-4)
+    tokenizer = load_tokenizer(served["tokenizer"])
+    build_tiny_llama(tokenizer, tmp_path / "other", seed=7, hidden_size=64, num_layers=2, num_heads=2)
+    weights = next(Path(served["served"]).glob("*.safetensors"))
+    stat, original = weights.stat(), weights.read_bytes()
+    replacement = next((tmp_path / "other").glob("*.safetensors")).read_bytes()
+    assert len(replacement) == len(original) and replacement != original
+    weights.write_bytes(replacement)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    try:
+        with VLLMServer(served["served"], max_logprobs=served["vocab"], prefix_caching=True,
+                        log=tmp_path / "server.log") as other:
+            assert VLLMClient(other.url).models()[0]["root"] == VLLMClient(served["url"]).models()[0]["root"]
+            new, second = loss(other.url, **cache)
+            assert second.cleared and second.hits == 0
+            expected = loss(str(tmp_path / "other"))[0]
+            print(f"loss: old weights {old:.4f}, new weights served {new:.4f}, in-process {expected:.4f}")
+            assert new == pytest.approx(expected, abs=1e-4) and abs(new - old) > 1e-3
+            rows = batch["forget"]
+            ids, mask = rows["input_ids"], rows["attention_mask"]
+            local = in_process_logprobs({**served, "large": str(tmp_path / "other")}, ids, mask)
+            for _ in range(2):  # the second time every prefix is in vLLM's prefix cache
+                got = ServedLargeModel(other.url, served["vocab"])(ids, mask)
+                torch.testing.assert_close(got[mask.bool()], local[mask.bool()], atol=1e-4, rtol=0)
+    finally:
+        weights.write_bytes(original)

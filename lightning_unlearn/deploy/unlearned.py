@@ -30,7 +30,7 @@ from ..data.formatting import (
 )
 from ..evaluation.data import left_pad
 from ..losses.functional import sequence_logp, token_nll
-from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served
+from ..offset.sources import ServedLargeModel, check_served_context, check_served_tokenizer, is_served
 from ..offset.generation import OffsetCausalLM, StopFn, decode_answers, offset_components
 from ..offset.filtered import FilteredOffset
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
@@ -38,6 +38,9 @@ from ..models.lora import AdapterComponent, adapter_base_model, attach_adapters
 from .manifest import Composition, PathLike, compose
 
 __all__ = ["UnlearnedModel"]
+
+DEFAULT_MAX_LENGTH = 2048
+"""Longest prompt + answer :meth:`UnlearnedModel.log_probs` scores when not told (a served model's may be less)."""
 
 
 def _load_offsets(
@@ -145,7 +148,7 @@ class UnlearnedModel(nn.Module):
         device: str | torch.device = "cpu",
         template: str = DEFAULT_TEMPLATE,
         use_chat_template: bool | None = None,
-        max_length: int = 2048,
+        max_length: int | None = None,
         trust_remote_code: bool = False,
         large_logprobs: int | None = None,
     ) -> UnlearnedModel:
@@ -164,7 +167,8 @@ class UnlearnedModel(nn.Module):
                 without a chat template.
             use_chat_template: as ``data.use_chat_template``; ``None`` uses the chat template if any.
             max_length: longest prompt + answer scored by :meth:`log_probs` (longer answers are truncated
-                with a warning).
+                with a warning); ``None``: 2048, or with a served large model at most its ``max_model_len`` less
+                one. A served model that cannot take ``max_length`` (+ 1) tokens is refused (``ValueError``).
             trust_remote_code: allow models whose code lives on the hub.
             large_logprobs: with a served large model, the top-k log-probabilities asked per step (``None``: the
                 whole vocabulary, exact; :mod:`lightning_unlearn.offset.topk`).
@@ -179,6 +183,9 @@ class UnlearnedModel(nn.Module):
             if is_served(composition.large_model):
                 large = ServedLargeModel(composition.large_model, len(tokenizer), large_logprobs)
                 check_served_tokenizer(large.client, tokenizer, paths[0])
+                if max_length is None:
+                    max_length = min(DEFAULT_MAX_LENGTH, (large.max_model_len() or DEFAULT_MAX_LENGTH + 1) - 1)
+                check_served_context(large, max_length, "max_length")
             else:
                 check_same_tokenizer(load_tokenizer(composition.large_model, trust_remote_code), tokenizer,
                                      composition.large_model, paths[0])
@@ -186,7 +193,7 @@ class UnlearnedModel(nn.Module):
             if composition.reference_model is not None:
                 reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code))
         offsets, reference = _load_offsets(composition, reference, small_dtype, trust_remote_code)
-        formatter = PromptFormatter(tokenizer, max_length=max_length, template=template,
+        formatter = PromptFormatter(tokenizer, max_length=max_length or DEFAULT_MAX_LENGTH, template=template,
                                     use_chat_template=use_chat_template)
         return cls(composition, tokenizer, offsets, large, reference, formatter).to(device)
 

@@ -46,6 +46,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..offset.generation import StopFn
+from ..offset.sources import ServedLargeModel, check_served_context
 from ..deploy.manifest import compose
 from ..deploy.unlearned import UnlearnedModel
 
@@ -85,10 +86,14 @@ class CombinedLM(Protocol):
 
 
 def max_context_length(model: CombinedLM) -> int:
-    """The shortest context any component accepts (``max_position_embeddings`` or ``n_positions``), else 2048."""
+    """The shortest context any component accepts (``max_position_embeddings`` or ``n_positions``; a served large
+    model's ``max_model_len`` less the one token each request asks), else 2048."""
     lengths = []
     for module in model.modules():
-        if isinstance(module, PreTrainedModel):
+        if isinstance(module, ServedLargeModel):  # its server refuses longer requests, mid-evaluation
+            served = module.max_model_len()
+            lengths += [served - 1] if served else []
+        elif isinstance(module, PreTrainedModel):
             config = module.config
             length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
             if length:
@@ -154,6 +159,9 @@ class UnlearnedLM(TemplateLM):
         self.tokenizer = model.tokenizer
         self.add_bos_token = add_bos_token
         self._max_length = int(max_length) if max_length else max_context_length(model)
+        for module in model.modules():  # a given max_length longer than a server takes fails here, not mid-run
+            if isinstance(module, ServedLargeModel):
+                check_served_context(module, self._max_length, "max_length (lm-eval's model_args)")
         self._max_gen_toks = int(max_gen_toks)
 
     # --- lm-eval's model properties ---------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from ..offset.logits import cached_offset_logits, offset_logits
-from ..offset.sources import ServedLargeModel, check_served_tokenizer, is_served, large_source
+from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
+                              large_source)
 from .divergence import DivergenceGuard, require_finite_weights
 from .evaluation import EvaluationHooks
 from .rng import RestoreRNG
@@ -224,6 +225,9 @@ class UnlearnModule(EvaluationHooks):
                 large_tok = load_tokenizer(h.large_model, h.trust_remote_code)
                 check_same_tokenizer(large_tok, self.tokenizer, h.large_model, h.tokenizer or h.small_model)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        max_length = getattr(datamodule, "hparams", {}).get("max_length") if datamodule is not None else None
+        if isinstance(self.large, ServedLargeModel) and max_length:  # before any training or evaluation
+            check_served_context(self.large, int(max_length), "data.max_length")
         if datamodule is not None and hasattr(datamodule, "connect"):
             datamodule.connect(self.tokenizer, self.parts, **self.data_options)
             benchmark = getattr(datamodule, "hparams", {}).get("evaluation", "tofu")
@@ -375,18 +379,25 @@ class UnlearnModule(EvaluationHooks):
             if h.logit_cache == "disk":
                 rank = self.global_rank if self._trainer is not None else 0
                 directory = os.path.join(h.logit_cache_dir, f"rank{rank}")
+            disk = h.logit_cache == "disk"  # a memory cache lives for this run only: nothing to check it against
+            probes = {"large": self.large.probe()} if disk and isinstance(self.large, ServedLargeModel) else None
             self._logit_cache = FrozenLogitCache(
                 ["large", "reference"] if self.large is not None else ["reference"], self.vocab_size,
-                h.logit_cache, directory, resolve_dtype(h.logit_cache_dtype), self.cache_fingerprint())
+                h.logit_cache, directory, resolve_dtype(h.logit_cache_dtype),
+                self.cache_fingerprint() if disk else None, probes)
         return self._logit_cache
 
     def cache_fingerprint(self) -> dict[str, Any]:
-        """Everything the cached frozen logits depend on (alpha is not: ``z_L`` and ``z_S0`` are stored)."""
+        """Everything the cached frozen logits depend on (alpha is not: ``z_L`` and ``z_S0`` are stored); local
+        models' files by content (their digests memoised in ``logit_cache_dir``), a served model by its name,
+        context length and top-k (its probe log-probabilities are compared apart, within a tolerance)."""
         h = self.hparams
+        memo = os.path.join(h.logit_cache_dir, "file_digests.json") if h.get("logit_cache_dir") else None
         fingerprint: dict[str, Any] = {
-            "reference": model_fingerprint(h.small_model, self.model, h.small_dtype),
+            "reference": model_fingerprint(h.small_model, self.model, h.small_dtype, memo),
             "large": (self.large.fingerprint() if isinstance(self.large, ServedLargeModel)
-                      else model_fingerprint(h.large_model, self.large, h.large_dtype) if self.large is not None else None),
+                      else model_fingerprint(h.large_model, self.large, h.large_dtype, memo)
+                      if self.large is not None else None),
             "vocab": tokenizer_fingerprint(self.tokenizer),
         }
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -36,8 +36,14 @@ Storage
 
 Invalidation
     The cache holds a fingerprint of everything the stored values depend on (each frozen model's name,
-    config, dtype and the size and modification time of its files; the tokenizer vocabulary; the data
-    formatting; the storage dtype); a cache opened with another fingerprint clears itself.
+    config, dtype and the content of its files; the tokenizer vocabulary; the data formatting; the storage
+    dtype); a cache opened with another fingerprint clears itself. File contents are hashed (SHA-256), since a
+    file replaced with the same size and modification time is other weights; the digest is kept in a memo
+    beside the cache and reused while the file's size, times, inode and device are unchanged (a change of
+    content changes its ``ctime``, which no tool can set back), so a large model is hashed once, not at every
+    start. A served model's weights are out of reach: it is identified by *probes*, its log-probabilities of
+    a fixed sequence, compared within :data:`PROBE_ATOL` (servers' numerics vary a little between runs), so
+    other weights behind the same name and context length clear the cache too.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -52,12 +60,23 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["CacheMode", "FrozenLogitCache", "model_fingerprint", "sequence_keys", "tokenizer_fingerprint"]
+__all__ = ["PROBE_ATOL", "CacheMode", "FrozenLogitCache", "file_digest", "model_fingerprint", "sequence_keys",
+           "tokenizer_fingerprint"]
 
 # Not "off" for no cache: YAML 1.1 reads a bare off as false; no cache is null.
 CacheMode = Literal["memory", "disk"]
 ComputeFn = Callable[[Tensor, Tensor], Sequence[Tensor]]
 DATA_FILE, INDEX_FILE, FINGERPRINT_FILE = "logits.bin", "index.jsonl", "fingerprint.json"
+PROBE_ATOL = 1e-3
+"""Largest difference (nats) between a served model's probe log-probabilities and the stored ones for the
+cache to count as the same model's: vLLM 0.32's float32 CPU answers were within 9.5e-7 of the model run
+in-process (``benchmarks/served_prefix_cache.py``), while other weights of the same shape differed by 0.55 (the
+served-model tests' tiny Llama, seeds 1 and 7). A server whose numerics vary beyond it (e.g. bf16 with
+batch-dependent kernels) rebuilds its cache, the safe side."""
+RACY_SECONDS = 2.0
+"""A memoised digest is trusted only for a file last changed at least this long before it was hashed: a
+write within the same tick of a coarse clock could otherwise leave size and times unchanged (git's "racily
+clean" rule)."""
 
 
 def _last_attended(mask_row: Tensor) -> int:
@@ -81,18 +100,52 @@ def _stable_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_fingerprint(name_or_path: str, model: torch.nn.Module | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """What identifies a frozen model's weights without reading them: name, config, dtype and, for a local
-    folder, every file's name, size and modification time (hashing gigabytes of weights at every start
-    would cost more than it saves)."""
+def _stat_key(stat: os.stat_result) -> list[int]:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def file_digest(path: Path, memo: dict[str, Any] | None = None) -> str:
+    """SHA-256 of a file's content, from ``memo`` (``realpath -> {"stat", "sha256", "hashed"}``, updated in
+    place) while the file's device, inode, size, ``mtime`` and ``ctime`` are those it was hashed with and it had
+    not changed in the :data:`RACY_SECONDS` before; hashed otherwise (about 1 GB/s)."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    known = (memo or {}).get(real)
+    if known and known["stat"] == _stat_key(stat) and known["hashed"] - stat.st_ctime_ns / 1e9 >= RACY_SECONDS:
+        return known["sha256"]
+    hashed, digest = time.time(), hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if memo is not None:
+        memo[real] = {"stat": _stat_key(stat), "sha256": digest.hexdigest(), "hashed": hashed}
+    return digest.hexdigest()
+
+
+def model_fingerprint(name_or_path: str, model: torch.nn.Module | None = None, dtype: str | None = None,
+                      memo_file: str | Path | None = None) -> dict[str, Any]:
+    """What identifies a frozen model's weights: name, config, dtype and, for a local folder, every file's name
+    and content digest (:func:`file_digest`; size and modification time alone would keep a cache across a
+    file replaced with the same size and time). ``memo_file`` (JSON) keeps the digests between runs."""
     out: dict[str, Any] = {"name": name_or_path, "dtype": dtype}
     config = getattr(model, "config", None)
     if config is not None:
         out["config"] = _stable_hash(config.to_dict())
         out["commit"] = getattr(config, "_commit_hash", None)
     if os.path.isdir(name_or_path):
-        out["files"] = [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
-                        for p in sorted(Path(name_or_path).iterdir()) if p.is_file()]
+        memo_path = Path(memo_file) if memo_file is not None else None
+        memo: dict[str, Any] = {}
+        if memo_path is not None and memo_path.exists():
+            try:
+                memo = json.loads(memo_path.read_text(encoding="utf-8"))
+            except ValueError:  # a memo cut short: hash again
+                memo = {}
+        out["files"] = [[p.name, file_digest(p, memo)] for p in sorted(Path(name_or_path).iterdir()) if p.is_file()]
+        if memo_path is not None:  # written whole, then renamed: ranks sharing the folder never read half a memo
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = memo_path.with_name(f"{memo_path.name}.{os.getpid()}")
+            partial.write_text(json.dumps(memo), encoding="utf-8")
+            os.replace(partial, memo_path)
     return out
 
 
@@ -198,19 +251,29 @@ class FrozenLogitCache:
         directory: folder of the disk cache (created; this process's files only).
         dtype: storage dtype.
         fingerprint: everything the stored values depend on; a disk cache holding another is cleared.
+        probes: named lists of log-probabilities a model gave on fixed probe sequences (a served model's
+            identity, see the module docstring); a disk cache whose stored probes differ from these by more
+            than ``probe_atol`` anywhere, or have another length, is cleared, with a warning saying why.
+        probe_atol: see :data:`PROBE_ATOL`.
+
+    Attributes:
+        cleared: whether opening the cache removed stored values; ``reason`` says why.
     """
 
     def __init__(
         self, names: Sequence[str], vocab_size: int, mode: CacheMode = "memory", directory: str | Path | None = None,
         dtype: torch.dtype = torch.float16, fingerprint: Mapping[str, Any] | None = None,
+        probes: Mapping[str, Sequence[float]] | None = None, probe_atol: float = PROBE_ATOL,
     ) -> None:
         if mode not in ("memory", "disk"):
             raise ValueError(f"Unknown logit cache mode {mode!r}: use 'memory' or 'disk'.")
         self.names, self.vocab_size, self.mode, self.dtype = tuple(names), vocab_size, mode, dtype
         self.fingerprint = {**(fingerprint or {}), "names": list(self.names), "vocab_size": vocab_size,
-                            "dtype": str(dtype), "format": 1}
+                            "dtype": str(dtype), "format": 2}
+        self.probes = {k: [float(v) for v in values] for k, values in (probes or {}).items()}
         self.hits = self.misses = 0
         self.cleared = False
+        self.reason: str | None = None
         if mode == "memory":
             self.store: _MemoryStore | _DiskStore = _MemoryStore()
             return
@@ -219,12 +282,38 @@ class FrozenLogitCache:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         marker = self.directory / FINGERPRINT_FILE
-        expected = json.dumps(self.fingerprint, sort_keys=True, indent=1, default=str)
-        if not marker.exists() or marker.read_text(encoding="utf-8") != expected:
+        self.reason = self._mismatch(marker, probe_atol)
+        if self.reason is not None:
             self.cleared = any((self.directory / n).exists() for n in (DATA_FILE, INDEX_FILE, FINGERPRINT_FILE))
             _clear_directory(self.directory)
-            marker.write_text(expected, encoding="utf-8")
+            marker.write_text(json.dumps({"fingerprint": self.fingerprint, "probes": self.probes}, sort_keys=True,
+                                         indent=1, default=str), encoding="utf-8")
+            if self.cleared and self.reason.startswith("the probe"):
+                warnings.warn(f"The disk logit cache {self.directory} was cleared: {self.reason}.", stacklevel=2)
         self.store = _DiskStore(self.directory, (len(self.names), vocab_size), dtype)
+
+    def _mismatch(self, marker: Path, atol: float) -> str | None:
+        """Why the stored values cannot be reused (``None`` when they can): no marker, another fingerprint, or
+        probes of another model."""
+        if not marker.exists():
+            return "no stored fingerprint"
+        try:
+            stored = json.loads(marker.read_text(encoding="utf-8"))
+        except ValueError:
+            return "an unreadable fingerprint file"
+        if not isinstance(stored, dict) or stored.get("fingerprint") != json.loads(
+                json.dumps(self.fingerprint, sort_keys=True, default=str)):
+            return "another fingerprint (models, tokenizer, data formatting or storage dtype changed)"
+        old = stored.get("probes") or {}
+        for name in sorted(set(old) | set(self.probes)):
+            before, now = old.get(name, []), self.probes.get(name, [])
+            if len(before) != len(now):
+                return f"the probe of {name!r} has {len(now)} values, the stored one {len(before)}"
+            gap = max((abs(a - b) for a, b in zip(before, now)), default=0.0)
+            if not gap <= atol:  # NaN is a mismatch too
+                return (f"the probe log-probabilities of {name!r} differ from the stored ones by {gap:.4g} nats "
+                        f"(> {atol:g}): other weights behind the same served name")
+        return None
 
     def __len__(self) -> int:
         return len(self.store)

@@ -28,7 +28,8 @@ from .placement import DeviceComponent
 from .topk import dense_rows
 from .vllm_client import VLLMClient, is_served
 
-__all__ = ["PROBE_TEXTS", "ServedLargeModel", "TokenHistory", "check_served_tokenizer", "is_served", "large_source"]
+__all__ = ["PROBE_K", "PROBE_TEXTS", "ServedLargeModel", "TokenHistory", "check_served_context",
+           "check_served_tokenizer", "is_served", "large_source"]
 
 PROBE_TEXTS = (
     "Question: Who wrote 'The Silent Orchard'?\nAnswer: Basil Mahfouz Al-Kuwaiti, in 1987.",
@@ -36,7 +37,11 @@ PROBE_TEXTS = (
     "Ünïcödé, emoji \U0001F600 and CJK \u6f22\u5b57 text; punctuation !?@#$%^&*()[]{}<>",
 )
 """Texts whose token ids the server must give exactly as the local tokenizer (with special tokens added and
-without): prose in the TOFU format, whitespace, digits and bytes outside ASCII."""
+without): prose in the TOFU format, whitespace, digits and bytes outside ASCII. The first is also the
+sequence whose log-probabilities identify a served model's weights (:meth:`ServedLargeModel.probe`)."""
+
+PROBE_K = 5
+"""Top log-probabilities per position in a served model's probe (besides the actual token's)."""
 
 
 class TokenHistory:
@@ -77,11 +82,35 @@ class ServedLargeModel(LogitsComponent):
         self.client = client or VLLMClient(url)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the cached log-probabilities depend on: the served model's name and context length, and ``k``.
-        (The address is left out: the same model moved to another host keeps its cache.)"""
+        """What the cached log-probabilities depend on that the server names: the served model's name and context
+        length, and ``k``. (The address is left out: the same model moved to another host keeps its cache.)
+        A name says nothing of the weights behind it: :meth:`probe` identifies those."""
         served = self.client.models()[0]
         return {"served": served.get("root") or served.get("id"), "max_model_len": served.get("max_model_len"),
                 "top_k": self.k, "vocab_size": self.vocab_size}
+
+    def probe(self) -> list[float]:
+        """The served weights' identity as numbers: for every position of the first probe text (tokenized by the
+        server), the top ``min(PROBE_K, k)`` log-probabilities (sorted) and the actual next token's, rounded to
+        1e-6. Other weights behind the same name give other values; the disk logit cache compares them within
+        a tolerance (:data:`~lightning_unlearn.offset.logit_cache.PROBE_ATOL`) at every run start.
+
+        Raises:
+            ServerError, ServerUnavailable, InvalidLogprobs: from the client.
+        """
+        ids = self.client.tokenize(PROBE_TEXTS[0])
+        k = min(PROBE_K, self.k)
+        values: list[float] = []
+        for t, answer in enumerate(self.client.completion_logprobs(ids, k, prompt=True)):
+            values += sorted(answer.values(), reverse=True)[:k]
+            values += [answer[ids[t + 1]]] if t + 1 < len(ids) else []
+        return [round(v, 6) for v in values]
+
+    def max_model_len(self) -> int | None:
+        """The longest sequence (prompt and answer tokens) the server takes, from ``/v1/models``; ``None`` when
+        it does not say."""
+        length = self.client.models()[0].get("max_model_len")
+        return int(length) if length is not None else None
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
@@ -144,6 +173,26 @@ def check_served_tokenizer(client: VLLMClient, tokenizer: PreTrainedTokenizerBas
         if client.detokenize([i]) != tokenizer.decode([i]):
             raise ValueError(f"The tokenizers of the served large model {served} and of {tokenizer_name!r} differ: "
                              f"token id {i} is {client.detokenize([i])!r} there and {tokenizer.decode([i])!r} here.")
+
+
+def check_served_context(source: ServedLargeModel, max_length: int, where: str) -> None:
+    """Refuse a server that cannot take sequences of ``max_length`` tokens: every request asks one token after
+    its prompt, so vLLM needs ``max_model_len >= max_length + 1``, else each long sequence fails mid-run.
+
+    Args:
+        max_length: the longest sequence this run sends (``data.max_length``, or the deployed model's).
+        where: the setting ``max_length`` came from, named in the error.
+
+    Raises:
+        ValueError: naming the server, both lengths and what to change.
+    """
+    limit = source.max_model_len()
+    if limit is not None and limit < max_length + 1:
+        raise ValueError(
+            f"The served large model {source.client.model!r} at {source.client.root} takes at most {limit} tokens "
+            f"(max_model_len in /v1/models), but {where} is {max_length} and each request needs one token more "
+            f"({max_length + 1}). Restart the server with --max-model-len {max_length + 1} or more, or lower {where} "
+            f"to {limit - 1}.")
 
 
 def large_source(name: str, model: nn.Module | None, vocab_size: int, device: str | None = None,

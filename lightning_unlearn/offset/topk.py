@@ -48,8 +48,13 @@ def dense_logprobs(answer: Mapping[int, float], vocab_size: int) -> Tensor:
         vocab_size: ``V``, the shared tokenizer's vocabulary size.
 
     Raises:
-        ValueError: a negative id (not a server's answer).
+        ValueError: an empty answer, a value that is not finite, or a negative id: not a server's answer (the
+            client refuses those first, naming the server; filling an empty row would make it uniform).
     """
+    if not answer:
+        raise ValueError("No log-probabilities to fill a row from: an empty answer would become a uniform row.")
+    if not all(math.isfinite(v) for v in answer.values()):
+        raise ValueError(f"A log-probability that is not finite cannot be filled into a row: {dict(answer)!r:.200}")
     kept = {i: v for i, v in answer.items() if i < vocab_size}
     ids = torch.tensor(list(kept.keys()), dtype=torch.long)
     values = torch.tensor(list(kept.values()), dtype=torch.float64)

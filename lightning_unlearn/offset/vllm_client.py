@@ -17,10 +17,17 @@ Faults: a refused or dropped connection, a timeout and a 5xx answer are retried 
 exponential backoff (``backoff * 2**i`` seconds), then :class:`ServerUnavailable` names the server and the last
 error; a 4xx answer is a request the server will never accept (e.g. ``k`` above its ``--max-logprobs``) and
 raises :class:`ServerError` at once with the server's message.
+
+Answers are checked before anything uses them (:class:`InvalidLogprobs`): every prompt position after the
+first must carry a finite log-probability for the prompt's own token and at least ``k`` finite entries in all,
+no entry above 0 and no more than probability 1 in all; the next-token answer likewise. vLLM has returned
+``None`` for prompt positions read from its prefix cache (vllm #13409, #3251), values of another request
+(#42019) and NaN; a filled-in or NaN row would otherwise become a plausible loss, a cached row or a metric.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +37,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:  # imported when a client is made: a run without a served model never needs it
     import httpx
 
-__all__ = ["ServerError", "ServerUnavailable", "VLLMClient", "is_served", "parse_top_logprobs"]
+__all__ = ["PREFIX_CACHE_HINT", "InvalidLogprobs", "ServerError", "ServerUnavailable", "VLLMClient", "checked_position",
+           "is_served", "parse_top_logprobs"]
 
 T = TypeVar("T")
 
@@ -57,6 +65,23 @@ class ServerUnavailable(ServerError):
     """The server did not answer after every retry (timeouts, refused connections, 5xx answers)."""
 
 
+class InvalidLogprobs(ServerError):
+    """The server answered log-probabilities that cannot be right: missing, not finite, for another token or
+    sequence length, or more than probability 1. Retrying would not help (the server answers alike)."""
+
+
+PREFIX_CACHE_HINT = (
+    "The likely cause is vLLM's prefix caching, which has returned missing (None) and stale prompt "
+    "log-probabilities for positions read from its cache (vllm #13409, #3251, #42019): restart the server with "
+    "--no-enable-prefix-caching (make serve and the tests' VLLMServer pass it). Nothing of this request was "
+    "stored in the logit cache.")
+"""Appended to every :class:`InvalidLogprobs` message: what to change on the server's side."""
+
+MASS_TOLERANCE = 1e-3
+"""How far above 1 the answered probabilities of one position may sum (float32 rounding of up to ``V`` terms)
+before the answer is refused as not a distribution."""
+
+
 def is_served(name_or_url: str | None) -> bool:
     """Whether a model name is a server's address (``http://HOST:PORT/v1``) rather than an id or directory."""
     return name_or_url is not None and name_or_url.startswith(("http://", "https://"))
@@ -64,7 +89,8 @@ def is_served(name_or_url: str | None) -> bool:
 
 def parse_top_logprobs(entry: dict[str, float] | None) -> dict[int, float]:
     """``{"token_id:17": -0.3, ...}`` (``return_tokens_as_token_ids``) or ``{"17": {"logprob": -0.3}}``
-    (``prompt_logprobs``) -> ``{17: -0.3}``.
+    (``prompt_logprobs``) -> ``{17: -0.3}``. Values that are not numbers (``null``) become NaN, for
+    :func:`checked_position` to refuse.
 
     Raises:
         ServerError: a key that is not a token id (the server ignored ``return_tokens_as_token_ids``).
@@ -75,8 +101,44 @@ def parse_top_logprobs(entry: dict[str, float] | None) -> dict[int, float]:
         if not token.lstrip("-").isdigit():
             raise ServerError(f"The server keyed a log-probability by {key!r}, not a token id: it does not support "
                               "return_tokens_as_token_ids (vLLM >= 0.5 does).")
-        out[int(token)] = float(value["logprob"] if isinstance(value, dict) else value)
+        number = value.get("logprob") if isinstance(value, dict) else value
+        out[int(token)] = float(number) if isinstance(number, (int, float)) else math.nan
     return out
+
+
+def checked_position(entry: Any, token: int | None, k: int) -> tuple[dict[int, float], str | None]:
+    """One position's answer read (token id -> log-probability) and what is wrong with it (``None`` when
+    nothing is): ``entry`` as the server sent it, ``token`` the prompt's token at that position (``None`` for the
+    next-token answer), ``k`` the top-k asked.
+
+    Raises:
+        ServerError: a key that is not a token id (see :func:`parse_top_logprobs`).
+    """
+    if entry is None:
+        return {}, "no log-probabilities (None)"
+    if not isinstance(entry, dict) or not entry:
+        return {}, f"no log-probabilities ({entry!r:.80})"
+    answer = parse_top_logprobs(entry)
+    return answer, _fault(answer, token, k)
+
+
+def _fault(answer: dict[int, float], token: int | None, k: int) -> str | None:
+    """Single passes over C-level iterators: with the whole vocabulary asked, ``answer`` has ``V`` entries for
+    every position."""
+    if not all(map(math.isfinite, answer.values())):
+        i, v = next((i, v) for i, v in answer.items() if not math.isfinite(v))
+        return f"a log-probability that is not finite ({v} for token {i})"
+    if token is not None and token not in answer:
+        return (f"no log-probability for the prompt's token {token} (values for another token or sequence: "
+                "a stale answer)")
+    if len(answer) < k:
+        return f"{len(answer)} log-probabilities where {k} were asked"
+    if max(answer.values()) > MASS_TOLERANCE:
+        return f"a log-probability above 0 ({max(answer.values())})"
+    mass = math.fsum(map(math.exp, answer.values()))
+    if mass > 1 + MASS_TOLERANCE:
+        return f"probabilities summing to {mass:.4f} > 1 (not one distribution: a stale or mixed answer)"
+    return None
 
 
 @dataclass
@@ -186,21 +248,37 @@ class VLLMClient:
         without, only the last position's. Each dict maps token id -> log-probability (natural log).
 
         Raises:
+            InvalidLogprobs: an answer that cannot be right (see the module docstring), naming the server, the
+                request, the position and the likely cause.
             ServerError, ServerUnavailable: see the module docstring.
         """
-        payload: dict[str, Any] = {"model": self.model, "prompt": list(map(int, ids)), "max_tokens": 1,
+        ids = [int(i) for i in ids]
+        payload: dict[str, Any] = {"model": self.model, "prompt": ids, "max_tokens": 1,
                                    "temperature": 0.0, "logprobs": k, "return_tokens_as_token_ids": True}
         if prompt:
             payload["prompt_logprobs"] = k
         choice = self._request("POST", f"{self.base}/completions", payload)["choices"][0]
-        tops = choice.get("logprobs") or {}
-        last = parse_top_logprobs((tops.get("top_logprobs") or [None])[0])
-        if not last:
-            raise ServerError(f"The server {self.root} returned no next-token log-probabilities: {choice!r:.300}")
+        request = (f"POST {self.base}/completions for a prompt of {len(ids)} token ids {ids[:8]}"
+                   f"{'...' if len(ids) > 8 else ''} ({'prompt_logprobs' if prompt else 'logprobs'}={k})")
+        tops = (choice.get("logprobs") or {}).get("top_logprobs") or [None]
+        last, fault = checked_position(tops[0], None, k)
+        if fault:
+            raise InvalidLogprobs(f"The large model's server {self.root} answered {request} with {fault} for the "
+                                  f"next token (position {len(ids) - 1}). {PREFIX_CACHE_HINT}")
         if not prompt:
             return [last]
         given = choice.get("prompt_logprobs")
-        if given is None or len(given) != len(ids):
-            raise ServerError(f"The server {self.root} returned {None if given is None else len(given)} prompt "
-                              f"log-probabilities for {len(ids)} tokens.")
-        return [parse_top_logprobs(entry) for entry in given[1:]] + [last]
+        if not isinstance(given, list) or len(given) != len(ids):
+            raise InvalidLogprobs(
+                f"The large model's server {self.root} answered {request} with "
+                f"{'no' if not isinstance(given, list) else len(given)} prompt log-probabilities for {len(ids)} "
+                f"tokens (a stale answer for another sequence). {PREFIX_CACHE_HINT}")
+        answers = []
+        for t in range(1, len(ids)):
+            answer, fault = checked_position(given[t], ids[t], k)
+            if fault:
+                raise InvalidLogprobs(
+                    f"The large model's server {self.root} answered {request} with {fault} at prompt position {t} "
+                    f"(log p(token {ids[t]} | the {t} tokens before)). {PREFIX_CACHE_HINT}")
+            answers.append(answer)
+        return answers + [last]

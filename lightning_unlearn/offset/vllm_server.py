@@ -8,6 +8,17 @@ of vLLM itself.
 Settings for a CPU (measured on a 24 GiB, 2-core machine): ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB of KV cache)
 and ``--gpu-memory-utilization 0.2`` (on CPU this share sizes host memory), else vLLM refuses to start; its
 CPU attention accepts head size 32 (the demo's 4 x 128 large model) and refused 24.
+
+Prefix caching is off (``--no-enable-prefix-caching``, as in ``make serve``), named explicitly rather than left
+to vLLM's default (on). vLLM has returned ``None`` and stale prompt log-probabilities for positions read from
+its prefix cache (vllm #13409, #3251, #42019). Measured with vLLM 0.32 on the tests' tiny Llama
+(``benchmarks/served_prefix_cache.py``: 16 sequences sharing a 384-token prefix, sent twice, and 48 greedy steps
+resending the prefix): on and off, every answer passed the client's checks and was within 9.5e-7 of the model
+in-process, since vLLM 0.32 skips reading the prefix cache for ``prompt_logprobs`` requests (training and
+evaluation gain nothing from it), and greedy decoding took 1.13-1.22 s off against 1.17-1.47 s on. So caching
+buys nothing measurable here and has a history of wrong answers; a server decoding long answers with a large
+model may turn it on (``prefix_caching=True``, ``make serve PREFIX_CACHING=1``): the client refuses a missing or
+stale answer either way (:class:`~lightning_unlearn.offset.vllm_client.InvalidLogprobs`).
 """
 
 from __future__ import annotations
@@ -51,13 +62,14 @@ def free_port() -> int:
 
 
 def server_command(python: str | Path, model: str | Path, port: int, max_logprobs: int,
-                   max_model_len: int | None = None, eager: bool = False) -> list[str]:
+                   max_model_len: int | None = None, eager: bool = False, prefix_caching: bool = False) -> list[str]:
     """The OpenAI-compatible server's command line for ``model`` in float32 (the in-process reference's dtype);
     ``eager`` skips torch.compile (about 80 s of a tiny model's 4-minute start on 2 busy cores, and of no use to
-    it)."""
+    it). Prefix caching is named either way, never left to vLLM's default (see the module docstring)."""
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
                "--max-logprobs", str(max_logprobs), "--port", str(port), "--host", "127.0.0.1",
-               "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log"]
+               "--gpu-memory-utilization", "0.2", "--disable-uvicorn-access-log",
+               "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
     command += ["--max-model-len", str(max_model_len)] if max_model_len else []
     return command + (["--enforce-eager"] if eager else [])
 
@@ -76,6 +88,7 @@ class VLLMServer:
         threads: CPU threads of the server's forward passes.
         max_model_len: longest sequence served (a smaller KV cache), ``None``: the model's.
         eager: no torch.compile (see :func:`server_command`).
+        prefix_caching: vLLM's prefix cache (off by default: see the module docstring).
     """
 
     model: str | Path
@@ -86,6 +99,7 @@ class VLLMServer:
     threads: int = 1
     max_model_len: int | None = 512
     eager: bool = True
+    prefix_caching: bool = False
     process: subprocess.Popen | None = None
     start_seconds: float | None = None
 
@@ -110,7 +124,8 @@ class VLLMServer:
         begin = time.monotonic()
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
-                server_command(self.python, self.model, self.port, self.max_logprobs, self.max_model_len, self.eager),
+                server_command(self.python, self.model, self.port, self.max_logprobs, self.max_model_len, self.eager,
+                               self.prefix_caching),
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while time.monotonic() - begin < timeout:
             if self.process.poll() is not None:
