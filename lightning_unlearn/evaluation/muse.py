@@ -26,6 +26,7 @@ stored with their index in their set, so results gathered from DDP ranks count e
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,13 +44,21 @@ from .report import plot_history
 from .tofu import _gather_objects
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
-GenerateFn = Callable[..., list[str]]  # (input_ids, attention_mask, max_new_tokens) -> texts
+GenerateFn = Callable[..., list[str | None]]  # (input_ids, attention_mask, max_new_tokens) -> texts (None: non-finite)
 
 VERBMEM_NEW_TOKENS, KNOWMEM_NEW_TOKENS, MIN_K = 128, 32, 0.4
 ROUGE_NAME = {"verbmem_forget": "forget_verbmem_ROUGE", "knowmem_forget": "forget_knowmem_ROUGE",
               "knowmem_retain": "retain_knowmem_ROUGE"}
 HEADLINE = ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak", "mia_min_k",
             "extraction_strength")
+METRIC_SETS = {"forget_verbmem_ROUGE": ("verbmem_forget",), "extraction_strength": ("verbmem_forget",),
+               "forget_knowmem_ROUGE": ("knowmem_forget",), "retain_knowmem_ROUGE": ("knowmem_retain",),
+               "mia_min_k": ("privleak_forget", "privleak_holdout"), "privleak": ("privleak_forget", "privleak_holdout")}
+
+
+def metric_sets(key: str) -> tuple[str, ...]:
+    """The MUSE sets a metric of the summary is computed from (none for an lm-eval ``task/metric``)."""
+    return METRIC_SETS.get(key, ())
 
 
 def _extraction_strength(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -73,7 +82,8 @@ class MuseReference:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file has no ``mia_min_k.agg_value`` (e.g. a TOFU_EVAL.json of another benchmark).
+            ValueError: the file has no ``mia_min_k.agg_value`` (e.g. a TOFU_EVAL.json of another benchmark), or it
+                is not a finite number (privleak against it would be NaN).
         """
         path = Path(path)
         if not path.is_file():
@@ -83,6 +93,10 @@ class MuseReference:
         value = data.get("mia_min_k", {}).get("agg_value") if isinstance(data.get("mia_min_k"), dict) else None
         if value is None:
             raise ValueError(f"{path} has no mia_min_k.agg_value: is it the MUSE_EVAL.json of a MUSE evaluation?")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{path}: mia_min_k.agg_value is {value!r}, not a finite number; the retrained model's "
+                             "evaluation that wrote it was broken (NaN logits?): evaluate it again and give that "
+                             "MUSE_EVAL.json as model.retain_reference.")
         return cls(float(value))
 
 
@@ -98,6 +112,7 @@ class MuseEvaluation(nn.Module):
 
     benchmark: ClassVar[str] = "MUSE"
     headline: ClassVar[tuple[str, ...]] = HEADLINE
+    sets_of = staticmethod(metric_sets)
 
     def __init__(self, sets: list[str], reference: MuseReference | None = None, max_new_tokens: int = 200,
                  token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:

@@ -128,11 +128,14 @@ class ULD(UnlearnModule):
                               self.vocab_size)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy new tokens of the filtered logit difference, stopping at :meth:`stop_ids`."""
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 nonfinite: Tensor | None = None) -> Tensor:
+        """Greedy new tokens of the filtered logit difference, stopping at :meth:`stop_ids`; ``nonfinite`` as in
+        :meth:`~lightning_unlearn.modules.evaluation.EvaluationHooks.generate`."""
         return greedy_generate(
             [(self.combined_component(), 1.0)], input_ids, attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=self.stop_ids(), pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size,
+            nonfinite=nonfinite,
         )
 
     def offset_manifest(self) -> dict[str, Any]:
