@@ -107,3 +107,16 @@ def test_muse_test_of_a_nan_model_flags_every_metric(nan_model: str, tiny_world:
     assert summary["non_finite"]["sets"] == ["knowmem_forget", "knowmem_retain", "privleak_forget",
                                              "privleak_holdout", "verbmem_forget"]
     assert "MUSE evaluation: NON-FINITE results:" in " ".join(capsys.readouterr().out.split())
+
+
+def test_lm_eval_of_a_nan_model_reports_nan_not_an_accuracy(nan_model: str) -> None:
+    """lm-eval ranks choices with ``argmax``, which takes a NaN for the largest: a NaN model scored every item whose
+    gold answer comes first as right. Its accuracy is NaN now, and the result says how many requests were NaN."""
+    from lightning_unlearn.lm_eval.model import UnlearnedLM
+    from lightning_unlearn.lm_eval.run import evaluate, flat_metrics
+
+    results = evaluate(UnlearnedLM(nan_model, batch_size=8), ["tofu_world_facts_mc"], limit=4, bootstrap_iters=0)
+    metrics = flat_metrics(results)
+    assert {"tofu_world_facts_mc/acc", "tofu_world_facts_mc/acc_norm"} <= set(metrics)
+    assert all(math.isnan(v) for v in metrics.values())
+    assert results["non_finite_requests"] == 16  # 4 items x 4 choices

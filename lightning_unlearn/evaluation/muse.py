@@ -41,7 +41,7 @@ from ..metrics.muse import RougeLF1, cut_answer
 from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 from .report import plot_history
-from .tofu import _gather_objects
+from .tofu import _gather_objects, mia_by_index
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
 GenerateFn = Callable[..., list[str | None]]  # (input_ids, attention_mask, max_new_tokens) -> texts (None: non-finite)
@@ -179,20 +179,12 @@ class MuseEvaluation(nn.Module):
                     str(i): {"score": v} for i, v in zip(self.es.sample_index(), self.es.per_sample().tolist())}}
             if set(_gather_objects(sorted(self.privleak_sets))) == {"privleak_forget", "privleak_holdout"}:
                 summary["mia_min_k"] = float(self.mia.compute())
-                report["mia_min_k"] = {"agg_value": summary["mia_min_k"], **self._mia_by_index()}
+                report["mia_min_k"] = {"agg_value": summary["mia_min_k"], **mia_by_index(self.mia)}
         summary["privleak"] = None
         if self.reference is not None and "mia_min_k" in summary:
             summary["privleak"] = F.privleak(summary["mia_min_k"], self.reference.mia_min_k)
         report["privleak"] = {"agg_value": summary["privleak"]}
         return summary, report
-
-    def _mia_by_index(self) -> dict[str, Any]:
-        """Per-sample Min-K% scores of the forget and holdout texts, as ``{"forget": {...}, "holdout": {...}}``."""
-        scores, index, holdout = self.mia.per_sample().tolist(), self.mia.sample_index(), self.mia.holdout_mask().tolist()
-        out: dict[str, Any] = {"forget": {"value_by_index": {}}, "holdout": {"value_by_index": {}}}
-        for score, i, is_holdout in zip(scores, index, holdout):
-            out["holdout" if is_holdout else "forget"]["value_by_index"][str(i)] = {"score": score}
-        return out
 
     @staticmethod
     def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:

@@ -16,6 +16,7 @@ one token share one forward pass.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -145,6 +146,9 @@ class UnlearnedLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self._max_length = int(max_length) if max_length else max_context_length(model)
         self._max_gen_toks = int(max_gen_toks)
+        self.non_finite_requests = 0
+        """Log-likelihood requests answered with a NaN or infinite value so far (:func:`~.run.evaluate` reports
+        every metric NaN when there is one: lm-eval would rank a NaN as a number)."""
 
     # --- lm-eval's model properties ---------------------------------------------------------------------------
 
@@ -225,6 +229,7 @@ class UnlearnedLM(TemplateLM):
                     target = torch.tensor(cont_, dtype=torch.long, device=scored_.device).unsqueeze(0)
                     is_greedy = bool((greedy[:, -target.shape[1]:] == target).all())
                     answer = (float(scored_.gather(2, target.unsqueeze(-1)).sum()), is_greedy)
+                    self.non_finite_requests += not math.isfinite(answer[0])
                     results.append(answer)
                     if strings_ is not None:
                         self.cache_hook.add_partial("loglikelihood", strings_, answer)

@@ -286,3 +286,26 @@ def test_non_finite_names_metrics_samples_and_sets() -> None:
     assert message is not None and "NON-FINITE" in message and "forget_Q_A_Prob (1 samples)" in message
     assert non_finite({"a": 0.5, "b": None}, {}, metric_sets) == {"metrics": {}, "sets": []}
     assert non_finite_message("TOFU", {"metrics": {}, "sets": []}) is None
+
+
+def test_plots_skip_non_finite_points_instead_of_failing(tmp_path: Path) -> None:
+    """A validation whose forget quality was NaN at the first epoch made the epoch plot fail (NaN axis limits),
+    and with it the run."""
+    from lightning_unlearn.evaluation.report import plot_history, plot_tradeoff
+
+    points = [{"epoch": 0, "forget_quality": NAN, "model_utility": 0.5, "x": NAN},
+              {"epoch": 1, "forget_quality": 0.3, "model_utility": 0.4, "x": 0.2}]
+    assert plot_tradeoff(points, "epoch", tmp_path / "a.png", "t") == tmp_path / "a.png"
+    assert plot_history(points, "x", "model_utility", "epoch", tmp_path / "b.png", "t") == tmp_path / "b.png"
+    assert plot_tradeoff(points[:1], "epoch", tmp_path / "c.png", "t") is None
+
+
+def test_comparison_lists_cells_whose_results_are_not_finite() -> None:
+    from lightning_unlearn.compare.table import markdown, rows
+
+    broken = {"forget_quality": NAN, "model_utility": NAN, "all_finite": False,
+              "non_finite": {"metrics": {"model_utility": 0, "forget_quality": 0}, "sets": ["forget"]}}
+    table = rows([{"method": "GA", "mode": "direct", "status": "ok", "summary": broken}],
+                 {"fine-tuned": {"forget_quality": 0.1, "all_finite": True, "non_finite": {"metrics": {}, "sets": []}}})
+    assert table[0]["non_finite"] is None and table[1]["non_finite"] == ["forget_quality", "model_utility"]
+    assert "- GA direct: forget_quality, model_utility" in markdown(table, "# t")
