@@ -7,7 +7,9 @@ Per-sample values that are undefined for a sample without answer tokens are NaN.
 
 Non-finite inputs give NaN, never a number: a sample whose logits at an answer position are not all finite (NaN or
 infinite anywhere in the row, as a model with a NaN weight or an overflow produces) scores NaN in every per-sample
-function, and every aggregate of a NaN (mean, AUC, KS test, harmonic mean, privleak) is NaN. A broken model must
+function (exact memorization and extraction strength, which read only the argmax, accept a ``-inf`` logit beside
+finite ones: a token of probability 0), and every aggregate of a NaN (mean, AUC, KS test, harmonic mean,
+privleak) is NaN. A broken model must
 not come out as a plausible one: sorting or ranking NaN, ``argmax`` over NaN and ``nanmean`` would each turn it
 into a finite number.
 
@@ -78,18 +80,6 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def finite_rows(x: Tensor) -> Tensor:
-    """Whether each row (the last dimension) of ``x`` is all finite: bool, shape ``x.shape[:-1]``.
-
-    One ``aminmax`` pass (min and max propagate NaN), so no boolean tensor the size of ``x`` is made: ``x`` is
-    typically a ``[B, T, V]`` logit tensor.
-    """
-    if x.shape[-1] == 0:
-        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-    low, high = torch.aminmax(x, dim=-1)
-    return torch.isfinite(low) & torch.isfinite(high)
-
-
 def _nan_where_not_finite(values: Tensor, *inputs: Tensor) -> Tensor:
     """``values`` with NaN wherever an entry of ``values`` or the same sample's entry of an input is not finite.
 
@@ -101,9 +91,15 @@ def _nan_where_not_finite(values: Tensor, *inputs: Tensor) -> Tensor:
     return torch.where(ok, values, torch.full_like(values, math.nan))
 
 
-def _nonfinite_answers(shifted: Tensor, mask: Tensor) -> Tensor:
-    """[B] True for the samples whose logits at some answer position are not all finite."""
-    return (~finite_rows(shifted) & mask).any(dim=-1)
+def _greedy_answers(shifted: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The argmax token at each position, [B, T-1], and [B] True for the samples where it is undefined at some
+    answer position: logits holding a NaN or ``+inf``, or no finite value.
+
+    One ``max`` pass gives both: ``max`` propagates NaN, so its value is finite exactly when the argmax means
+    something (a ``-inf`` logit beside finite ones is a token of probability 0, which no argmax picks).
+    """
+    top, predicted = shifted.max(dim=-1)
+    return predicted, (~torch.isfinite(top) & mask).any(dim=-1)
 
 
 def answer_token_stats(logits: Tensor, labels: Tensor) -> AnswerTokenStats:
@@ -157,12 +153,14 @@ def exact_memorization(logits: Tensor, labels: Tensor) -> Tensor:
 
     Measures how much of the answer the model would reproduce token by token given the true prefix.
     NaN for a sample without answer tokens (the aggregate leaves it out, as open-unlearning's None) and for a
-    sample whose logits at an answer position are not all finite (``argmax`` would pick a NaN's position).
+    sample whose logits at an answer position hold a NaN or ``+inf`` or no finite value (``argmax`` would pick
+    the NaN's position: a number for a broken model).
     """
     shifted, targets, mask = _shift(logits, labels)
-    correct = (shifted.argmax(dim=-1) == targets) & mask
+    predicted, undefined = _greedy_answers(shifted, mask)
+    correct = (predicted == targets) & mask
     em = correct.sum(dim=-1) / mask.sum(dim=-1)
-    return em.masked_fill(_nonfinite_answers(shifted, mask), math.nan)
+    return em.masked_fill(undefined, math.nan)
 
 
 def extraction_strength(logits: Tensor, labels: Tensor) -> Tensor:
@@ -173,16 +171,17 @@ def extraction_strength(logits: Tensor, labels: Tensor) -> Tensor:
     strength as implemented in ``evals/metrics/memorization.py``), k is searched over
     ``0 .. |y| - 1`` only, so when not even the final token is right (nothing is extractable) k
     stops at ``|y| - 1`` and ES is ``1/|y|``, the same as when only the final token is right.
-    A sample without answer tokens scores 0, as there; one whose logits at an answer position are not all finite
-    scores NaN.
+    A sample without answer tokens scores 0, as there; one whose logits at an answer position hold a NaN or
+    ``+inf`` or no finite value scores NaN.
     """
     shifted, targets, mask = _shift(logits, labels)
-    wrong = (shifted.argmax(dim=-1) != targets) & mask
+    predicted, undefined = _greedy_answers(shifted, mask)
+    wrong = (predicted != targets) & mask
     rank = torch.cumsum(mask, dim=-1)
     n = mask.sum(dim=-1)
     k = torch.minimum(torch.where(wrong, rank, 0).max(dim=-1).values, (n - 1).clamp(min=0))
     es = torch.where(n > 0, 1.0 - k / n.clamp(min=1), 0.0)
-    return es.masked_fill(_nonfinite_answers(shifted, mask), math.nan)
+    return es.masked_fill(undefined, math.nan)
 
 
 def _mean_of_lowest(values: Tensor, mask: Tensor, k: float) -> Tensor:
