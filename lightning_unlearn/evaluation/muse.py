@@ -53,7 +53,8 @@ HEADLINE = ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUG
             "extraction_strength")
 METRIC_SETS = {"forget_verbmem_ROUGE": ("verbmem_forget",), "extraction_strength": ("verbmem_forget",),
                "forget_knowmem_ROUGE": ("knowmem_forget",), "retain_knowmem_ROUGE": ("knowmem_retain",),
-               "mia_min_k": ("privleak_forget", "privleak_holdout"), "privleak": ("privleak_forget", "privleak_holdout")}
+               "mia_min_k": ("privleak_forget", "privleak_holdout"),
+               "privleak": ("privleak_forget", "privleak_holdout")}
 
 
 def metric_sets(key: str) -> tuple[str, ...]:

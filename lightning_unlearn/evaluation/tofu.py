@@ -91,7 +91,8 @@ class RetainReference:
         mia = data.get("mia_min_k", {}).get("agg_value")
         utility = data.get("model_utility", {}).get("agg_value")
         _finite_or_refuse(path, "forget_truth_ratio.value_by_index", ratios)
-        _finite_or_refuse(path, "mia_min_k.agg_value / model_utility.agg_value", [v for v in (mia, utility) if v is not None])
+        _finite_or_refuse(path, "mia_min_k.agg_value / model_utility.agg_value",
+                          [v for v in (mia, utility) if v is not None])
         return cls(torch.tensor(ratios, dtype=torch.float64), mia, utility)
 
 

@@ -226,7 +226,8 @@ def test_exact_memorization_metric_nan_for_a_nan_sample_but_skips_samples_withou
     m.update(torch.tensor([1.0, NAN, 0.5]), torch.tensor([0, 1, 2]), has_answer=torch.tensor([True, True, True]))
     assert isnan(m.compute())
     undefined = ExactMemorization()  # the NaN of a sample without answer tokens is left out, as open-unlearning
-    undefined.update(torch.tensor([1.0, NAN, 0.5]), torch.tensor([0, 1, 2]), has_answer=torch.tensor([True, False, True]))
+    undefined.update(torch.tensor([1.0, NAN, 0.5]), torch.tensor([0, 1, 2]),
+                     has_answer=torch.tensor([True, False, True]))
     assert undefined.compute().item() == pytest.approx(0.75)
     assert undefined.defined().tolist() == [True, False, True]
     strict = ExactMemorization()  # without has_answer every sample counts
