@@ -120,3 +120,23 @@ def test_lm_eval_of_a_nan_model_reports_nan_not_an_accuracy(nan_model: str) -> N
     assert {"tofu_world_facts_mc/acc", "tofu_world_facts_mc/acc_norm"} <= set(metrics)
     assert all(math.isnan(v) for v in metrics.values())
     assert results["non_finite_requests"] == 16  # 4 items x 4 choices
+
+
+def test_greedy_generation_flags_exactly_the_rows_that_read_non_finite_logits() -> None:
+    """A component whose next-token logits are NaN after token 3: the row that reaches 3 is flagged, the other is
+    not, and the tokens are those of decoding without the flag (its argmax over NaN is what ROUGE must not score).
+    """
+    from lightning_unlearn.offset.generation import greedy_generate
+
+    def component(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object) -> torch.Tensor:
+        logits = torch.nn.functional.one_hot((ids + 1) % 10, 10).float() * 5.0  # next token: this one + 1
+        logits[ids == 3] = math.nan
+        return logits
+
+    prompts = torch.tensor([[5, 4], [5, 2]])  # row 0: 5, 6, 7, 8, 9 (end); row 1: 3, then NaN logits
+    flags = torch.zeros(2, dtype=torch.bool)
+    kwargs = {"max_new_tokens": 6, "eos_token_id": 9, "pad_token_id": 0}
+    tokens = greedy_generate([(component, 1.0)], prompts, torch.ones_like(prompts), nonfinite=flags, **kwargs)
+    assert flags.tolist() == [False, True]
+    assert tokens[0].tolist()[:5] == [5, 6, 7, 8, 9]
+    assert torch.equal(tokens, greedy_generate([(component, 1.0)], prompts, torch.ones_like(prompts), **kwargs))
