@@ -3,7 +3,8 @@
 Each row is one cell (method x mode) or a reference model (fine-tuned, retain); columns are the TOFU summary's
 ``forget_quality``, ``model_utility`` and ROUGE on the forget, retain, real-authors and world-facts sets, the
 general accuracy (mean lm-eval accuracy, blank without lm-eval results) and the training time. A failed cell
-is a row with its error. Every file is written atomically.
+is a row with its error; a cell whose evaluation was not finite (``all_finite: false`` in its summary) is listed
+below the table with its NaN metrics. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ def general_accuracy(summary: Mapping[str, Any]) -> float | None:
 
 def row(name: str, mode: str, summary: Mapping[str, Any] | None, train_s: float | None = None,
         error: str | None = None) -> dict[str, Any]:
-    """One table row: the metrics of :data:`COLUMNS` from a summary (None where missing)."""
+    """One table row: the metrics of :data:`COLUMNS` from a summary (None where missing), and ``non_finite``: the
+    summary's metrics that are NaN or infinite (its ``non_finite``), None when all are finite."""
     values = dict(summary or {})
     values["general_accuracy"] = general_accuracy(values)
+    flagged = sorted((values.get("non_finite") or {}).get("metrics", {}))
     return {"method": name, "mode": mode, **{k: values.get(k) for k, _ in COLUMNS}, "train_s": train_s,
-            "error": error}
+            "error": error, "non_finite": flagged or None}
 
 
 def rows(results: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -75,6 +78,10 @@ def markdown(table: Sequence[Mapping[str, Any]], header: str) -> str:
     failed = [r for r in table if r["error"]]
     if failed:
         lines += ["", "Failed cells:", ""] + [f"- {r['method']} {r['mode']}: {r['error']}" for r in failed]
+    broken = [r for r in table if r.get("non_finite")]
+    if broken:
+        lines += ["", "Non-finite results (the model's logits were not finite: these cells are not measurements):",
+                  ""] + [f"- {r['method']} {r['mode']}: {', '.join(r['non_finite'])}" for r in broken]
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,11 @@ class LossEvaluation(nn.Module):
     batch token means would depend on both).
     """
 
+    @staticmethod
+    def sets_of(key: str) -> tuple[str, ...]:
+        """The set of a metric ``<set>_nll``."""
+        return (key.removesuffix("_nll"),) if key.endswith("_nll") else ()
+
     def __init__(self, sets: list[str], token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
         super().__init__()
         self.sets, self.token_budget = list(sets), token_budget

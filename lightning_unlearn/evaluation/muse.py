@@ -26,6 +26,7 @@ stored with their index in their set, so results gathered from DDP ranks count e
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,16 +41,25 @@ from ..metrics.muse import RougeLF1, cut_answer
 from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 from .report import plot_history
-from .tofu import _gather_objects
+from .tofu import _gather_objects, mia_by_index
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
-GenerateFn = Callable[..., list[str]]  # (input_ids, attention_mask, max_new_tokens) -> texts
+GenerateFn = Callable[..., list[str | None]]  # (input_ids, attention_mask, max_new_tokens) -> texts (None: non-finite)
 
 VERBMEM_NEW_TOKENS, KNOWMEM_NEW_TOKENS, MIN_K = 128, 32, 0.4
 ROUGE_NAME = {"verbmem_forget": "forget_verbmem_ROUGE", "knowmem_forget": "forget_knowmem_ROUGE",
               "knowmem_retain": "retain_knowmem_ROUGE"}
 HEADLINE = ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak", "mia_min_k",
             "extraction_strength")
+METRIC_SETS = {"forget_verbmem_ROUGE": ("verbmem_forget",), "extraction_strength": ("verbmem_forget",),
+               "forget_knowmem_ROUGE": ("knowmem_forget",), "retain_knowmem_ROUGE": ("knowmem_retain",),
+               "mia_min_k": ("privleak_forget", "privleak_holdout"),
+               "privleak": ("privleak_forget", "privleak_holdout")}
+
+
+def metric_sets(key: str) -> tuple[str, ...]:
+    """The MUSE sets a metric of the summary is computed from (none for an lm-eval ``task/metric``)."""
+    return METRIC_SETS.get(key, ())
 
 
 def _extraction_strength(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -73,7 +83,8 @@ class MuseReference:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file has no ``mia_min_k.agg_value`` (e.g. a TOFU_EVAL.json of another benchmark).
+            ValueError: the file has no ``mia_min_k.agg_value`` (e.g. a TOFU_EVAL.json of another benchmark), or it
+                is not a finite number (privleak against it would be NaN).
         """
         path = Path(path)
         if not path.is_file():
@@ -83,6 +94,10 @@ class MuseReference:
         value = data.get("mia_min_k", {}).get("agg_value") if isinstance(data.get("mia_min_k"), dict) else None
         if value is None:
             raise ValueError(f"{path} has no mia_min_k.agg_value: is it the MUSE_EVAL.json of a MUSE evaluation?")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{path}: mia_min_k.agg_value is {value!r}, not a finite number; the retrained model's "
+                             "evaluation that wrote it was broken (NaN logits?): evaluate it again and give that "
+                             "MUSE_EVAL.json as model.retain_reference.")
         return cls(float(value))
 
 
@@ -98,6 +113,7 @@ class MuseEvaluation(nn.Module):
 
     benchmark: ClassVar[str] = "MUSE"
     headline: ClassVar[tuple[str, ...]] = HEADLINE
+    sets_of = staticmethod(metric_sets)
 
     def __init__(self, sets: list[str], reference: MuseReference | None = None, max_new_tokens: int = 200,
                  token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
@@ -164,20 +180,12 @@ class MuseEvaluation(nn.Module):
                     str(i): {"score": v} for i, v in zip(self.es.sample_index(), self.es.per_sample().tolist())}}
             if set(_gather_objects(sorted(self.privleak_sets))) == {"privleak_forget", "privleak_holdout"}:
                 summary["mia_min_k"] = float(self.mia.compute())
-                report["mia_min_k"] = {"agg_value": summary["mia_min_k"], **self._mia_by_index()}
+                report["mia_min_k"] = {"agg_value": summary["mia_min_k"], **mia_by_index(self.mia)}
         summary["privleak"] = None
         if self.reference is not None and "mia_min_k" in summary:
             summary["privleak"] = F.privleak(summary["mia_min_k"], self.reference.mia_min_k)
         report["privleak"] = {"agg_value": summary["privleak"]}
         return summary, report
-
-    def _mia_by_index(self) -> dict[str, Any]:
-        """Per-sample Min-K% scores of the forget and holdout texts, as ``{"forget": {...}, "holdout": {...}}``."""
-        scores, index, holdout = self.mia.per_sample().tolist(), self.mia.sample_index(), self.mia.holdout_mask().tolist()
-        out: dict[str, Any] = {"forget": {"value_by_index": {}}, "holdout": {"value_by_index": {}}}
-        for score, i, is_holdout in zip(scores, index, holdout):
-            out["holdout" if is_holdout else "forget"]["value_by_index"][str(i)] = {"score": score}
-        return out
 
     @staticmethod
     def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +53,8 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 def _fmt(value: float | None) -> str:
     if value is None:
         return "missing"
+    if not math.isfinite(value):
+        return f"[bold red]{value}[/]"  # nan / inf, marked: not a measurement
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
         return f"{value:.3e}"
     return f"{value:.4f}"
@@ -73,17 +76,28 @@ def print_table(table: Table) -> None:
     Console().print(table)
 
 
+def print_warning(message: str) -> None:
+    """Print ``message`` in bold red on the console (markup in it is not interpreted)."""
+    Console().print(message, style="bold red", markup=False, highlight=False)
+
+
+def _finite(value: Any) -> bool:
+    """A finite number (not None, not NaN or infinite): what a plot can place."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def plot_tradeoff(points: Sequence[Mapping[str, float | None]], label_key: str, path: str | Path, title: str) -> Path | None:
     """Scatter forget quality (log scale) against model utility, each point labelled; saved as PNG.
 
-    Points missing either number are skipped; returns None when nothing can be drawn.
+    Points missing either number, or with one that is not finite, are skipped (the summary says why: its
+    ``non_finite``); returns None when nothing can be drawn.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    usable = [p for p in points if p.get("forget_quality") is not None and p.get("model_utility") is not None]
+    usable = [p for p in points if _finite(p.get("forget_quality")) and _finite(p.get("model_utility"))]
     if not usable:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -106,14 +120,15 @@ def plot_history(points: Sequence[Mapping[str, Any]], x_key: str, y_key: str, la
                  title: str) -> Path | None:
     """One metric against another (linear axes), each point labelled by ``label_key``; saved as PNG atomically.
 
-    Points missing either metric are skipped; returns None when nothing can be drawn.
+    Points missing either metric, or with one that is not finite, are skipped; returns None when nothing can be
+    drawn.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    usable = [p for p in points if p.get(x_key) is not None and p.get(y_key) is not None]
+    usable = [p for p in points if _finite(p.get(x_key)) and _finite(p.get(y_key))]
     if not usable:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -127,3 +142,61 @@ def plot_history(points: Sequence[Mapping[str, Any]], x_key: str, y_key: str, la
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sample_values(entry: Any) -> list[float]:
+    """The numbers of a report entry's per-sample values: every ``value_by_index`` under it (MIA entries nest one
+    per group), each sample's numeric fields; ``None`` (a value undefined for that sample) is not a number."""
+    if not isinstance(entry, Mapping):
+        return []
+    out: list[float] = []
+    for key, value in entry.items():
+        if key == "value_by_index" and isinstance(value, Mapping):
+            for sample in value.values():
+                fields = sample.values() if isinstance(sample, Mapping) else [sample]
+                out += [float(v) for v in fields if _is_number(v)]
+        elif isinstance(value, Mapping):
+            out += _sample_values(value)
+    return out
+
+
+def non_finite(summary: Mapping[str, Any], report: Mapping[str, Any],
+               sets_of: Callable[[str], Sequence[str]]) -> dict[str, Any]:
+    """Which results of an evaluation are not finite: ``{"metrics": {name: n}, "sets": [...]}``.
+
+    ``metrics`` maps each metric whose value in ``summary`` or ``report`` is NaN or infinite, or which has
+    per-sample values in ``report`` that are, to its number of non-finite per-sample values (0: only the aggregate,
+    as a derived metric such as model utility whose parts are NaN). ``sets`` are the evaluation sets of the metrics
+    with non-finite per-sample values (``sets_of(metric)`` names them), sorted. Both are empty when everything is
+    finite. ``None`` (a metric that could not be computed, e.g. forget quality without a reference) is not
+    flagged: it is reported as missing, not as a number.
+
+    Why: a model whose logits are NaN must not leave a summary of plausible numbers; this is what the summary file
+    and the console say about it (:func:`non_finite_message`).
+    """
+    metrics: dict[str, int] = {}
+    for key in dict.fromkeys([*summary, *report]):
+        entry = report.get(key)
+        bad = sum(1 for v in _sample_values(entry) if not math.isfinite(v))
+        aggregates = [summary.get(key), entry.get("agg_value") if isinstance(entry, Mapping) else None]
+        if bad or any(_is_number(v) and not math.isfinite(v) for v in aggregates):
+            metrics[key] = bad
+    sets = sorted({s for key, bad in metrics.items() if bad for s in sets_of(key)})
+    return {"metrics": metrics, "sets": sets}
+
+
+def non_finite_message(benchmark: str, found: Mapping[str, Any]) -> str | None:
+    """One line saying which metrics and sets of ``found`` (from :func:`non_finite`) are not finite; ``None`` when
+    none is."""
+    metrics: Mapping[str, int] = found.get("metrics", {})
+    if not metrics:
+        return None
+    parts = [f"{key} ({n} samples)" if n else key for key, n in metrics.items()]
+    sets = ", ".join(found.get("sets", [])) or "none directly (derived metrics only)"
+    return (f"{benchmark} evaluation: NON-FINITE results: {len(metrics)} metrics are NaN or infinite: "
+            f"{', '.join(parts)}; sets with non-finite scores: {sets}. The model's logits (or a reference's values) "
+            f"were not finite: these are not measurements.")

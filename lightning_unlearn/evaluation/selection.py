@@ -21,13 +21,14 @@ def selection_score(quality: float | None, utility_ratio: float | None, floor: f
 
     An epoch that keeps the floor scores its forget quality (a p-value, in [0, 1]); one below it scores in
     [-2, -1), so it loses to every epoch above the floor and, among epochs that are all below it, the one
-    closest to the floor wins. ``None`` or NaN inputs score ``-inf`` (never selected over a measured epoch).
+    closest to the floor wins. ``None``, NaN or infinite inputs score ``-inf`` (never selected over a measured
+    epoch): a NaN compares false with everything, so ``max`` would keep or drop it by its position alone.
     """
-    if utility_ratio is None or math.isnan(utility_ratio):
+    if utility_ratio is None or not math.isfinite(utility_ratio):
         return -math.inf
     if utility_ratio < floor:
         return utility_ratio - 2.0
-    if quality is None or math.isnan(quality):
+    if quality is None or not math.isfinite(quality):
         return -math.inf
     return quality
 
@@ -77,13 +78,15 @@ class UtilityFloorCheckpoint(ModelCheckpoint):
 
 
 def select(summaries: list[dict[str, Any]], floor: float = 0.9, quality: str = "forget_quality",
-           utility_ratio: str = "model_utility_vs_retain") -> dict[str, Any]:
+           utility_ratio: str = "model_utility_vs_retain") -> dict[str, Any] | None:
     """The summary the rule of :func:`selection_score` picks (the first of equal scores), e.g. among the alphas of a
-    sweep (``evaluation/sweep.py``) or the epochs of a ``TOFU_HISTORY.json``.
+    sweep (``evaluation/sweep.py``) or the epochs of a ``TOFU_HISTORY.json``; ``None`` when none was measured
+    (every one scores ``-inf``: its numbers are missing, NaN or infinite), rather than the first of them.
 
     Raises:
         ValueError: if ``summaries`` is empty.
     """
     if not summaries:
         raise ValueError("select() needs at least one evaluation summary.")
-    return max(summaries, key=lambda s: selection_score(s.get(quality), s.get(utility_ratio), floor))
+    best = max(summaries, key=lambda s: selection_score(s.get(quality), s.get(utility_ratio), floor))
+    return best if selection_score(best.get(quality), best.get(utility_ratio), floor) > -math.inf else None

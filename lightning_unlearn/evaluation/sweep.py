@@ -4,7 +4,9 @@
 runs ``main.py test`` once per alpha (any further ``--key value`` arguments are passed to each run), then
 writes ``ALPHA_SWEEP.json``, ``alpha_sweep.png`` and prints a table. alpha = 0 is the large model alone.
 The alpha the checkpoint rule of ``evaluation/selection.py`` picks (the best forget quality among the alphas
-keeping model utility >= ``--floor`` x the retain model's) is marked ``"selected": true`` and printed.
+keeping model utility >= ``--floor`` x the retain model's) is marked ``"selected": true`` and printed; none is
+when no alpha has finite numbers. Alphas whose results are not finite (``all_finite: false`` in their summary) are
+named on the console.
 """
 
 from __future__ import annotations
@@ -40,10 +42,14 @@ def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str 
         chosen = select(results, floor)
         for r in results:
             r["selected"] = r is chosen
+        if chosen is None:
+            print("selected: none (no alpha has a finite forget quality and model utility)")
     atomic_write_json(out / "ALPHA_SWEEP.json", results)
     plot_tradeoff(results, "alpha", out / "alpha_sweep.png", "offset strength: forget quality vs model utility")
     print_table(summary_table({f"alpha={r['alpha']:g}": r for r in results}, HEADLINE, "alpha sweep"))
     for r in results:
+        if r.get("all_finite") is False:
+            print(f"alpha={r['alpha']:g}: NON-FINITE results: {', '.join(r['non_finite']['metrics'])}")
         if r.get("selected"):
             print(f"selected: alpha={r['alpha']:g} (best forget quality with model utility >= {floor:g}x the retain "
                   "model's, or the closest to that floor)")

@@ -8,6 +8,7 @@ either project can serve as the reference for forget quality and privleak.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ..metrics.tofu import (
 )
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
-GenerateFn = Callable[[Tensor, Tensor], list[str]]
+GenerateFn = Callable[[Tensor, Tensor], list[str | None]]  # None: the generation read non-finite logits
 
 PROB_NAME = {"forget": "forget_Q_A_Prob", "retain": "retain_Q_A_Prob", "ra": "ra_Q_A_Prob", "wf": "wf_Q_A_Prob"}
 TRUTH_NAME = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Ratio", "ra": "ra_Truth_Ratio",
@@ -41,6 +42,29 @@ TRUTH_NAME = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Ratio", "r
 MIA_NAMES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 HEADLINE = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio",
             "retain_Q_A_ROUGE", "retain_Q_A_Prob", "privleak", "extraction_strength")
+SET_PREFIXES = ("forget", "retain", "ra", "wf")
+
+
+def metric_sets(key: str) -> tuple[str, ...]:
+    """The TOFU evaluation sets a metric of the summary is computed from (none for an lm-eval ``task/metric``)."""
+    if key.startswith("mia_") or key == "privleak":
+        return ("forget", "holdout")
+    if key in ("exact_memorization", "extraction_strength", "forget_quality"):
+        return ("forget",)
+    if key.startswith("model_utility"):
+        return ("retain", "ra", "wf")
+    prefix = key.split("_", 1)[0]
+    return (prefix,) if prefix in SET_PREFIXES else ()
+
+
+def _finite_or_refuse(path: Path, what: str, values: list[Any]) -> None:
+    """Refuse a reference whose values are not finite numbers: forget quality or privleak against them would be
+    NaN, or worse a number."""
+    bad = [v for v in values if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{path}: {what} holds {len(bad)} values that are not finite numbers (first: {bad[0]!r}); "
+                         "the retain model's evaluation that wrote it was broken (NaN logits?): evaluate the retain "
+                         "model again and give that TOFU_EVAL.json as model.retain_reference.")
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,9 @@ class RetainReference:
             raise ValueError(f"{path} has no forget_truth_ratio.value_by_index scores: is it a TOFU_EVAL.json?") from None
         mia = data.get("mia_min_k", {}).get("agg_value")
         utility = data.get("model_utility", {}).get("agg_value")
+        _finite_or_refuse(path, "forget_truth_ratio.value_by_index", ratios)
+        _finite_or_refuse(path, "mia_min_k.agg_value / model_utility.agg_value",
+                          [v for v in (mia, utility) if v is not None])
         return cls(torch.tensor(ratios, dtype=torch.float64), mia, utility)
 
 
@@ -79,6 +106,16 @@ def _gather_objects(values: list[Any]) -> list[Any]:
     gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, values)
     return [v for part in gathered for v in part]
+
+
+def mia_by_index(metric: MembershipInferenceAUC) -> dict[str, Any]:
+    """An attack's per-sample scores as ``{"forget": {"value_by_index": ...}, "holdout": {...}}`` (its AUC's
+    inputs: a NaN among them is why the AUC is NaN)."""
+    scores, index, holdout = metric.per_sample().tolist(), metric.sample_index(), metric.holdout_mask().tolist()
+    out: dict[str, Any] = {"forget": {"value_by_index": {}}, "holdout": {"value_by_index": {}}}
+    for score, i, is_holdout in zip(scores, index, holdout):
+        out["holdout" if is_holdout else "forget"]["value_by_index"][str(i)] = {"score": score}
+    return out
 
 
 def _mean_nll(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -104,6 +141,7 @@ class TofuEvaluation(nn.Module):
 
     benchmark: ClassVar[str] = "TOFU"  # names the result files: TOFU_SUMMARY.json, TOFU_EVAL.json, TOFU_HISTORY.json
     headline: ClassVar[tuple[str, ...]] = HEADLINE
+    sets_of = staticmethod(metric_sets)
 
     def __init__(self, sets: list[str], reference: RetainReference | None = None, min_k: float = 0.4,
                  token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
@@ -145,7 +183,7 @@ class TofuEvaluation(nn.Module):
         if "prob" in m:
             m["prob"].update(nll, index)
         if name == "forget":
-            m["em"].update(answer["em"], index)
+            m["em"].update(answer["em"], index, answer["em_defined"])
             m["es"].update(answer["es"], index)
         if "mia_min_k" in answer:
             mia = {"mia_loss": nll, "mia_zlib": F.zlib_score(nll, batch["answer_texts"]),
@@ -180,6 +218,7 @@ class TofuEvaluation(nn.Module):
                 trimmed = F.drop_last_answer_token(labels)
             if forget:
                 out["em"] = F.exact_memorization(logits, trimmed)
+                out["em_defined"] = (trimmed[:, 1:] != F.IGNORE_INDEX).any(dim=-1)
                 out["es"] = F.extraction_strength(logits, trimmed)
             if mia:
                 # Min-K% reads the token log-probs already in ``stats`` (same logits), minus the final answer
@@ -229,11 +268,14 @@ class TofuEvaluation(nn.Module):
                     self._record_rouge(summary, report, name)
                 if name == "forget":
                     self._record(summary, report, "exact_memorization", m["em"], "score")
+                    for i, defined in zip(m["em"].sample_index(), m["em"].defined().tolist()):
+                        if not defined:  # no answer token: EM undefined, open-unlearning's None
+                            report["exact_memorization"]["value_by_index"][str(i)]["score"] = None
                     self._record(summary, report, "extraction_strength", m["es"], "score")
             if self.mia and {"forget", "holdout"} <= present:
                 for key, metric in self.mia.items():
                     summary[key] = float(metric.compute())
-                    report[key] = {"agg_value": summary[key]}
+                    report[key] = {"agg_value": summary[key], **mia_by_index(metric)}
         self._add_derived(summary, report)
         return summary, report
 

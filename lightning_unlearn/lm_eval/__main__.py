@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(make_table(results, "groups"))
     if args.output_path:
         print(f"results written under {args.output_path}")
+    if results.get("non_finite_requests"):
+        print(f"NON-FINITE: {results['non_finite_requests']} log-likelihoods were NaN or infinite (the model's logits "
+              "are not finite): every metric is reported as NaN, not a measurement.", file=sys.stderr)
     return json.loads(json.dumps(results, default=str))
 
 

@@ -16,8 +16,8 @@ one token share one forward pass.
 Where ``hf`` gives a wrong or no number, this wrapper does not follow it: rolling log-likelihoods (perplexity) of a
 tokenizer that adds BOS condition the text on one BOS instead of scoring ``log p(BOS | BOS)`` too
 (lm-evaluation-harness issue #3333), a continuation longer than ``max_length`` is refused naming both lengths
-(``hf`` fails an ``assert``), and a log-likelihood that is not finite stops the evaluation instead of reaching
-lm-eval's ``argmax``, which would count it as the first choice.
+(``hf`` fails an ``assert``), and a log-likelihood that is not finite is counted (``non_finite_requests``) so that
+the evaluation reports its metrics as NaN instead of letting lm-eval's ``argmax`` count a NaN choice as chosen.
 """
 
 from __future__ import annotations
@@ -163,6 +163,9 @@ class UnlearnedLM(TemplateLM):
             if isinstance(module, ServedLargeModel):
                 check_served_context(module, self._max_length, "max_length (lm-eval's model_args)")
         self._max_gen_toks = int(max_gen_toks)
+        self.non_finite_requests = 0
+        """Log-likelihood requests answered with a NaN or infinite value so far (:func:`~.run.evaluate` reports
+        every metric NaN when there is one: lm-eval would rank a NaN as a number)."""
 
     # --- lm-eval's model properties ---------------------------------------------------------------------------
 
@@ -249,8 +252,7 @@ class UnlearnedLM(TemplateLM):
                     target = torch.tensor(cont_, dtype=torch.long, device=scored_.device).unsqueeze(0)
                     is_greedy = bool((greedy[:, -target.shape[1]:] == target).all())
                     answer = (float(scored_.gather(2, target.unsqueeze(-1)).sum()), is_greedy)
-                    if not math.isfinite(answer[0]):
-                        raise ValueError(self._not_finite(answer[0], strings_, ctx, cont_))
+                    self.non_finite_requests += not math.isfinite(answer[0])
                     results.append(answer)
                     if strings_ is not None:
                         self.cache_hook.add_partial("loglikelihood", strings_, answer)
@@ -270,13 +272,6 @@ class UnlearnedLM(TemplateLM):
         if cut:
             log.warning("%d of %d lm-eval requests are longer than max_length=%d: their contexts are cut from the "
                         "left.", cut, len(requests), self.max_length)
-
-    def _not_finite(self, value: float, strings: tuple[str, str] | None, ctx: list[int], cont: list[int]) -> str:
-        request = (f"context ending {strings[0][-60:]!r}, continuation {strings[1][:60]!r}" if strings
-                   else f"{len(ctx)} context and {len(cont)} continuation tokens")
-        return (f"lm-eval log-likelihood {value} is not finite ({request}): the model's logits are NaN or infinite, "
-                "and lm-eval would score a NaN choice as chosen. Check the offset strength (alpha), the weights "
-                "(a diverged run) and the dtype (float16 overflow; try float32 or bfloat16).")
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood (nats, one float per request) of each whole text, in disjoint windows of

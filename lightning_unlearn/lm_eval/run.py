@@ -9,6 +9,7 @@ a missing dataset into an error that says what to do, and flattens lm-eval's res
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,11 @@ def evaluate(
         bootstrap_iters: lm-eval's bootstrap resamples for standard errors of non-mean metrics (0: none).
         seed: lm-eval's random, numpy, torch and few-shot seeds.
 
+    When ``lm`` answered a log-likelihood request with NaN or infinity (its ``non_finite_requests``, as
+    :class:`~lightning_unlearn.lm_eval.model.UnlearnedLM` counts them), every metric of every task is NaN and
+    ``results["non_finite_requests"]`` says how many: lm-eval ranks the choices with ``argmax``, which takes a NaN
+    for the largest, so a NaN model would otherwise score accuracy 1.0 on tasks whose gold answer comes first.
+
     Raises:
         ValueError: an unknown task (with close names).
         FileNotFoundError: a task's data is neither on disk nor reachable (offline without a cached copy).
@@ -76,6 +82,14 @@ def evaluate(
         ) from err
     if results is None:  # only ranks other than 0 get None from lm-eval
         raise RuntimeError("lm-eval returned no results on this process (rank != 0).")
+    non_finite = int(getattr(lm, "non_finite_requests", 0))
+    if non_finite:
+        for section in ("results", "groups"):
+            for metrics in results.get(section, {}).values():
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "sample_len":
+                        metrics[key] = math.nan
+        results["non_finite_requests"] = non_finite
     return results
 
 

@@ -13,6 +13,9 @@ without ``index`` keep every value in arrival order (single-process use, where n
 
 All states are float64 (indices are exact up to 2**53), also the empty one torchmetrics substitutes
 on a rank that saw no sample, so every rank gathers the same dtype.
+
+A per-sample value that is not finite (a sample scored from non-finite logits: NaN) makes the aggregate NaN:
+no aggregate here skips or ranks a NaN as a number.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def _cat(state: list[Tensor] | Tensor) -> Tensor:
 
 
 class PerSampleMean(Metric):
-    """One float per sample, keyed by dataset index; ``compute`` is the mean over distinct samples.
+    """One float per sample, keyed by dataset index; ``compute`` is the mean over distinct samples (NaN if a
+    value is NaN).
 
     ``update(values, index=None)``: ``values`` [B] (any float dtype), ``index`` [B] integer dataset
     indices. Subclasses turn their inputs into per-sample values and may change the aggregate.
@@ -118,10 +122,11 @@ class PerSampleMean(Metric):
 
 
 class AnswerProbability(PerSampleMean):
-    """``*_Q_A_Prob``: mean over samples of ``exp(-mean_nll)``."""
+    """``*_Q_A_Prob``: mean over samples of ``exp(-mean_nll)`` (NaN for an NLL that is not finite)."""
 
     def update(self, mean_nll: Tensor, index: Tensor | None = None) -> None:
-        self._append(torch.exp(-mean_nll.to(torch.float64)), index)
+        nll = mean_nll.to(torch.float64)
+        self._append(torch.exp(-nll).masked_fill(~torch.isfinite(nll), float("nan")), index)
 
 
 class NormalisedAnswerProbability(PerSampleMean):
@@ -162,9 +167,10 @@ class TruthRatio(PerSampleMean):
 
 
 class RougeLRecall(PerSampleMean):
-    """``*_Q_A_ROUGE``: mean ROUGE-L recall of generations against reference answers."""
+    """``*_Q_A_ROUGE``: mean ROUGE-L recall of generations against reference answers; a generation ``None`` (it
+    read non-finite logits) scores NaN."""
 
-    def update(self, preds: Sequence[str], refs: Sequence[str], index: Tensor | None = None) -> None:
+    def update(self, preds: Sequence[str | None], refs: Sequence[str], index: Tensor | None = None) -> None:
         scores = torch.tensor(F.rouge_l_recall(preds, refs), dtype=torch.float64, device=self.device)
         self._append(scores, index)
 
@@ -172,11 +178,41 @@ class RougeLRecall(PerSampleMean):
 class ExactMemorization(PerSampleMean):
     """Mean of per-sample exact memorization values (see ``functional.exact_memorization``).
 
-    Samples without answer tokens (NaN) are left out of the mean, as open-unlearning's None.
+    ``update(values, index=None, has_answer=None)``: ``has_answer`` [B] bool marks the samples that have answer
+    tokens; the others (their value is NaN: EM is undefined without tokens) are left out of the mean, as
+    open-unlearning's None. Every other NaN, a sample scored from non-finite logits, makes the mean NaN: a
+    ``nanmean`` would drop it and report the broken samples' absence as a clean number. Without ``has_answer``
+    every sample counts.
+
+    Raises:
+        ValueError: ``has_answer`` does not match ``values`` in size.
     """
 
-    def _aggregate(self, values: Tensor) -> Tensor:
-        return values.nanmean()
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("has_answer", default=[], dist_reduce_fx="cat")
+        self.set_dtype(torch.float64)
+        self._has_answer: Tensor | None = None
+
+    def update(self, values: Tensor, index: Tensor | None = None, has_answer: Tensor | None = None) -> None:
+        if has_answer is None:
+            has_answer = torch.ones(values.shape, dtype=torch.bool)
+        if has_answer.numel() != values.numel():
+            raise ValueError(f"{values.numel()} values but {has_answer.numel()} has_answer flags")
+        self._append(values, index)
+        self.has_answer.append(has_answer.detach().to(device=self.values[-1].device, dtype=torch.float64).flatten())
+
+    def compute(self) -> Tensor:
+        values, index, has_answer = _cat(self.values), _cat(self.index), _cat(self.has_answer) > 0.5
+        keep = self._keep(index)
+        self._per_sample, self._index, self._has_answer = values[keep], index[keep], has_answer[keep]
+        return self._per_sample[self._has_answer].mean()
+
+    def defined(self) -> Tensor:
+        """Boolean tensor aligned with ``per_sample()``: True for the samples with answer tokens (EM defined)."""
+        self.compute()
+        assert self._has_answer is not None
+        return self._has_answer
 
 
 class ExtractionStrength(PerSampleMean):

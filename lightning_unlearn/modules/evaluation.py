@@ -6,6 +6,12 @@ epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTO
 which is what a checkpoint callback monitoring ``val/forget_quality`` (``val/forget_verbmem_ROUGE``) and the
 per-epoch plot read. The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric``
 (:mod:`lightning_unlearn.lm_eval.hooks`).
+
+Every summary written (``*_SUMMARY.json``, each ``*_HISTORY.json`` entry) says whether its numbers are finite:
+``all_finite`` and ``non_finite`` (the metrics that are NaN or infinite, with their number of non-finite samples,
+and the sets they came from; :func:`~lightning_unlearn.evaluation.report.non_finite`), and the console says so in
+red after the table (test) or as a warning (validation): a model whose logits are NaN must not pass for one
+that was measured.
 """
 
 from __future__ import annotations
@@ -15,10 +21,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
-from ..evaluation.report import atomic_write_json, print_table, summary_table
+from ..evaluation.report import (
+    atomic_write_json,
+    non_finite,
+    non_finite_message,
+    print_table,
+    print_warning,
+    summary_table,
+)
 from ..evaluation.loss import LossEvaluation
 from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
@@ -84,19 +97,28 @@ class EvaluationHooks(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                 stop: StopFn | None = None) -> Tensor:
+                 stop: StopFn | None = None, nonfinite: Tensor | None = None) -> Tensor:
         """Greedy new tokens for a left-padded batch, over the tokenizer's vocabulary (an embedding padded past it,
         as GPT-NeoX's, must not yield ids no token has), stopping at :meth:`stop_ids` (or when ``stop`` says, as
-        lm-eval's ``until`` strings): one KV cache per model."""
+        lm-eval's ``until`` strings): one KV cache per model. ``nonfinite`` (bool ``[B]``) is set for the rows that
+        read non-finite logits (:func:`~lightning_unlearn.offset.generation.greedy_generate`)."""
         return greedy_generate(
             self.logit_components(), input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
-            pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, stop=stop,
+            pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, stop=stop, nonfinite=nonfinite,
         )
 
-    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int | None = None) -> list[str]:
-        """Greedy texts of a left-padded batch, at most ``max_new_tokens`` (default ``model.max_new_tokens``) each."""
-        new = self.generate(input_ids, attention_mask, max_new_tokens or self.hparams.max_new_tokens)
-        return decode_answers(self.tokenizer, new, self.stop_ids())
+    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor,
+                       max_new_tokens: int | None = None) -> list[str | None]:
+        """Greedy texts of a left-padded batch, at most ``max_new_tokens`` (default ``model.max_new_tokens``) each.
+
+        A text is ``None`` where its generation read non-finite logits: its tokens are an argmax over NaN, and
+        ROUGE scores ``None`` as NaN instead of scoring that text.
+        """
+        nonfinite = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = self.generate(input_ids, attention_mask, max_new_tokens or self.hparams.max_new_tokens,
+                            nonfinite=nonfinite)
+        texts = decode_answers(self.tokenizer, new, self.stop_ids())
+        return [None if bad else text for text, bad in zip(texts, nonfinite.tolist())]
 
     # --- steps ----------------------------------------------------------------------------------------------
 
@@ -122,7 +144,8 @@ class EvaluationHooks(L.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "test")
 
-    def _finish(self, stage: str) -> dict[str, float | None] | None:
+    def _finish(self, stage: str) -> dict[str, Any] | None:
+        """Compute, reset and log the evaluation; returns the summary with its ``all_finite`` and ``non_finite``."""
         if self.evaluation is None:
             return None
         summary, report = self.evaluation.compute()
@@ -131,19 +154,33 @@ class EvaluationHooks(L.LightningModule):
             summary.update(lm_eval_metrics(self, LmEvalSettings.from_datamodule(self.trainer.datamodule)))
         self.log_dict({f"{stage}/{k}": float(v) for k, v in summary.items() if v is not None}, sync_dist=False)
         self._last_report = report
-        return summary
+        found = non_finite(summary, report, getattr(self.evaluation, "sets_of", lambda key: ()))
+        return {**summary, "all_finite": not found["metrics"], "non_finite": found}
+
+    def _say_non_finite(self, summary: dict[str, Any], where: str) -> None:
+        """Warn (every rank's result is the same: rank 0 says it) when the summary holds non-finite results."""
+        message = non_finite_message(getattr(self.evaluation, "benchmark", "loss"), summary["non_finite"])
+        if message:
+            rank_zero_warn(f"{message} ({where})")
 
     def on_validation_epoch_end(self) -> None:
         summary = self._finish("val")
-        if summary is None or self.trainer.sanity_checking or not hasattr(self.evaluation, "benchmark"):
+        if summary is None or self.trainer.sanity_checking:
+            return
+        self._say_non_finite(summary, f"validation at epoch {self.current_epoch}")
+        if not hasattr(self.evaluation, "benchmark"):
             return
         self.history.append({"epoch": self.current_epoch, "step": self.global_step, **summary})
         self._write_history()
 
     def on_test_epoch_end(self) -> None:
         summary = self._finish("test")
-        if summary is not None and hasattr(self.evaluation, "benchmark"):
+        if summary is None:
+            return
+        if hasattr(self.evaluation, "benchmark"):
             self._write_test_results(summary)
+        else:
+            self._say_non_finite(summary, "test")
 
     # --- files ----------------------------------------------------------------------------------------------
 
@@ -164,7 +201,7 @@ class EvaluationHooks(L.LightningModule):
         self.evaluation.plot_history(self.history, out / "tradeoff_by_epoch.png")
 
     @rank_zero_only
-    def _write_test_results(self, summary: dict[str, float | None]) -> None:
+    def _write_test_results(self, summary: dict[str, Any]) -> None:
         out, name = self.output_dir(), self.evaluation.benchmark
         summary = {"alpha": self.alpha if self.large is not None else None, **summary}
         atomic_write_json(out / f"{name}_SUMMARY.json", summary)
@@ -173,4 +210,8 @@ class EvaluationHooks(L.LightningModule):
         lm_eval_keys = tuple(k for k in summary if "/" in k)  # data.lm_eval_tasks' "task/metric"
         print_table(summary_table({type(self).__name__: summary}, tuple(self.evaluation.headline) + lm_eval_keys,
                                   f"{name} evaluation"))
-        print(f"{name}_SUMMARY.json and {name}_EVAL.json written to {out}")
+        message = non_finite_message(name, summary["non_finite"])
+        if message:
+            print_warning(message)
+        print(f"{name}_SUMMARY.json and {name}_EVAL.json written to {out}" +
+              ("" if summary["all_finite"] else " (all_finite: false; see non_finite)"))

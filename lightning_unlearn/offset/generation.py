@@ -280,6 +280,7 @@ def greedy_generate(
     vocab_size: int | None = None,
     stop: StopFn | None = None,
     drop_finished: bool = True,
+    nonfinite: Tensor | None = None,
 ) -> Tensor:
     """Greedy decoding of ``argmax sum_k w_k z_k``; returns only the new tokens.
 
@@ -298,6 +299,11 @@ def greedy_generate(
     only the sequences still running. Each row's computation does not depend on the other rows (attention is
     per row, the masks and positions are the row's own), so the tokens are those of decoding the full batch
     to the end; ``drop_finished=False``, or a cache whose rows cannot be selected, keeps every row to the end.
+
+    ``nonfinite``, a bool ``[B]`` tensor, is set True in place for each sequence whose next-token logits were not
+    all finite at some step (a NaN weight, an overflow): its tokens from there on are an ``argmax`` over NaN,
+    text that means nothing, and a caller scoring them (ROUGE) must know. Checking costs one min/max pass over
+    the ``[B, V]`` logits per step.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError("input_ids and attention_mask must both be [batch, seq_len]")
@@ -320,7 +326,12 @@ def greedy_generate(
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             last = [next_logits(fn, step_ids, mask, step_pos, cache)[:, -1, :] for fn, cache in zip(fns, caches)]
-            token = combine_logits(last, weights, vocab_size).argmax(dim=-1)
+            combined = combine_logits(last, weights, vocab_size)
+            if nonfinite is not None:
+                low, high = torch.aminmax(combined, dim=-1)
+                broken = ~(torch.isfinite(low) & torch.isfinite(high)) & ~finished
+                nonfinite[active[broken].to(nonfinite.device)] = True
+            token = combined.argmax(dim=-1)
             token = token.masked_fill(finished, pad_token_id)
             out[active, step] = token
             steps = step + 1

@@ -322,11 +322,11 @@ def test_model_utility_missing_name_is_reported() -> None:
         F.model_utility(values)
 
 
-def test_model_utility_rejects_negative_and_nan() -> None:
+def test_model_utility_rejects_negative_and_gives_nan_for_nan() -> None:
+    """A NaN part is an unmeasured part: NaN (issue 23), not an error the evaluation turned into "missing"."""
     with pytest.raises(ValueError, match="wf_Q_A_ROUGE"):
         F.model_utility(_utility_values(wf_Q_A_ROUGE=-0.1))
-    with pytest.raises(ValueError, match="retain_Q_A_Prob"):
-        F.model_utility(_utility_values(retain_Q_A_Prob=math.nan))
+    assert math.isnan(F.model_utility(_utility_values(retain_Q_A_Prob=math.nan)))
 
 
 @pytest.mark.parametrize(

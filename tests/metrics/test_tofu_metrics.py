@@ -212,8 +212,9 @@ def test_index_on_some_updates_only_is_refused() -> None:
 
 
 def test_exact_memorization_mean_leaves_out_samples_without_tokens() -> None:
+    """Said by ``has_answer``: any other NaN (non-finite logits) makes the mean NaN (tests/metrics/test_non_finite)."""
     metric = ExactMemorization()
-    metric.update(f64([1.0, math.nan, 0.5]))
+    metric.update(f64([1.0, math.nan, 0.5]), has_answer=torch.tensor([True, False, True]))
     assert metric.compute().item() == pytest.approx(0.75)
 
 
