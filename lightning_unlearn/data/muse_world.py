@@ -1,12 +1,12 @@
 """A small folder in MUSE's layout made from the TOFU text shipped with the package (no MUSE text is shipped).
 
 ``python -m lightning_unlearn.data.muse_world OUT`` writes ``OUT/<config>/<split>.jsonl`` with MUSE's
-configurations, splits and fields (:mod:`.muse`), for tests, the demo and trying the MUSE commands offline:
+configurations, splits and fields (:mod:`lightning_unlearn.data.muse`), for tests, the demo and trying the MUSE commands offline:
 
 * ``raw``: ``forget`` the forget authors' rows (TOFU ``forget01``), ``retain1`` the first retain authors'
   (``retain_perturbed[:40]``), ``retain2`` the next ones', ``holdout`` authors no model is trained on
   (``holdout01``). Every ``rows_per_document`` consecutive rows (20: one TOFU author) make one document, each
-  row written ``Question: {question}\nAnswer: {answer}`` and the rows separated by a blank line: knowmem's
+  row written ``Question: {question}\\nAnswer: {answer}`` and the rows separated by a blank line: knowmem's
   few-shot format, so that a tiny model trained on the corpus alone can answer the knowmem questions (a
   large model learns facts from prose; a tiny one only the sequences it saw).
 * ``knowmem``: the same authors' questions and answers; the first ``icl`` rows of each are the in-context
