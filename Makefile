@@ -9,7 +9,8 @@ THREADS ?= 2
 
 # Unlearning loss of the demo: make demo METHOD=GD
 METHOD ?= NPO
-# The demo's threads: its README table was measured at 1 (the tiny world trains along another trajectory at 2).
+# The demo's threads: its table (docs/results/demo.md) was measured at 1 (the tiny world trains along another
+# trajectory at 2).
 DEMO_THREADS ?= 1
 DEMO_ARGS ?=
 # The offset vs direct table in the tiny world: make compare COMPARE_ARGS="--methods NPO GD"

@@ -1,4 +1,4 @@
-"""Pure functions for the TOFU evaluation metrics (docs/UNLEARNING.md, section 4).
+"""Pure functions for the TOFU evaluation metrics (formulas: docs/metrics.md).
 
 Definitions follow the open-unlearning project so that numbers compare. Token-level functions
 take Hugging Face aligned tensors: ``logits[:, t]`` predicts ``labels[:, t + 1]`` and labels are
