@@ -20,9 +20,12 @@ from lightning_unlearn.cli import main as cli_main
 from lightning_unlearn.deploy.generate import main as generate_main
 from lightning_unlearn.deploy.manifest import COMPOSITION_MANIFEST, OFFSET_MANIFEST, compose, read_export
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
+from lightning_unlearn.evaluation.selection import UtilityFloorCheckpoint
 from lightning_unlearn.evaluation.sweep import sweep
 from lightning_unlearn.lm_eval.__main__ import main as lm_eval_main
 from lightning_unlearn.lm_eval.model import load_unlearned
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.models.lora import add_lora
 from lightning_unlearn.modules import NPO, ULD, WHP
 from lightning_unlearn.numbers import finite, in_range
 from lightning_unlearn.offset.filtered import FilteredOffset
@@ -158,3 +161,16 @@ def test_sweep_refuses_bad_alphas_before_any_run(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=message):
             sweep(str(tmp_path / "missing.yaml"), alphas, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_selection_floor_and_lora_scale_must_be_finite(tiny_world: dict, tmp_path: Path) -> None:
+    """A NaN floor kept every epoch or alpha (``x < nan`` is False); a NaN ``lora_alpha`` scales every adapted layer
+    to NaN even while ``B = 0``."""
+    with pytest.raises(ValueError, match=r"floor \(UtilityFloorCheckpoint\) must be a finite number"):
+        UtilityFloorCheckpoint(floor=math.nan)
+    with pytest.raises(ValueError, match=r"floor \(--floor\) must be a finite number"):
+        sweep(str(tmp_path / "missing.yaml"), [0.5], tmp_path / "out", floor=math.nan)
+    with pytest.raises(ValueError, match=r"lora_alpha \(--model.lora_alpha\) must be a finite number"):
+        add_lora(load_causal_lm(tiny_world["small"]), 2, alpha=math.nan)
+    with pytest.raises(ValueError, match=r"lora_dropout \(--model.lora_dropout\) must be in \[0, 1\]"):
+        add_lora(load_causal_lm(tiny_world["small"]), 2, dropout=1.5)

@@ -238,7 +238,8 @@ def _read_export(path: Path) -> Composition:
         if missing:
             raise ValueError(f"{path / OFFSET_MANIFEST} lacks {sorted(missing)}.")
         manifest = path / OFFSET_MANIFEST
-        offset = Offset(str(path), finite(data["alpha"], "alpha", str(manifest)), data.get("method"), data.get("adapter"))
+        alpha = finite(data["alpha"], "alpha", str(manifest))
+        offset = Offset(str(path), alpha, data.get("method"), data.get("adapter"))
         return Composition((offset,), data["large_model"], data["reference_model"], _relative_top(data, manifest),
                            data.get("large_dtype"), data.get("small_dtype"))
     if (path / MODEL_CONFIG).is_file():

@@ -32,6 +32,7 @@ def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str 
     """
     out = Path(out_dir)
     alphas = [finite(a, "alpha", "--alphas") for a in alphas]
+    floor = finite(floor, "floor", "--floor")  # a NaN floor would keep every alpha (x < nan is False)
     folders = [f"alpha_{a:g}" for a in alphas]
     repeated = sorted({f for f in folders if folders.count(f) > 1})
     if repeated:
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained offset")
     parser.add_argument("--alphas", type=finite_float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--out", default="runs/alpha_sweep", help="folder for the per-alpha runs and the plot")
-    parser.add_argument("--floor", type=float, default=0.9, help="the selection rule's floor on model utility / the "
-                        "retain model's")
+    parser.add_argument("--floor", type=finite_float, default=0.9,
+                        help="the selection rule's floor on model utility / the retain model's")
     args, extra = parser.parse_known_args(argv)
     sweep(args.config, args.alphas, args.out, args.ckpt_path, extra, args.floor)
 

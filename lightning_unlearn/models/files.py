@@ -26,7 +26,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 
 # Weight files, whole or sharded (an index names its shards), in the order ``save_pretrained`` prefers them.
-MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Any one of these holds a vocabulary: fast tokenizers (tokenizer.json), sentencepiece, BPE and WordPiece files.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -106,7 +107,8 @@ def check_tokenizer_files(path: str | os.PathLike) -> None:
 
 
 def refuse_offset_export(path: str | os.PathLike, role: str) -> None:
-    """Refuse an offset export or a composition where one plain model is expected (``role``, e.g. ``--model.small_model``).
+    """Refuse an offset export or a composition where one plain model is expected (``role``: where the path came
+    from, e.g. ``--model.small_model``).
 
     Raises:
         ValueError: ``path`` is a folder with ``offset.json`` or ``composition.json``, or a ``composition.json``.

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
 from ..offset.generation import LogitsComponent, cache_keyword, takes_logits_to_keep
+from ..numbers import finite, in_range
 from .files import ADAPTER_CONFIG, check_adapter_files
 
 if TYPE_CHECKING:  # peft is imported where an adapter is made or loaded: most runs have none
@@ -64,6 +65,9 @@ def add_lora(
     """
     if rank < 1:
         raise ValueError(f"lora_rank must be a positive integer, got {rank}.")
+    if alpha is not None:  # peft scales the update by alpha / rank: a NaN makes every adapted layer NaN, even at B = 0
+        finite(alpha, "lora_alpha", "--model.lora_alpha")
+    in_range(dropout, "lora_dropout", 0.0, 1.0, "--model.lora_dropout")
     from peft import LoraConfig, get_peft_model
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank if alpha is None else alpha,

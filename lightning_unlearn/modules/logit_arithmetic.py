@@ -78,7 +78,7 @@ class ULD(UnlearnModule):
             raise ValueError(f"ULD does not take {unsupported}: its assistant trains whole and alone (no frozen logits "
                              "are read in training).")
         in_range(relative_top, "relative_top", 0.0, 1.0, "--model.relative_top")
-        if finite(alpha, "alpha", "--model.alpha") > 0:  # e.g. a config written for the other offsets, which use alpha: 1.0
+        if finite(alpha, "alpha", "--model.alpha") > 0:  # e.g. a config written for the other offsets (alpha: 1.0)
             raise ValueError(f"ULD subtracts its assistant, which remembers the forget data: alpha is -w and must not be "
                              f"positive (got {alpha}; the paper's is -0.8). Set --model.alpha -0.8.")
         super().__init__(alpha=alpha, gamma=gamma, retain_weight=retain_weight, **kwargs)
