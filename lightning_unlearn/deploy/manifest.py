@@ -36,8 +36,8 @@ from ..models.files import (
 )
 from ..numbers import finite, in_range
 
-__all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "OFFSET_MANIFEST", "Composition", "Offset", "compose",
-           "read_export", "same_model"]
+__all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "OFFSET_MANIFEST", "Composition", "Offset", "check_export_files",
+           "compose", "read_export", "same_model"]
 
 PathLike = str | os.PathLike
 
@@ -187,13 +187,16 @@ def _relative_top(data: dict[str, Any], path: Path) -> float:
 
 
 def _saved_dtype(directory: Path) -> str | None:
-    """The dtype ``save_pretrained`` recorded in a model folder's ``config.json`` (what it was trained in)."""
+    """The dtype ``save_pretrained`` recorded in a model folder's ``config.json`` (what it was trained in), if it is
+    one the loaders take; else None."""
     try:
         config = json.loads((directory / MODEL_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    dtype = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
-    return dtype if isinstance(dtype, str) else None
+    if not isinstance(config, dict):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
 def check_export_files(offset: Offset) -> None:
@@ -302,6 +305,6 @@ def _agreed_dtype(parts: Sequence[tuple[str, Composition]], field: str) -> str |
     one model (the large one, or the shared reference) can run in only one dtype."""
     recorded = {path: getattr(c, field) for path, c in parts if getattr(c, field) is not None}
     if len(set(recorded.values())) > 1:
-        raise ValueError(f"The exports were trained with different {field}s ({recorded}): pass the one to use "
-                         f"({field}= or --{field.replace('_', '-')}).")
+        raise ValueError(f"The exports were trained with different {field}s ({recorded}): pass the one to use as "
+                         f"{field} (a command's {field} option).")
     return next(iter(recorded.values()), None)

@@ -31,6 +31,7 @@ MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Any one of these holds a vocabulary: fast tokenizers (tokenizer.json), sentencepiece, BPE and WordPiece files.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 
 RIGHT_USE = ("load it with UnlearnedModel.from_export(EXPORT), `python -m lightning_unlearn.deploy.generate EXPORT` "
              "or `python -m lightning_unlearn.lm_eval EXPORT`, or evaluate it on TOFU with `main.py test --config "
@@ -97,13 +98,16 @@ def check_tokenizer_files(path: str | os.PathLike) -> None:
     saves), naming it; a hub id or a non-directory is left to the loader.
 
     Raises:
-        FileNotFoundError: none of ``tokenizer.json``, ``tokenizer.model``, ``vocab.json``, ``vocab.txt`` is there.
+        FileNotFoundError: no ``tokenizer.json``, ``*.model``, ``vocab.*`` or ``*.tiktoken`` file is there.
     """
     directory = Path(path)
-    if directory.is_dir() and _first_present(directory, TOKENIZER_FILES) is None:
-        raise FileNotFoundError(f"{directory} has no tokenizer file ({TOKENIZER_FILES[0]}, or "
-                                f"{', '.join(TOKENIZER_FILES[1:])}): the folder was copied in part; copy "
-                                f"{TOKENIZER_FILES[0]} (and tokenizer_config.json) from the model it was trained from.")
+    if not directory.is_dir() or _first_present(directory, TOKENIZER_FILES) is not None:
+        return
+    if any(f.suffix in TOKENIZER_SUFFIXES or f.name.startswith("vocab.") for f in directory.iterdir() if f.is_file()):
+        return
+    raise FileNotFoundError(f"{directory} has no tokenizer file ({TOKENIZER_FILES[0]}, or "
+                            f"{', '.join(TOKENIZER_FILES[1:])}, *.model, *.tiktoken): the folder was copied in part; "
+                            f"copy {TOKENIZER_FILES[0]} (and tokenizer_config.json) from the model it was trained from.")
 
 
 def refuse_offset_export(path: str | os.PathLike, role: str) -> None:
