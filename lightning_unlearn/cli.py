@@ -8,6 +8,7 @@ import inspect
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,20 @@ class UnlearnCLI(LightningCLI):
       jsonargparse issue #460). Here a chosen class gets its own defaults plus the values the user gave.
 
     ``--print_config`` prints the configuration after both; the subcommand runs with Lightning's notices
-    that do not concern the user filtered out (see :func:`quiet_known_notices`).
+    that do not concern the user filtered out (see :func:`quiet_known_notices`). A ``ValueError`` a model or data
+    class raises on its arguments (``alpha (--model.alpha) must be a finite number``) is raised as it is, not
+    inside jsonargparse's "Does not validate against any of the Union subtypes" with the whole namespace.
     """
+
+    def instantiate_classes(self) -> None:
+        """Build the model, data module and trainer; re-raise a refusal of this package's classes unwrapped."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            own = _package_error(err)
+            if own is None or own is err:
+                raise
+            raise own.with_traceback(own.__traceback__) from None
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (``sys.argv[1:]`` if None), then what the user gave alone, with no defaults.
@@ -182,6 +195,18 @@ class UnlearnCLI(LightningCLI):
         with warnings.catch_warnings():
             quiet_known_notices(fitting=subcommand == "fit")
             super()._run_subcommand(subcommand)
+
+
+def _package_error(err: BaseException) -> BaseException | None:
+    """The first exception in ``err``'s chain raised by this package's own code (a class refusing its arguments)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    seen: BaseException | None = err
+    while seen is not None:
+        frames = traceback.extract_tb(seen.__traceback__)
+        if frames and os.path.abspath(frames[-1].filename).startswith(package + os.sep):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _take_print_config(args: list[str]) -> tuple[list[str], tuple[str, bool] | None]:

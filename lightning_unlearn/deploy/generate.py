@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from ..data.formatting import DEFAULT_TEMPLATE
+from ..numbers import finite_float
 from .unlearned import UnlearnedModel
 from ..offset.vllm_client import ServerError
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("exports", nargs="+", help="export directories (model.export_dir) or composition.json files")
     parser.add_argument("--prompt", action="append", default=None,
                         help="a question to answer (repeatable); without it, questions are read from stdin")
-    parser.add_argument("--alpha", type=float, nargs="+", default=None,
+    parser.add_argument("--alpha", type=finite_float, nargs="+", default=None,
                         help="offset strengths, one per offset (default: those recorded at training time)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -44,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with a served large model: top-k log-probabilities per step (default: the whole "
                              "vocabulary, exact)")
     parser.add_argument("--reference-model", default=None, help="the reference model's path or id, if it moved")
-    parser.add_argument("--large-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--small-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--large-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: the dtype the export was trained in (offset.json), else bfloat16")
+    parser.add_argument("--small-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: the dtype the export was trained in (offset.json or config.json), else float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help="plain prompt template used in training (data.template), without a chat template")

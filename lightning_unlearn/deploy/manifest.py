@@ -30,9 +30,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-OFFSET_MANIFEST = "offset.json"
-ADAPTER_CONFIG = "adapter_config.json"
-COMPOSITION_MANIFEST = "composition.json"
+from ..models.files import (
+    ADAPTER_CONFIG, COMPOSITION_MANIFEST, MODEL_CONFIG, OFFSET_MANIFEST, check_adapter_files, check_model_files,
+    check_tokenizer_files,
+)
+from ..numbers import finite, in_range
+
+__all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "OFFSET_MANIFEST", "Composition", "Offset", "check_export_files",
+           "compose", "read_export", "same_model"]
 
 PathLike = str | os.PathLike
 
@@ -55,6 +60,10 @@ class Composition:
     ``reference_model`` None with a large model: no reference term (``z_S0 = 0``, ULD); ``relative_top`` > 0: the
     offsets apply only where the large model's relative-top filter keeps a token (ULD's filter).
 
+    ``large_dtype``/``small_dtype``: the dtypes the exports were trained and evaluated in (``offset.json``; a direct
+    export's ``config.json``), so that reloading computes what training measured; ``None`` where no export recorded
+    one (exports written before they were recorded), and the loader's default applies.
+
     In direct mode ``offsets`` holds the single exported model and its alpha is not used: there is no
     offset to scale, the export *is* the model.
     """
@@ -63,6 +72,8 @@ class Composition:
     large_model: str | None = None
     reference_model: str | None = None
     relative_top: float = 0.0
+    large_dtype: str | None = None
+    small_dtype: str | None = None
 
     @property
     def is_direct(self) -> bool:
@@ -72,14 +83,20 @@ class Composition:
     def alphas(self) -> list[float]:
         return [o.alpha for o in self.offsets]
 
-    def with_alphas(self, alphas: Sequence[float]) -> Composition:
-        """The same models with new strengths (one per offset), e.g. to weigh requests differently."""
+    def with_alphas(self, alphas: Sequence[float], source: str = "alphas") -> Composition:
+        """The same models with new strengths (one per offset), e.g. to weigh requests differently.
+
+        Raises:
+            ValueError: a direct model, a count that is not one per offset, or a non-finite alpha (the error names
+                ``source``, the option or argument the alphas came from, and the offset).
+        """
         if self.is_direct:
             raise ValueError("A directly unlearned model has no offset to scale: alphas apply to offset exports only.")
         if len(alphas) != len(self.offsets):
             raise ValueError(f"Got {len(alphas)} alphas for {len(self.offsets)} offsets "
                              f"({[o.path for o in self.offsets]}): give one alpha per offset.")
-        return replace(self, offsets=tuple(replace(o, alpha=float(a)) for o, a in zip(self.offsets, alphas)))
+        return replace(self, offsets=tuple(replace(o, alpha=finite(a, "alpha", f"{source}, for {o.path}"))
+                                           for o, a in zip(self.offsets, alphas)))
 
     def with_models(self, large_model: str | None = None, reference_model: str | None = None) -> Composition:
         """Point at moved copies of ``L`` or ``S0`` (the manifests keep the names used at training time)."""
@@ -95,6 +112,8 @@ class Composition:
             "offsets": [{"path": o.path, "alpha": o.alpha, "method": o.method, "adapter": o.adapter}
                         for o in self.offsets],
             "relative_top": self.relative_top,
+            "large_dtype": self.large_dtype,
+            "small_dtype": self.small_dtype,
         }
 
     def save(self, path: PathLike) -> Path:
@@ -111,6 +130,8 @@ class Composition:
             large_model=_absolute_if_local(self.large_model),
             reference_model=_absolute_if_local(self.reference_model),
             relative_top=self.relative_top,
+            large_dtype=self.large_dtype,
+            small_dtype=self.small_dtype,
         )
         target.write_text(json.dumps(absolute.to_json(), indent=2) + "\n", encoding="utf-8")
         return target
@@ -146,18 +167,67 @@ def _read_composition_file(path: Path) -> Composition:
         raise ValueError(f"{path} lacks {sorted(missing)}: is it a composition manifest?")
     # Relative offset paths are taken relative to the manifest, so a folder holding both moves as one.
     offsets = tuple(
-        Offset(str(path.parent / o["path"]) if not os.path.isabs(o["path"]) else o["path"], float(o["alpha"]),
-               o.get("method"), o.get("adapter"))
-        for o in data["offsets"]
+        Offset(str(path.parent / o["path"]) if not os.path.isabs(o["path"]) else o["path"],
+               finite(o.get("alpha"), "alpha", f"offsets[{i}] of {path}"), o.get("method"), o.get("adapter"))
+        for i, o in enumerate(data["offsets"])
     )
     if not offsets:
         raise ValueError(f"{path} lists no offsets.")
-    return Composition(offsets, data["large_model"], data["reference_model"], float(data.get("relative_top", 0.0)))
+    for offset in offsets:
+        if not os.path.isdir(offset.path):
+            raise FileNotFoundError(f"{path} lists the offset export {offset.path!r}, which is not a directory here: "
+                                    "move it back, or write the manifest again with the exports where they are now.")
+    return Composition(offsets, data["large_model"], data["reference_model"], _relative_top(data, path),
+                       data.get("large_dtype"), data.get("small_dtype"))
+
+
+def _relative_top(data: dict[str, Any], path: Path) -> float:
+    """ULD's filter threshold ``tau`` of a manifest: ``[0, 1]`` (0, the default, filters nothing)."""
+    return in_range(data.get("relative_top", 0.0), "relative_top", 0.0, 1.0, str(path))
+
+
+def _saved_dtype(directory: Path) -> str | None:
+    """The dtype ``save_pretrained`` recorded in a model folder's ``config.json`` (what it was trained in), if it is
+    one the loaders take; else None."""
+    try:
+        config = json.loads((directory / MODEL_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
+def check_export_files(offset: Offset) -> None:
+    """Refuse an export folder without the files its loader reads, naming the missing one (weights, adapter weights
+    or ``tokenizer.json``), before any model is loaded.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+    """
+    if offset.adapter:
+        check_adapter_files(offset.path)
+    else:
+        check_model_files(offset.path)
+    check_tokenizer_files(offset.path)
 
 
 def read_export(path: PathLike) -> Composition:
-    """Describe one export: an offset directory, a direct directory, or a composition manifest."""
-    path = Path(path)
+    """Describe one export: an offset directory, a direct directory, or a composition manifest; every export's
+    files are checked (:func:`check_export_files`).
+
+    Raises:
+        FileNotFoundError: no export at ``path``, or a file of one is missing.
+        ValueError: a manifest is malformed or holds a non-finite alpha or a ``relative_top`` outside ``[0, 1]``.
+    """
+    composition = _read_export(Path(path))
+    for offset in composition.offsets:
+        check_export_files(offset)
+    return composition
+
+
+def _read_export(path: Path) -> Composition:
     if path.is_file():
         return _read_composition_file(path)
     if not path.is_dir():
@@ -170,21 +240,36 @@ def read_export(path: PathLike) -> Composition:
         missing = {"large_model", "reference_model", "alpha"} - set(data)
         if missing:
             raise ValueError(f"{path / OFFSET_MANIFEST} lacks {sorted(missing)}.")
-        return Composition((Offset(str(path), float(data["alpha"]), data.get("method"), data.get("adapter")),),
-                           data["large_model"], data["reference_model"], float(data.get("relative_top", 0.0)))
-    if (path / "config.json").is_file():
-        return Composition((Offset(str(path), 1.0, None),))
+        manifest = path / OFFSET_MANIFEST
+        alpha = finite(data["alpha"], "alpha", str(manifest))
+        offset = Offset(str(path), alpha, data.get("method"), data.get("adapter"))
+        return Composition((offset,), data["large_model"], data["reference_model"], _relative_top(data, manifest),
+                           data.get("large_dtype"), data.get("small_dtype"))
+    if (path / MODEL_CONFIG).is_file():
+        return Composition((Offset(str(path), 1.0, None),), small_dtype=_saved_dtype(path))
     if (path / ADAPTER_CONFIG).is_file():
         return Composition((Offset(str(path), 1.0, None, "lora"),))
     raise ValueError(f"{str(path)!r} holds neither a model (config.json), a LoRA adapter ({ADAPTER_CONFIG}), an "
                      f"{OFFSET_MANIFEST} nor a {COMPOSITION_MANIFEST}.")
 
 
-def compose(paths: PathLike | Sequence[PathLike], alphas: Sequence[float] | None = None) -> Composition:
+def compose(
+    paths: PathLike | Sequence[PathLike],
+    alphas: Sequence[float] | None = None,
+    *,
+    large_dtype: str | None = None,
+    small_dtype: str | None = None,
+    source: str = "alphas",
+) -> Composition:
     """Combine exports (and compositions) into one composition, refusing offsets that do not add up.
 
     ``alphas``, if given, replace the manifests' strengths, one per offset in order (a composition
-    manifest contributes all the offsets it lists).
+    manifest contributes all the offsets it lists); ``source`` names where they came from in errors.
+    ``large_dtype``/``small_dtype``, if given, replace the dtypes the manifests record.
+
+    Raises:
+        ValueError: offsets that do not add up, a non-finite alpha, or exports recording different dtypes
+            with no dtype given.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
@@ -208,6 +293,18 @@ def compose(paths: PathLike | Sequence[PathLike], alphas: Sequence[float] | None
         if other.relative_top != first.relative_top:
             raise ValueError(f"Cannot compose {first_path!r} and {path!r}: their offsets are filtered with different "
                              f"relative_top ({first.relative_top} vs {other.relative_top}).")
+    dtypes = {field: given or _agreed_dtype(parts, field) for field, given in
+              (("large_dtype", large_dtype), ("small_dtype", small_dtype))}
     composed = Composition(tuple(o for _, c in parts for o in c.offsets), first.large_model, first.reference_model,
-                           first.relative_top)
-    return composed if alphas is None else composed.with_alphas(alphas)
+                           first.relative_top, **dtypes)
+    return composed if alphas is None else composed.with_alphas(alphas, source)
+
+
+def _agreed_dtype(parts: Sequence[tuple[str, Composition]], field: str) -> str | None:
+    """The one dtype the exports record for ``field`` (None if none records one); refuses a disagreement, since
+    one model (the large one, or the shared reference) can run in only one dtype."""
+    recorded = {path: getattr(c, field) for path, c in parts if getattr(c, field) is not None}
+    if len(set(recorded.values())) > 1:
+        raise ValueError(f"The exports were trained with different {field}s ({recorded}): pass the one to use as "
+                         f"{field} (a command's {field} option).")
+    return next(iter(recorded.values()), None)

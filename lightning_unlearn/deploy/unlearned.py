@@ -143,8 +143,8 @@ class UnlearnedModel(nn.Module):
         *,
         large_model: str | None = None,
         reference_model: str | None = None,
-        large_dtype: DType = "bfloat16",
-        small_dtype: DType = "float32",
+        large_dtype: DType | None = None,
+        small_dtype: DType | None = None,
         device: str | torch.device = "cpu",
         template: str = DEFAULT_TEMPLATE,
         use_chat_template: bool | None = None,
@@ -160,8 +160,10 @@ class UnlearnedModel(nn.Module):
             large_model: where the large model is now, if it moved since training (the manifests keep
                 the path or id used then); ``http://HOST:PORT/v1`` for a vLLM server serving it.
             reference_model: likewise for the frozen small reference.
-            large_dtype: dtype of the large model; the default matches training's.
-            small_dtype: dtype of the small models (reference and offsets); the default matches training's.
+            large_dtype: dtype of the large model; ``None``: the one the manifests record (training's), else
+                ``bfloat16``.
+            small_dtype: dtype of the small models (reference and offsets); ``None``: the one the manifests (or a
+                direct export's ``config.json``) record, else ``float32``.
             device: where to put every model.
             template: the plain prompt template used in training (``data.template``), for tokenizers
                 without a chat template.
@@ -172,8 +174,16 @@ class UnlearnedModel(nn.Module):
             trust_remote_code: allow models whose code lives on the hub.
             large_logprobs: with a served large model, the top-k log-probabilities asked per step (``None``: the
                 whole vocabulary, exact; :mod:`lightning_unlearn.offset.topk`).
+
+        Raises:
+            FileNotFoundError: an export, or a file of one (named), is missing.
+            ValueError: exports that do not compose, a non-finite alpha (in ``alphas`` or a manifest), or a
+                ``large_model``/``reference_model`` that is itself an offset export.
         """
-        composition = compose(exports, alphas).with_models(large_model, reference_model)
+        composition = compose(exports, alphas, large_dtype=large_dtype, small_dtype=small_dtype,
+                              source="the alphas argument").with_models(large_model, reference_model)
+        large_dtype = composition.large_dtype or "bfloat16"
+        small_dtype = composition.small_dtype or "float32"
         paths = [o.path for o in composition.offsets]
         tokenizer = load_tokenizer(paths[0], trust_remote_code)
         for path in paths[1:]:
@@ -189,17 +199,23 @@ class UnlearnedModel(nn.Module):
             else:
                 check_same_tokenizer(load_tokenizer(composition.large_model, trust_remote_code), tokenizer,
                                      composition.large_model, paths[0])
-                large = freeze(load_causal_lm(composition.large_model, large_dtype, trust_remote_code))
+                large = freeze(load_causal_lm(composition.large_model, large_dtype, trust_remote_code,
+                                              "the large model"))
             if composition.reference_model is not None:
-                reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code))
+                reference = freeze(load_causal_lm(composition.reference_model, small_dtype, trust_remote_code,
+                                                  "the reference model"))
         offsets, reference = _load_offsets(composition, reference, small_dtype, trust_remote_code)
         formatter = PromptFormatter(tokenizer, max_length=max_length or DEFAULT_MAX_LENGTH, template=template,
                                     use_chat_template=use_chat_template)
         return cls(composition, tokenizer, offsets, large, reference, formatter).to(device)
 
     def set_alphas(self, alphas: Sequence[float]) -> None:
-        """Change the offsets' strengths without reloading (``alpha = 0`` is the large model alone)."""
-        self.composition = self.composition.with_alphas(alphas)
+        """Change the offsets' strengths without reloading (``alpha = 0`` is the large model alone).
+
+        Raises:
+            ValueError: not one finite alpha per offset.
+        """
+        self.composition = self.composition.with_alphas(alphas, "set_alphas")
         self._set_combined()
 
     def save_manifest(self, path: PathLike) -> Path:

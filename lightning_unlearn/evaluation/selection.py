@@ -15,6 +15,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
+from ..numbers import finite
+
 
 def selection_score(quality: float | None, utility_ratio: float | None, floor: float) -> float:
     """The rule as one number to maximise: ``quality`` where ``utility_ratio >= floor``, else ``utility_ratio - 2``.
@@ -60,7 +62,9 @@ class UtilityFloorCheckpoint(ModelCheckpoint):
         if mode != "max":
             raise ValueError(f"UtilityFloorCheckpoint maximises its score: mode must be 'max', got {mode!r}.")
         super().__init__(monitor=monitor, mode=mode, **kwargs)
-        self.quality, self.utility_ratio, self.floor = quality, utility_ratio, floor
+        # a NaN floor would pass every epoch (x < nan is False): the rule would silently drop its constraint
+        self.quality, self.utility_ratio, self.floor = quality, utility_ratio, finite(floor, "floor",
+                                                                                       "UtilityFloorCheckpoint")
 
     def _monitor_candidates(self, trainer: Trainer) -> dict[str, Tensor]:
         candidates = super()._monitor_candidates(trainer)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ..cli import main as cli_main
+from ..numbers import finite, finite_float
 from .selection import select
 from .report import atomic_write_json, plot_tradeoff, print_table, summary_table
 from .tofu import HEADLINE
@@ -25,11 +26,23 @@ def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str 
           extra: list[str] | None = None, floor: float = 0.9) -> list[dict]:
     """Evaluate the offset model at each alpha; return one summary per alpha (with its ``alpha``), the one
     :func:`~lightning_unlearn.evaluation.selection.select` picks with ``floor`` marked ``"selected": True``
-    (none without a retain reference, which the rule needs)."""
+    (none without a retain reference, which the rule needs).
+
+    Raises:
+        ValueError: before any run, an alpha that is not finite or two alphas that share a run folder (``alpha_{a:g}``,
+            where the second run would overwrite the first's summary).
+    """
     out = Path(out_dir)
+    alphas = [finite(a, "alpha", "--alphas") for a in alphas]
+    floor = finite(floor, "floor", "--floor")  # a NaN floor would keep every alpha (x < nan is False)
+    folders = [f"alpha_{a:g}" for a in alphas]
+    repeated = sorted({f for f in folders if folders.count(f) > 1})
+    if repeated:
+        raise ValueError(f"--alphas gives {repeated} more than once (alphas equal to 6 significant digits share a run "
+                         "folder): give each alpha once.")
     results = []
-    for alpha in alphas:
-        run_dir = out / f"alpha_{alpha:g}"
+    for alpha, folder in zip(alphas, folders):
+        run_dir = out / folder
         # the sweep's own settings last, so that they win over the same keys in ``extra``
         args = ["test", "--config", config, *(extra or []), "--model.alpha", str(alpha), "--trainer.logger", "false",
                 "--trainer.default_root_dir", str(run_dir)]
@@ -60,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config of the unlearning run (as for main.py test)")
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained offset")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
+    parser.add_argument("--alphas", type=finite_float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--out", default="runs/alpha_sweep", help="folder for the per-alpha runs and the plot")
-    parser.add_argument("--floor", type=float, default=0.9, help="the selection rule's floor on model utility / the "
-                        "retain model's")
+    parser.add_argument("--floor", type=finite_float, default=0.9,
+                        help="the selection rule's floor on model utility / the retain model's")
     args, extra = parser.parse_known_args(argv)
     sweep(args.config, args.alphas, args.out, args.ckpt_path, extra, args.floor)
 

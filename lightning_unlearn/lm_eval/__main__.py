@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from ..numbers import finite_float
 from .registry import LOCAL_TASK_NAMES
 
 DEFAULT_TASKS = "tofu_general"
@@ -37,12 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="requests per forward pass")
     parser.add_argument("--output_path", default=None, help="folder (or .json file) for lm-eval's results")
     parser.add_argument("--log_samples", action="store_true", help="also write every request and response")
-    parser.add_argument("--alpha", type=float, nargs="+", default=None,
+    parser.add_argument("--alpha", type=finite_float, nargs="+", default=None,
                         help="offset strength: one for every offset, or one per offset (default: the manifests')")
     parser.add_argument("--large_model", default=None, help="where the large model is now, if it moved")
     parser.add_argument("--reference_model", default=None, help="where the reference small model is now, if it moved")
-    parser.add_argument("--large_dtype", default="bfloat16", help="dtype of the large model (training's default)")
-    parser.add_argument("--small_dtype", default="float32", help="dtype of the small models (training's default)")
+    parser.add_argument("--large_dtype", default=None, help="dtype of the large model (default: the one the export "
+                        "records, training's; else bfloat16)")
+    parser.add_argument("--small_dtype", default=None, help="dtype of the small models (default: the one the export "
+                        "records, training's; else float32)")
     parser.add_argument("--device", default="cpu", help="torch device for every model")
     parser.add_argument("--max_length", type=int, default=None, help="longest context in tokens (default: config)")
     parser.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling included)")

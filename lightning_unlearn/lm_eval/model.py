@@ -48,6 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..offset.generation import StopFn
 from ..offset.sources import ServedLargeModel, check_served_context
 from ..deploy.manifest import compose
+from ..numbers import finite
 from ..deploy.unlearned import UnlearnedModel
 
 __all__ = ["CombinedLM", "UnlearnedLM", "max_context_length"]
@@ -118,8 +119,8 @@ class UnlearnedLM(TemplateLM):
         device: where the models run.
         large_model: where an offset export's large model is now, if it moved since training.
         reference_model: likewise for the frozen small reference.
-        large_dtype: dtype of the large model.
-        small_dtype: dtype of the small models.
+        large_dtype: dtype of the large model (``None``: the one the export records, training's).
+        small_dtype: dtype of the small models (``None``: the one the export records, training's).
         lm_eval_options: options lm-eval passes every model (``max_batch_size``, ...), not used here.
 
     Raises:
@@ -139,8 +140,8 @@ class UnlearnedLM(TemplateLM):
         device: str = "cpu",
         large_model: str | None = None,
         reference_model: str | None = None,
-        large_dtype: str = "bfloat16",
-        small_dtype: str = "float32",
+        large_dtype: str | None = None,
+        small_dtype: str | None = None,
         **lm_eval_options: Any,
     ) -> None:
         super().__init__()
@@ -377,10 +378,11 @@ def load_unlearned(
     """
     exports = [exports] if isinstance(exports, str) else list(exports)
     if len(exports) == 1 and not os.path.exists(exports[0]) and alpha is None:
-        return _hub_model(exports[0], options.get("small_dtype", "float32"), options.get("device", "cpu"))
+        return _hub_model(exports[0], options.get("small_dtype") or "float32", options.get("device", "cpu"))
     alphas: list[float] | None = None
     if alpha is not None:
-        values = [float(alpha)] if isinstance(alpha, (int, float, str)) else [float(a) for a in alpha]
+        values = [finite(a, "alpha", "the alpha model argument") for a in
+                  ([alpha] if isinstance(alpha, (int, float, str)) else alpha)]
         composition = compose(exports)
         if composition.is_direct:
             raise ValueError(f"--alpha applies to offset exports; {exports[0]!r} is a direct model.")

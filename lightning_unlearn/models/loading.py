@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .files import check_model_files, check_tokenizer_files, refuse_offset_export
+
 DType = Literal["float32", "bfloat16", "float16"]
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -38,7 +40,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
     Many causal-LM tokenizers (Llama among them) have no pad token; padding positions are always masked
     here, so reusing EOS as the pad id is safe and keeps the vocabulary unchanged.
+
+    Raises:
+        FileNotFoundError: a local folder holds no tokenizer file (named; transformers would ask to install
+            sentencepiece or tiktoken instead).
+        OSError: the tokenizer cannot be loaded otherwise.
     """
+    check_tokenizer_files(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, local_files_only=_local_only(name_or_path), trust_remote_code=trust_remote_code
@@ -56,9 +64,23 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 
 def load_causal_lm(
-    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, role: str | None = None
 ) -> PreTrainedModel:
-    """Load a causal LM in the given dtype, offline when ``name_or_path`` is a local directory."""
+    """Load a causal LM in the given dtype, offline when ``name_or_path`` is a local directory.
+
+    Args:
+        role: the option or argument the path came from (e.g. ``--model.small_model``) where a *plain* model is
+            expected: an offset export there is refused, since its weights alone are the bare small model.
+            ``None`` where the folder is loaded on purpose as part of an export.
+
+    Raises:
+        FileNotFoundError: a local folder lacks ``config.json``, its weights or a shard (named).
+        ValueError: ``role`` is given and the folder is an offset export or a composition.
+        OSError: the model cannot be loaded otherwise.
+    """
+    if role is not None:
+        refuse_offset_export(name_or_path, role)
+    check_model_files(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path,

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
 from ..offset.generation import LogitsComponent, cache_keyword, takes_logits_to_keep
-from ..deploy.manifest import ADAPTER_CONFIG
+from ..numbers import finite, in_range
+from .files import ADAPTER_CONFIG, check_adapter_files
 
 if TYPE_CHECKING:  # peft is imported where an adapter is made or loaded: most runs have none
     from peft import PeftModel
@@ -64,6 +65,9 @@ def add_lora(
     """
     if rank < 1:
         raise ValueError(f"lora_rank must be a positive integer, got {rank}.")
+    if alpha is not None:  # peft scales the update by alpha / rank: a NaN makes every adapted layer NaN, even at B = 0
+        finite(alpha, "lora_alpha", "--model.lora_alpha")
+    in_range(dropout, "lora_dropout", 0.0, 1.0, "--model.lora_dropout")
     from peft import LoraConfig, get_peft_model
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank if alpha is None else alpha,
@@ -139,7 +143,13 @@ class AdapterComponent(LogitsComponent):
 
 
 def adapter_base_model(path: str | os.PathLike) -> str:
-    """The model a saved adapter applies to, as recorded in its ``adapter_config.json``."""
+    """The model a saved adapter applies to, as recorded in its ``adapter_config.json``.
+
+    Raises:
+        FileNotFoundError: the adapter's config or weights are missing (named).
+        ValueError: the config names no base model.
+    """
+    check_adapter_files(path)
     config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     base = config.get("base_model_name_or_path")
     if not base:
@@ -155,6 +165,8 @@ def attach_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
     """
     if not adapters:
         raise ValueError("Give at least one adapter directory.")
+    for path in adapters.values():  # peft reports a missing weight file as an invalid hub repo id
+        check_adapter_files(path)
     from peft import PeftModel
     items = list(adapters.items())
     name, path = items[0]

@@ -26,6 +26,8 @@ from ..offset.prefix import continuation_logits, supports_continuation
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
+from ..models.files import refuse_offset_export
+from ..numbers import finite
 from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
                               large_source)
@@ -99,9 +101,10 @@ class UnlearnModule(EvaluationHooks):
             server serving it (a black box: only its log-probabilities are read, see
             :mod:`lightning_unlearn.offset.sources`); ``null`` for direct unlearning.
         tokenizer: tokenizer id or directory; ``null`` takes the small model's.
-        alpha: offset strength; can be changed at test time without retraining.
-        gamma: weight of the forget loss.
-        retain_weight: weight of the retain term.
+        alpha: offset strength; can be changed at test time without retraining. Must be finite (NaN or
+            infinity is refused here and wherever ``alpha`` is set later, see :attr:`alpha`).
+        gamma: weight of the forget loss (finite).
+        retain_weight: weight of the retain term (finite).
         large_dtype: dtype of the frozen large model.
         small_dtype: dtype of the small pair (trained in it: keep float32 unless memory forces otherwise).
         optimizer: optimizer over the trainable parameters only.
@@ -172,6 +175,11 @@ class UnlearnModule(EvaluationHooks):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.alpha = alpha
+        for name, value in (("gamma", gamma), ("retain_weight", retain_weight)):
+            finite(value, name, f"--model.{name}")
+        for name, path in (("small_model", small_model), ("large_model", large_model)):
+            if path is not None:  # before any data or evaluation is built: a plain model is expected there
+                refuse_offset_export(path, f"--model.{name}")
         self.large: PreTrainedModel | None = None
         self.reference: PreTrainedModel | None = None
         self.model: PreTrainedModel | None = None
@@ -186,6 +194,18 @@ class UnlearnModule(EvaluationHooks):
             raise ValueError(f"large_device={large_device!r} places a local large model; {large_model} is served "
                              "elsewhere: set --model.large_device null.")
         self._logit_cache: FrozenLogitCache | None = None
+
+    @property
+    def alpha(self) -> float:
+        """The offset strength ``alpha`` of ``z_L + alpha (z_S - z_S0)`` (a loss weight for EUL, direct mode).
+
+        Setting it refuses a non-finite value (``ValueError`` naming ``--model.alpha``): a NaN strength would make
+        every logit NaN and let ``test`` finish with NaN metrics."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = finite(value, "alpha", "--model.alpha")
 
     @property
     def offset_mode(self) -> bool:
@@ -263,7 +283,7 @@ class UnlearnModule(EvaluationHooks):
         if self.model is not None:
             return
         h = self.hparams
-        small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code)
+        small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code, "--model.small_model")
         if self.uses_lora:  # the reference is ``small`` itself with the adapter disabled: no copy
             small = add_lora(small, h.lora_rank, h.lora_alpha, h.lora_dropout, h.lora_target_modules, h.small_model)
         elif self.offset_mode or self.uses_reference:
@@ -283,7 +303,7 @@ class UnlearnModule(EvaluationHooks):
     def _load_local_large(self) -> None:
         """Load the large model from ``large_model`` frozen as ``self.large``, on ``large_device`` if set."""
         h = self.hparams
-        large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code))
+        large = freeze(load_causal_lm(h.large_model, h.large_dtype, h.trust_remote_code, "--model.large_model"))
         if h.get("large_device") is None:
             self.large = large
         else:  # unregistered, so that Lightning moving the module to its device leaves it where it is put
@@ -587,10 +607,12 @@ class UnlearnModule(EvaluationHooks):
         return target
 
     def offset_manifest(self) -> dict[str, Any]:
-        """What ``offset.json`` records: the large model, the reference, alpha, the method (and ``"adapter": "lora"``
-        when the export is an adapter on the reference); see :mod:`lightning_unlearn.deploy.manifest`."""
-        manifest = {"large_model": self.hparams.large_model, "reference_model": self.hparams.small_model,
-                    "alpha": self.alpha, "method": type(self).__name__}
+        """What ``offset.json`` records: the large model, the reference, alpha, the method, the dtypes the models were
+        trained and evaluated in (so that a reload computes the same logits), and ``"adapter": "lora"`` when the
+        export is an adapter on the reference; see :mod:`lightning_unlearn.deploy.manifest`."""
+        h = self.hparams
+        manifest = {"large_model": h.large_model, "reference_model": h.small_model, "alpha": self.alpha,
+                    "method": type(self).__name__, "large_dtype": h.large_dtype, "small_dtype": h.small_dtype}
         if self.uses_lora:  # the export is an adapter on the reference, not a model
             manifest["adapter"] = "lora"
         return manifest

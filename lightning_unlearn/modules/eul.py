@@ -123,7 +123,7 @@ class EUL(ForgetNLLBound, UnlearnModule):
         if self.model is not None:
             return
         h = self.hparams
-        model = freeze(load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code))
+        model = freeze(load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code, "--model.small_model"))
         if h.adapters:
             apply_adapter_set(model, load_adapter_set(h.adapters), dtype=resolve_dtype(h.adapter_dtype))
         else:

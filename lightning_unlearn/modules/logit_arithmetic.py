@@ -24,6 +24,7 @@ from ..losses.logit_arithmetic import (
     filtered_offset, soft_cross_entropy_on_labelled, uniform_kl_on_labelled, whp_generic_logits,
 )
 from ..models.loading import check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from ..numbers import finite, in_range
 from ..offset.filtered import FilteredOffset
 from .base import MeanOver, PartOutput, RetainLoss, UnlearnModule, with_step_loss
 
@@ -75,9 +76,8 @@ class ULD(UnlearnModule):
         if unsupported:
             raise ValueError(f"ULD does not take {unsupported}: its assistant trains whole and alone (no frozen logits "
                              "are read in training).")
-        if not 0.0 <= relative_top <= 1.0:
-            raise ValueError(f"relative_top must be in [0, 1], got {relative_top}.")
-        if alpha > 0:  # e.g. a config written for the other offsets, which use alpha: 1.0
+        in_range(relative_top, "relative_top", 0.0, 1.0, "--model.relative_top")
+        if finite(alpha, "alpha", "--model.alpha") > 0:  # e.g. a config written for the other offsets (alpha: 1.0)
             raise ValueError(f"ULD subtracts its assistant, which remembers the forget data: alpha is -w and must not be "
                              f"positive (got {alpha}; the paper's is -0.8). Set --model.alpha -0.8.")
         super().__init__(alpha=alpha, gamma=gamma, retain_weight=retain_weight, **kwargs)
@@ -92,7 +92,7 @@ class ULD(UnlearnModule):
             return
         self._load_local_large()
         h = self.hparams
-        small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code)
+        small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code, "--model.small_model")
         if h.gradient_checkpointing:
             small.gradient_checkpointing_enable()
         self.model = small.train()
@@ -173,6 +173,7 @@ class WHP(UnlearnModule):
         if kwargs.get("lora_rank") is not None or kwargs.get("logit_cache") is not None:
             raise ValueError("WHP does not take lora_rank or logit_cache: its targets need the reference's logits "
                              "at every step.")
+        finite(reinforce_coeff, "reinforce_coeff", "--model.reinforce_coeff")
         super().__init__(**kwargs)
         self.retain_loss = retain_loss
         self.reinforced: torch.nn.Module | None = None
@@ -189,7 +190,8 @@ class WHP(UnlearnModule):
             return
         super().configure_model()
         h = self.hparams
-        self.reinforced = freeze(load_causal_lm(h.reinforced_model, h.small_dtype, h.trust_remote_code))
+        self.reinforced = freeze(load_causal_lm(h.reinforced_model, h.small_dtype, h.trust_remote_code,
+                                              "--model.reinforced_model"))
 
     def frozen_models(self) -> list[torch.nn.Module]:
         return [*super().frozen_models(), *([self.reinforced] if self.reinforced is not None else [])]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from ..losses.logit_arithmetic import filtered_offset
+from ..numbers import finite, in_range
 from .generation import ComponentFn, LogitsComponent, as_component, next_logits
 
 __all__ = ["CacheGroup", "FilteredOffset"]
@@ -53,14 +54,14 @@ class FilteredOffset(LogitsComponent):
         super().__init__()
         if not offsets:
             raise ValueError("FilteredOffset needs at least one offset model.")
-        self.weights = [float(alpha) for _, alpha in offsets]
+        self.weights = [finite(alpha, "alpha", f"offset {i} of {len(offsets)}") for i, (_, alpha) in enumerate(offsets)]
         parts = [large, *(model for model, _ in offsets)]
         if reference is not None:
             parts.append(reference)
             self.weights.append(-sum(self.weights))
         self._fns = [as_component(p) for p in parts]
         self.parts = nn.ModuleList(fn for fn in self._fns if isinstance(fn, nn.Module))
-        self.relative_top = relative_top
+        self.relative_top = in_range(relative_top, "relative_top", 0.0, 1.0)
         self.vocab_size = vocab_size
 
     def continues_cache(self) -> bool:

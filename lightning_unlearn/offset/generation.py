@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from ..numbers import finite
+
 __all__ = [
     "CausalLMComponent",
     "ComponentFn",
@@ -179,8 +181,8 @@ def offset_components(
     The reference terms are merged into a single weight ``-sum_i alpha_i`` so the
     (frozen) reference model runs once per step however many offsets are composed.
     """
-    total = sum(float(alpha) for _, alpha in offsets)
-    return [(large, 1.0), *((small, float(alpha)) for small, alpha in offsets), (reference, -total)]
+    alphas = [finite(alpha, "alpha", f"offset {i} of {len(offsets)}") for i, (_, alpha) in enumerate(offsets)]
+    return [(large, 1.0), *((small, alpha) for (small, _), alpha in zip(offsets, alphas)), (reference, -sum(alphas))]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -368,7 +370,8 @@ class OffsetCausalLM(nn.Module):
         fns = [as_component(model) for model, _ in components]
         self.components = nn.ModuleList(fn for fn in fns if isinstance(fn, nn.Module))
         self._fns: list[LogitsComponent | ComponentFn] = fns
-        self.weights: list[float] = [float(w) for _, w in components]
+        self.weights: list[float] = [finite(w, "weight", f"component {i} of the weighted sum")
+                                     for i, (_, w) in enumerate(components)]
         self.vocab_size = vocab_size
 
     @classmethod
