@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..metrics import functional as F
 from ..metrics.muse import RougeLF1, cut_answer
 from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
+from .monitors import MetricPlan
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 from .report import plot_history
 from .tofu import _gather_objects
@@ -109,6 +110,29 @@ class MuseEvaluation(nn.Module):
         self.mia = MembershipInferenceAUC()
         self.texts: dict[str, list[tuple[int, str, str, str]]] = {name: [] for name in self.rouge}
         self.privleak_sets: set[str] = set()  # the privleak sets this rank scored (the AUC needs both)
+
+    def plan(self, generates: bool) -> MetricPlan:
+        """The summary keys :meth:`compute` gives a value when every set receives samples, and the causes of the
+        others (see :meth:`.TofuEvaluation.plan`); ``generates``: whether ``max_new_tokens > 0``."""
+        logged: set[str] = set()
+        missing: dict[str, str] = {}
+        for name in self.rouge:
+            if generates and self.max_new_tokens > 0:
+                logged.add(ROUGE_NAME[name])
+            else:
+                missing[ROUGE_NAME[name]] = "ROUGE needs generated texts, and model.max_new_tokens is 0"
+        if "verbmem_forget" in self.sets:
+            logged.add("extraction_strength")
+        if {"privleak_forget", "privleak_holdout"} <= set(self.sets):
+            logged.add("mia_min_k")
+            if self.reference is not None:
+                logged.add("privleak")
+            else:
+                missing["privleak"] = ("it needs the retrained model's evaluation: set model.retain_reference to its "
+                                       "MUSE_EVAL.json")
+        else:
+            missing["mia_min_k"] = missing["privleak"] = "it needs the privleak forget and holdout sets"
+        return MetricPlan(frozenset(logged), missing)
 
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> None:
         """Score one batch of one set (from :func:`~.muse_data.collate_muse`)."""

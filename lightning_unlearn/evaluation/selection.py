@@ -61,6 +61,11 @@ class UtilityFloorCheckpoint(ModelCheckpoint):
         super().__init__(monitor=monitor, mode=mode, **kwargs)
         self.quality, self.utility_ratio, self.floor = quality, utility_ratio, floor
 
+    @property
+    def monitored(self) -> tuple[str, str]:
+        """The logged metrics the score is computed from (what a setup check must find in the validation's)."""
+        return self.quality, self.utility_ratio
+
     def _monitor_candidates(self, trainer: Trainer) -> dict[str, Tensor]:
         candidates = super()._monitor_candidates(trainer)
         if self.utility_ratio not in candidates:

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -24,11 +25,22 @@ from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
-from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
+from ..evaluation.monitors import MetricPlan, check_monitors
+from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics, task_metrics
 from ..offset.generation import StopFn, decode_answers, greedy_generate
 from ..tracking import publish_summary
 
 Batch = dict[str, Any]
+
+
+def _validates(trainer: L.Trainer) -> bool:
+    """Whether this fit runs a validation at all. Without one, no monitored metric is ever logged and Lightning
+    itself warns at each epoch end that a monitor found nothing (only ``save_last`` checkpoints are written),
+    which runs with ``limit_val_batches 0`` rely on."""
+    if not trainer.limit_val_batches:
+        return False
+    every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    return every is None or epochs is None or epochs < 0 or every <= epochs
 
 
 class EvaluationHooks(L.LightningModule):
@@ -38,42 +50,46 @@ class EvaluationHooks(L.LightningModule):
     history: list[dict[str, Any]]
 
     def build_evaluation(self, set_names: list[str], benchmark: str = "tofu", token_budget: int | None = None) -> None:
-        """Create the metric objects once the data module has said which sets it serves.
+        """Create the metric objects once the data module has said which sets it serves, then check the run
+        (:meth:`_check_setup`).
 
         ``set_names`` are the sets of ``benchmark`` (``tofu`` or ``muse``, the data module's ``evaluation``);
         none means ``data.evaluation: loss``, scored by the forget and retain answer NLL. ``token_budget``: padded
         tokens per teacher-forced pass (the data module's ``eval_token_budget()``; ``None``:
         :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET`).
         """
-        self._check_monitors()
-        if self.evaluation is not None:
-            return
-        ref, budget = self.hparams.retain_reference, token_budget or DEFAULT_TOKEN_BUDGET
-        if set_names and benchmark == "muse":
-            self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
-                                             self.hparams.max_new_tokens, budget)
-        elif set_names:
-            self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None,
-                                             token_budget=budget)
-        else:
-            self.evaluation = LossEvaluation(["forget", "retain"], budget)
+        if self.evaluation is None:
+            ref, budget = self.hparams.retain_reference, token_budget or DEFAULT_TOKEN_BUDGET
+            if set_names and benchmark == "muse":
+                self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
+                                                 self.hparams.max_new_tokens, budget)
+            elif set_names:
+                self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None,
+                                                 token_budget=budget)
+            else:
+                self.evaluation = LossEvaluation(["forget", "retain"], budget)
+        self._check_setup()
 
-    def _check_monitors(self) -> None:
-        """Fail before training, not after the first epoch, when a callback monitors a metric needing a reference."""
-        if self._trainer is None or self.hparams.retain_reference:
+    def _check_setup(self) -> None:
+        """Refuse at setup, before any training step, what would otherwise fail only at the first validation, after
+        an epoch of training: lm-eval tasks of ``data.lm_eval_tasks`` that are unknown or whose data cannot be
+        loaded (every stage), and in ``fit`` a checkpoint or early-stopping monitor naming a metric the configured
+        validation never logs (:func:`~lightning_unlearn.evaluation.monitors.check_monitors`).
+
+        Raises:
+            ValueError: an unknown lm-eval task, or a monitor on a metric never logged (naming the cause, e.g.
+                ``model.max_new_tokens`` 0 for ROUGE and model utility, and what is logged).
+            FileNotFoundError: an lm-eval task's data is missing (offline without a cached copy).
+        """
+        if self._trainer is None:
             return
-        for callback in self.trainer.callbacks:
-            # a selection rule (evaluation/selection.py) reads its metrics under its own names
-            reads = [getattr(callback, name, None) or "" for name in ("monitor", "quality", "utility_ratio")]
-            monitor = next((m for m in reads if m.endswith(("forget_quality", "privleak", "model_utility_vs_retain"))),
-                           None)
-            if monitor:
-                raise ValueError(
-                    f"{type(callback).__name__} monitors {monitor!r}, which needs the retain model's evaluation: set "
-                    "model.retain_reference to its TOFU_EVAL.json or MUSE_EVAL.json (from `main.py test` on the "
-                    "retain model), or monitor another metric such as val/forget_Q_A_ROUGE or "
-                    "val/forget_verbmem_ROUGE."
-                )
+        trainer = self.trainer
+        settings = LmEvalSettings.from_datamodule(getattr(trainer, "datamodule", None))
+        lm_eval = task_metrics(settings) if settings is not None else frozenset()
+        if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run or not _validates(trainer):
+            return  # no monitor reads a validation metric (Lightning disables checkpointing in fast_dev_run)
+        plan = self.evaluation.plan(self.hparams.max_new_tokens > 0) | MetricPlan(lm_eval)
+        check_monitors(trainer.callbacks, plan)
 
     def stop_ids(self) -> list[int]:
         """Where generated answers end: EOS, the models' ``generation_config`` stops and the template's end of turn."""
