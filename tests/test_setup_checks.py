@@ -137,3 +137,26 @@ def test_lm_eval_task_data_missing_is_refused_at_setup(tiny_world: dict, tmp_cwd
 def test_an_unknown_lm_eval_task_is_refused_at_setup(tiny_world: dict, tmp_cwd: Path) -> None:
     cli = built(tiny_world, "--data.lm_eval_tasks", "[tofu_genral]")
     fit_fails_before_training(cli, ValueError, "did you mean")
+
+
+def test_an_export_over_the_small_model_is_refused_at_setup(tiny_world: dict, tmp_cwd: Path) -> None:
+    """Before: the fit trained, then replaced the small model (the reference its offset.json names) with the
+    trained weights, silently."""
+    import shutil
+
+    small = tmp_cwd / "models" / "small"
+    shutil.copytree(tiny_world["small"], small)
+    before = (small / "model.safetensors").read_bytes()
+    for target in (small, small.parent):
+        cli = main(["--config", TOFU_EVAL, "--model", "NPO", "--model.small_model", str(small),
+                    "--model.large_model", tiny_world["large"], "--trainer.max_epochs", "1",
+                    "--trainer.callbacks", "null", "--model.export_dir", str(target)], run=False)
+        fit_fails_before_training(cli, ValueError, "export_dir .* model.small_model")
+    assert (small / "model.safetensors").read_bytes() == before
+
+
+def test_an_export_dir_that_is_a_file_is_refused_at_setup(tiny_world: dict, tmp_cwd: Path) -> None:
+    """Before: the whole fit, then NotADirectoryError when the export replaced the 'folder'."""
+    (tmp_cwd / "export").write_text("not a folder")
+    cli = built(tiny_world, "--model.export_dir", str(tmp_cwd / "export"))
+    fit_fails_before_training(cli, ValueError, "is a file")

@@ -28,6 +28,7 @@ from ..data.formatting import stop_token_ids
 from ..evaluation.monitors import MetricPlan, check_monitors
 from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics, task_metrics
 from ..offset.generation import StopFn, decode_answers, greedy_generate
+from .export_target import check_export_dir
 from ..tracking import publish_summary
 
 Batch = dict[str, Any]
@@ -71,22 +72,29 @@ class EvaluationHooks(L.LightningModule):
         self._check_setup()
 
     def _check_setup(self) -> None:
-        """Refuse at setup, before any training step, what would otherwise fail only at the first validation, after
-        an epoch of training: lm-eval tasks of ``data.lm_eval_tasks`` that are unknown or whose data cannot be
-        loaded (every stage), and in ``fit`` a checkpoint or early-stopping monitor naming a metric the configured
-        validation never logs (:func:`~lightning_unlearn.evaluation.monitors.check_monitors`).
+        """Refuse at setup, before any training step, what would otherwise fail only at the first validation or
+        the end of ``fit``: lm-eval tasks of ``data.lm_eval_tasks`` that are unknown or whose data cannot be loaded
+        (every stage); in ``fit`` an export folder that cannot be written or would replace a model the run reads
+        (:func:`~.export_target.check_export_dir`), and a checkpoint or early-stopping monitor naming a metric the
+        configured validation never logs (:func:`~lightning_unlearn.evaluation.monitors.check_monitors`).
 
         Raises:
-            ValueError: an unknown lm-eval task, or a monitor on a metric never logged (naming the cause, e.g.
+            ValueError: an unknown lm-eval task, an export folder that is a file or holds a model the run reads, or
+                a monitor on a metric never logged (naming the cause, e.g.
                 ``model.max_new_tokens`` 0 for ROUGE and model utility, and what is logged).
             FileNotFoundError: an lm-eval task's data is missing (offline without a cached copy).
+            PermissionError: the export folder is not writable.
         """
         if self._trainer is None:
             return
         trainer = self.trainer
         settings = LmEvalSettings.from_datamodule(getattr(trainer, "datamodule", None))
         lm_eval = task_metrics(settings) if settings is not None else frozenset()
-        if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run or not _validates(trainer):
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        h = self.hparams
+        check_export_dir(h.get("export_dir"), {k: h.get(k) for k in ("small_model", "large_model", "tokenizer")})
+        if trainer.fast_dev_run or not _validates(trainer):
             return  # no monitor reads a validation metric (Lightning disables checkpointing in fast_dev_run)
         plan = self.evaluation.plan(self.hparams.max_new_tokens > 0) | MetricPlan(lm_eval)
         check_monitors(trainer.callbacks, plan)
