@@ -76,6 +76,20 @@ def test_a_monitor_the_evaluation_never_logs_is_refused_with_the_logged_metrics(
     fit_fails_before_training(cli, ValueError, "set model.retain_reference")
 
 
+def test_a_limit_on_validation_batches_that_cuts_the_utility_sets_off_is_refused_at_setup(
+        tiny_world: dict, tmp_cwd: Path, reference: str) -> None:
+    """One batch of 8 of the 15 evaluation items (3 per set) reaches forget, retain and real authors only: no world
+    facts, so no model utility. Before: an epoch, then UtilityFloorCheckpoint's KeyError blaming retain_reference."""
+    cli = built(tiny_world, "--model.retain_reference", reference, "--trainer.limit_val_batches", "1",
+                "--trainer.callbacks+", FLOOR)
+    message = fit_fails_before_training(cli, ValueError, "limit_val_batches 1 serves only the first 8 of 15")
+    assert "['forget', 'retain', 'ra']" in message
+    cli = built(tiny_world, "--model.retain_reference", reference, "--trainer.limit_val_batches", "2",
+                "--trainer.callbacks+", FLOOR)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.model.history[0]["model_utility_vs_retain"] is not None
+
+
 def test_a_reference_without_model_utility_is_named_for_the_utility_floor(
         tiny_world: dict, tmp_cwd: Path, reference: str) -> None:
     report = json.loads(Path(reference).read_text())
@@ -93,25 +107,30 @@ def test_monitors_that_the_evaluation_logs_train(tiny_world: dict, tmp_cwd: Path
     assert cli.trainer.global_step == 2 and len(cli.model.history) == 1
 
 
-@pytest.mark.parametrize("max_new_tokens, lm_eval", [(8, True), (0, False)])
+@pytest.mark.parametrize("max_new_tokens, lm_eval, limit", [(8, True, None), (0, False, None), (8, False, "1")])
 def test_the_plan_is_what_the_validation_logs(tiny_world: dict, tmp_cwd: Path, reference: str,
-                                              max_new_tokens: int, lm_eval: bool) -> None:
+                                              max_new_tokens: int, lm_eval: bool, limit: str | None) -> None:
     """The setup check's list of logged metrics equals what a validation logs (with and without generation,
-    with the offline lm-eval tasks), so that it refuses exactly the monitors that would fail."""
+    with the offline lm-eval tasks, with a limit on validation batches), so that it refuses exactly the monitors
+    that would fail."""
     from lightning_unlearn.evaluation.monitors import MetricPlan
     from lightning_unlearn.lm_eval.hooks import LmEvalSettings, task_metrics
+    from lightning_unlearn.modules.evaluation import _served_sets
 
     tasks = ["--data.lm_eval_tasks", "[tofu_general]"] if lm_eval else []
+    limits = ["--trainer.limit_val_batches", limit] if limit else []
     cli = built(tiny_world, "--model.retain_reference", reference, "--model.max_new_tokens", str(max_new_tokens),
-                "--trainer.limit_train_batches", "1", *tasks)
+                "--trainer.limit_train_batches", "1", *tasks, *limits)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     logged = {k.removeprefix("val/") for k in cli.trainer.logged_metrics if k.startswith("val/")}
-    plan = cli.model.evaluation.plan(max_new_tokens > 0)
+    served, _ = _served_sets(cli.trainer)
+    assert (served is None) == (limit is None), served
+    plan = cli.model.evaluation.plan(max_new_tokens > 0, served)
     if lm_eval:
         plan = plan | MetricPlan(task_metrics(LmEvalSettings(("tofu_general",))))
         assert {"tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc_norm"} <= plan.logged
     assert plan.logged == logged
-    assert ("model_utility" in logged) == (max_new_tokens > 0)
+    assert ("model_utility" in logged) == (max_new_tokens > 0 and limit is None)
     assert not set(plan.missing) & logged
 
 

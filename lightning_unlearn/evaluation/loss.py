@@ -8,7 +8,7 @@ sample once and equal the single-process ones.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from torch import Tensor, nn
@@ -40,9 +40,9 @@ class LossEvaluation(nn.Module):
         self.sets, self.token_budget = list(sets), token_budget
         self.metrics = nn.ModuleDict({name: PerSampleMean() for name in self.sets})
 
-    def plan(self, generates: bool = False) -> MetricPlan:
+    def plan(self, generates: bool = False, served: Collection[str] | None = None) -> MetricPlan:
         """The summary keys :meth:`compute` gives (``<set>_nll``); every TOFU metric is missing in this mode."""
-        return MetricPlan(frozenset(f"{name}_nll" for name in self.sets),
+        return MetricPlan(frozenset(f"{name}_nll" for name in self.sets if served is None or name in served),
                           {"forget_quality": "data.evaluation is loss, which scores the answer NLL only: use tofu",
                            "model_utility": "data.evaluation is loss, which scores the answer NLL only: use tofu"})
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,19 +111,21 @@ class MuseEvaluation(nn.Module):
         self.texts: dict[str, list[tuple[int, str, str, str]]] = {name: [] for name in self.rouge}
         self.privleak_sets: set[str] = set()  # the privleak sets this rank scored (the AUC needs both)
 
-    def plan(self, generates: bool) -> MetricPlan:
-        """The summary keys :meth:`compute` gives a value when every set receives samples, and the causes of the
-        others (see :meth:`.TofuEvaluation.plan`); ``generates``: whether ``max_new_tokens > 0``."""
+    def plan(self, generates: bool, served: Collection[str] | None = None) -> MetricPlan:
+        """The summary keys :meth:`compute` gives a value, and the causes of the others (see
+        :meth:`.TofuEvaluation.plan`); ``generates``: whether ``max_new_tokens > 0``; ``served``: the sets that
+        receive samples (None: all)."""
         logged: set[str] = set()
         missing: dict[str, str] = {}
-        for name in self.rouge:
+        present = [name for name in self.sets if served is None or name in served]
+        for name in (n for n in self.rouge if n in present):
             if generates and self.max_new_tokens > 0:
                 logged.add(ROUGE_NAME[name])
             else:
                 missing[ROUGE_NAME[name]] = "ROUGE needs generated texts, and model.max_new_tokens is 0"
-        if "verbmem_forget" in self.sets:
+        if "verbmem_forget" in present:
             logged.add("extraction_strength")
-        if {"privleak_forget", "privleak_holdout"} <= set(self.sets):
+        if {"privleak_forget", "privleak_holdout"} <= set(present):
             logged.add("mia_min_k")
             if self.reference is not None:
                 logged.add("privleak")

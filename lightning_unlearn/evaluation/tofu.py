@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -129,18 +129,21 @@ class TofuEvaluation(nn.Module):
             sets) else nn.ModuleDict()
         self.texts: dict[str, list[tuple[int, str, str, str]]] = {name: [] for name in self.sets}
 
-    def plan(self, generates: bool) -> MetricPlan:
-        """The summary keys :meth:`compute` gives a value (not ``None``) when every set receives samples, and the
-        causes of the others, so that a monitor on one is refused before training (:mod:`.monitors`).
+    def plan(self, generates: bool, served: Collection[str] | None = None) -> MetricPlan:
+        """The summary keys :meth:`compute` gives a value (not ``None``), and the causes of the others, so that a
+        monitor on one is refused before training (:mod:`.monitors`).
 
         Args:
             generates: whether answers are generated (``model.max_new_tokens > 0``); ROUGE, and model utility
                 through it, need them.
+            served: the sets that receive samples (None: all of them; fewer when a limit on validation batches
+                cuts the later sets off).
         """
         logged: set[str] = set()
         missing: dict[str, str] = {}
         no_generation = "ROUGE needs generated answers, and model.max_new_tokens is 0"
-        for name in self.sets:
+        present = [name for name in self.sets if served is None or name in served]
+        for name in present:
             if name in ("forget", "retain"):
                 logged.add(f"{name}_nll")
             if name in PROB_NAME:
@@ -151,13 +154,13 @@ class TofuEvaluation(nn.Module):
                 logged.add(f"{name}_Q_A_Prob_normalised")
             if name == "forget":
                 logged |= {"exact_memorization", "extraction_strength"}
-        if self.mia:
+        if self.mia and {"forget", "holdout"} <= set(present):
             logged |= set(MIA_NAMES)
         else:
             missing.update({k: "the membership-inference AUCs need the forget and holdout sets: set "
                                "data.eval_holdout_split" for k in MIA_NAMES})
         no_reference = "it needs the retain model's evaluation: set model.retain_reference to its TOFU_EVAL.json"
-        if "forget" not in self.sets:
+        if "forget" not in present:
             missing["forget_quality"] = "it needs the forget set"
         elif self.reference is None:
             missing["forget_quality"] = no_reference

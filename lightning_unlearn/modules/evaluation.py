@@ -10,6 +10,7 @@ per-epoch plot read. The lm-eval tasks of ``data.lm_eval_tasks`` join the summar
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
-from ..evaluation.monitors import MetricPlan, check_monitors
+from ..evaluation.data import EvalCollection
+from ..evaluation.monitors import MetricPlan, check_monitors, monitored_metrics
 from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics, task_metrics
 from ..offset.generation import StopFn, decode_answers, greedy_generate
 from .export_target import check_export_dir
@@ -42,6 +44,32 @@ def _validates(trainer: L.Trainer) -> bool:
         return False
     every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
     return every is None or epochs is None or epochs < 0 or every <= epochs
+
+
+def _served_sets(trainer: L.Trainer) -> tuple[list[str] | None, str]:
+    """The evaluation sets a validation reaches under ``trainer.limit_val_batches`` (None: all) and why.
+
+    The TOFU and MUSE sets are one loader, served set after set when a limit is set (the data module serves the
+    first samples then), so a limit of N batches reaches the first ``N x eval_batch_size x devices`` items (a
+    distributed sampler deals them out in turn) and the later sets get none. ``loss`` has a loader per set.
+    """
+    limit = trainer.limit_val_batches
+    datamodule = getattr(trainer, "datamodule", None)
+    if (isinstance(limit, float) and limit >= 1.0) or not hasattr(datamodule, "val_dataloader"):
+        return None, ""
+    loaders = datamodule.val_dataloader()
+    if not isinstance(loaders, list) or len(loaders) != 1 or not isinstance(loaders[0].dataset, EvalCollection):
+        return None, ""
+    collection, per_pass = loaders[0].dataset, (loaders[0].batch_size or 1) * trainer.world_size
+    batches = math.ceil(len(collection) / per_pass)
+    used = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+    items = min(len(collection), used * per_pass)
+    served = [d.name for d, start in zip(collection.datasets, collection.offsets) if start < items and len(d)]
+    if len(served) == len([d for d in collection.datasets if len(d)]):
+        return None, ""
+    return served, (f"trainer.limit_val_batches {limit} serves only the first {items} of {len(collection)} evaluation "
+                    f"items, which reach the sets {served} and no later one: raise the limit (or data.eval_batch_size) "
+                    "or lower data.eval_subset")
 
 
 class EvaluationHooks(L.LightningModule):
@@ -96,8 +124,15 @@ class EvaluationHooks(L.LightningModule):
         check_export_dir(h.get("export_dir"), {k: h.get(k) for k in ("small_model", "large_model", "tokenizer")})
         if trainer.fast_dev_run or not _validates(trainer):
             return  # no monitor reads a validation metric (Lightning disables checkpointing in fast_dev_run)
-        plan = self.evaluation.plan(self.hparams.max_new_tokens > 0) | MetricPlan(lm_eval)
-        check_monitors(trainer.callbacks, plan)
+        if not any(monitored_metrics(c) for c in trainer.callbacks):
+            return
+        generates = self.hparams.max_new_tokens > 0
+        plan = self.evaluation.plan(generates)
+        served, note = _served_sets(trainer)
+        if served is not None:  # the later sets get no sample: their metrics (and those built on them) are missing
+            cut = self.evaluation.plan(generates, served)
+            plan = MetricPlan(cut.logged, {**cut.missing, **{k: note for k in plan.logged - cut.logged}})
+        check_monitors(trainer.callbacks, plan | MetricPlan(lm_eval))
 
     def stop_ids(self) -> list[int]:
         """Where generated answers end: EOS, the models' ``generation_config`` stops and the template's end of turn."""
