@@ -179,3 +179,20 @@ def test_an_export_dir_that_is_a_file_is_refused_at_setup(tiny_world: dict, tmp_
     (tmp_cwd / "export").write_text("not a folder")
     cli = built(tiny_world, "--model.export_dir", str(tmp_cwd / "export"))
     fit_fails_before_training(cli, ValueError, "is a file")
+
+
+def test_the_lm_eval_names_known_at_setup_are_those_logged_groups_included(tiny_world: dict, tmp_cwd: Path) -> None:
+    """A group with an aggregate metric over the two offline tasks: its ``group/acc`` and each task's metrics."""
+    from lightning_unlearn.lm_eval.hooks import LmEvalSettings, task_metrics
+
+    (tmp_cwd / "group").mkdir()
+    (tmp_cwd / "group" / "mean.yaml").write_text(
+        "group: tofu_mc_mean\ntask: [tofu_world_facts_mc, tofu_real_authors_mc]\naggregate_metric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    weight_by_size: true\nmetadata:\n  version: 1.0\n")
+    main(["test", "--config", TOFU_EVAL, "--model", "SFT", "--model.small_model", tiny_world["small"],
+          "--trainer.callbacks", "null", "--trainer.default_root_dir", "run", "--data.lm_eval_tasks", "[tofu_mc_mean]",
+          "--data.lm_eval_include_path", str(tmp_cwd / "group"), "--data.lm_eval_limit", "5", "--verbose", "false"])
+    summary = json.loads(next((tmp_cwd / "run").rglob("TOFU_SUMMARY.json")).read_text())
+    names = task_metrics(LmEvalSettings(("tofu_mc_mean",), str(tmp_cwd / "group")))
+    assert "tofu_mc_mean/acc" in names
+    assert names == {k for k in summary if "/" in k}
