@@ -25,7 +25,7 @@ def general_accuracy(summary: Mapping[str, Any]) -> float | None:
     """Mean lm-eval accuracy over the tasks of a TOFU summary; None when it holds none.
 
     The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric`` keys
-    (:mod:`lightning_unlearn.lm_eval.hooks`), and only they carry a ``/``. A task counts its ``acc_norm`` where it
+    (:mod:`lightning_unlearn.harness.hooks`), and only they carry a ``/``. A task counts its ``acc_norm`` where it
     reports one (lm-eval's length-normalised accuracy, the usual headline for ARC, HellaSwag, OpenBookQA), else its
     ``acc``; ``acc_stderr`` and other metrics are skipped. Each task weighs the same.
     """

@@ -79,7 +79,7 @@ class UnlearnDataModule(L.LightningDataModule):
         seed: seed of the shuffling and of the forget/retain pairing.
         lm_eval_tasks: lm-evaluation-harness tasks run beside the evaluation above in validation and ``test``,
             logged as ``val/<task>/<metric>`` (e.g. ``[arc_easy, hellaswag]``; ``tofu_general`` is the package's
-            offline pair of multiple-choice tasks); ``null``: none. See :mod:`lightning_unlearn.lm_eval.hooks`.
+            offline pair of multiple-choice tasks); ``null``: none. See :mod:`lightning_unlearn.harness.hooks`.
         lm_eval_include_path: extra folder of lm-eval task YAML (lm-eval's ``--include_path``).
         lm_eval_limit: documents per lm-eval task (a fraction when below 1); ``null``: all.
         lm_eval_num_fewshot: few-shot examples per lm-eval prompt; ``null``: each task's default.

@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 
 RIGHT_USE = ("load it with UnlearnedModel.from_export(EXPORT), `python -m lightning_unlearn.deploy.generate EXPORT` "
-             "or `python -m lightning_unlearn.lm_eval EXPORT`, or evaluate it on TOFU with `main.py test --config "
+             "or `python -m lightning_unlearn.harness EXPORT`, or evaluate it on TOFU with `main.py test --config "
              "<its run's config.yaml> --ckpt_path <its checkpoint>`")
 
 

@@ -5,7 +5,7 @@ evaluation as ``test`` (on ``data.eval_subset`` samples if set) every ``trainer.
 epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json`` (``MUSE_HISTORY.json``),
 which is what a checkpoint callback monitoring ``val/forget_quality`` (``val/forget_verbmem_ROUGE``) and the
 per-epoch plot read. The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric``
-(:mod:`lightning_unlearn.lm_eval.hooks`).
+(:mod:`lightning_unlearn.harness.hooks`).
 
 Every summary written (``*_SUMMARY.json``, each ``*_HISTORY.json`` entry) says whether its numbers are finite:
 ``all_finite`` and ``non_finite`` (the metrics that are NaN or infinite, with their number of non-finite samples,
@@ -37,7 +37,7 @@ from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
-from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
+from ..harness.hooks import LmEvalSettings, lm_eval_metrics
 from ..offset.generation import StopFn, decode_answers, greedy_generate
 from ..tracking import publish_summary
 

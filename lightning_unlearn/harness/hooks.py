@@ -6,7 +6,7 @@ its ``task/metric`` values under ``val/`` or ``test/`` beside the TOFU metrics, 
 the test summary, the loggers (W&B) and any ``ModelCheckpoint`` monitoring them (``val/tofu_world_facts_mc/acc``).
 
 The model evaluated is the module's own combined model, live (no export): :class:`ModuleLM` gives
-:class:`~lightning_unlearn.lm_eval.model.UnlearnedLM` the module's offset logits (``forward``) and its offset
+:class:`~lightning_unlearn.harness.model.UnlearnedLM` the module's offset logits (``forward``) and its offset
 greedy decoding with one KV cache per model (``generate``).
 
 Under DDP lm-eval runs on rank 0 only, on the whole task, and the numbers are broadcast to the other ranks,
@@ -56,7 +56,7 @@ class LmEvalSettings:
 
 
 class ModuleLM:
-    """The training module seen as a :class:`~lightning_unlearn.lm_eval.model.CombinedLM`: its combined logits
+    """The training module seen as a :class:`~lightning_unlearn.harness.model.CombinedLM`: its combined logits
     (``z_L + alpha (z_S - z_S0)``, or ``z_S``) and its offset greedy decoding, on the module's device."""
 
     def __init__(self, module: L.LightningModule) -> None:
