@@ -42,7 +42,8 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from .cli import main as cli_main
-from .evaluation.report import atomic_write_json, print_table, summary_table
+from .atomic import atomic_write_json
+from .evaluation.report import print_table, summary_table
 from .evaluation.sweep import main as sweep_main
 from .models.tiny import make_tiny_pair
 

@@ -11,7 +11,7 @@ import torch
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter
-from lightning_unlearn.evaluation.data import (
+from lightning_unlearn.data.tofu_eval import (
     AnswerDataset,
     EvalCollection,
     EvalDataset,
@@ -23,7 +23,8 @@ from lightning_unlearn.evaluation.data import (
 from lightning_unlearn.evaluation.loss import LossEvaluation
 from lightning_unlearn.evaluation.sweep import sweep
 from lightning_unlearn.evaluation.tofu import RetainReference
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import NPO, GA
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ import torch
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.muse_world import build_muse_world
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOFU_EVAL = str(ROOT / "configs" / "tests" / "tofu_eval.yaml")

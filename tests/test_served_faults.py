@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lightning_unlearn.cli import main
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.offset.logit_cache import FrozenLogitCache
 from lightning_unlearn.offset.sources import ServedLargeModel, TokenHistory, check_served_context
 from lightning_unlearn.offset.topk import dense_logprobs

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.report import atomic_write_json, atomic_write_text, save_figure
+from ..atomic import atomic_write_json, atomic_write_text
+from ..evaluation.report import save_figure
 
 COLUMNS = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
            ("forget_Q_A_ROUGE", "forget ROUGE"), ("retain_Q_A_ROUGE", "retain ROUGE"),

@@ -18,7 +18,8 @@ from pathlib import Path
 from ..cli import main as cli_main
 from ..numbers import finite, finite_float
 from .selection import select
-from .report import atomic_write_json, plot_tradeoff, print_table, summary_table
+from ..atomic import atomic_write_json
+from .report import plot_tradeoff, print_table, summary_table
 from .tofu import HEADLINE
 
 

@@ -401,7 +401,8 @@ def load_unlearned(
 
 def _hub_model(name: str, dtype: str, device: str) -> UnlearnedModel:
     """A Hugging Face hub id as a direct model (offline only when it is in the hub cache)."""
-    from ..models.loading import freeze, load_causal_lm, load_tokenizer
+    from ..models.loading import freeze, load_causal_lm
+    from ..data.tokenizer import load_tokenizer
     from ..deploy.manifest import Composition, Offset
 
     tokenizer = load_tokenizer(name)

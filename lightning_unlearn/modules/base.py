@@ -23,7 +23,8 @@ from ..models import memory
 from ..evaluation.passes import ContinuationFn
 from ..offset.generation import LogitsComponent, as_component, offset_components
 from ..offset.prefix import continuation_logits, supports_continuation
-from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
+from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, resolve_dtype
+from ..data.tokenizer import load_tokenizer
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from ..models.files import refuse_offset_export

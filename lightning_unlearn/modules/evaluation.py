@@ -24,8 +24,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from ..atomic import atomic_write_json
 from ..evaluation.report import (
-    atomic_write_json,
     non_finite,
     non_finite_message,
     print_table,
