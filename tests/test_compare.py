@@ -201,7 +201,7 @@ def yaml_dump(value: dict) -> str:
 
 def test_a_general_task_without_data_stops_the_comparison_before_any_training(tmp_path: Path) -> None:
     """A hub task offline (the test suite runs offline) is refused before the world or a cell is trained."""
-    from lightning_unlearn.lm_eval.hooks import LmEvalSettings, task_metrics
+    from lightning_unlearn.harness.hooks import LmEvalSettings, task_metrics
 
     try:
         task_metrics(LmEvalSettings(("arc_easy",)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lightning_unlearn.cli import main
-from lightning_unlearn.lm_eval.registry import LOCAL_TASKS
+from lightning_unlearn.harness.registry import LOCAL_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOFU_EVAL = str(ROOT / "configs" / "tests" / "tofu_eval.yaml")
@@ -114,8 +114,8 @@ def test_the_plan_is_what_the_validation_logs(tiny_world: dict, tmp_cwd: Path, r
     with the offline lm-eval tasks, with a limit on validation batches), so that it refuses exactly the monitors
     that would fail."""
     from lightning_unlearn.evaluation.monitors import MetricPlan
-    from lightning_unlearn.lm_eval.hooks import LmEvalSettings, task_metrics
-    from lightning_unlearn.modules.evaluation import _served_sets
+    from lightning_unlearn.harness.hooks import LmEvalSettings, task_metrics
+    from lightning_unlearn.modules.eval_hooks import _served_sets
 
     tasks = ["--data.lm_eval_tasks", "[tofu_general]"] if lm_eval else []
     limits = ["--trainer.limit_val_batches", limit] if limit else []
@@ -184,7 +184,7 @@ def test_an_export_dir_that_is_a_file_is_refused_at_setup(tiny_world: dict, tmp_
 
 def test_the_lm_eval_names_known_at_setup_are_those_logged_groups_included(tiny_world: dict, tmp_cwd: Path) -> None:
     """A group with an aggregate metric over the two offline tasks: its ``group/acc`` and each task's metrics."""
-    from lightning_unlearn.lm_eval.hooks import LmEvalSettings, task_metrics
+    from lightning_unlearn.harness.hooks import LmEvalSettings, task_metrics
 
     (tmp_cwd / "group").mkdir()
     (tmp_cwd / "group" / "mean.yaml").write_text(

@@ -49,7 +49,7 @@ def check_general_tasks(spec: CompareSpec) -> None:
         ValueError: an unknown task. FileNotFoundError: a task's data is missing (the message says what to do).
     """
     if spec.general_tasks:
-        from ..lm_eval.hooks import LmEvalSettings, task_metrics
+        from ..harness.hooks import LmEvalSettings, task_metrics
 
         task_metrics(LmEvalSettings(tuple(spec.general_tasks)))
 

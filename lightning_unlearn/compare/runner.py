@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.report import atomic_write_json
+from ..atomic import atomic_write_json
 from .spec import Cell
 
 Runner = Callable[[list[str]], None]

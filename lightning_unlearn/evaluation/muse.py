@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics import functional as F
-from ..metrics.muse import RougeLF1, cut_answer
+from ..metrics.rouge import RougeLF1, cut_answer
 from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
 from .monitors import MetricPlan
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
@@ -106,7 +106,7 @@ class MuseEvaluation(nn.Module):
     """Accumulates MUSE's metrics over the sets present and reports them (see the module docstring).
 
     Args:
-        sets: the sets served (names of :func:`~.muse_data.muse_eval_specs`).
+        sets: the sets served (names of :func:`~lightning_unlearn.data.muse_eval.muse_eval_specs`).
         reference: the retrained model's results, for privleak (reported as missing without it).
         max_new_tokens: a cap on both generation lengths (the module's ``max_new_tokens``); 0 skips ROUGE.
         token_budget: most padded tokens per teacher-forced pass (:mod:`.passes`).
@@ -153,7 +153,7 @@ class MuseEvaluation(nn.Module):
         return MetricPlan(frozenset(logged), missing)
 
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> None:
-        """Score one batch of one set (from :func:`~.muse_data.collate_muse`)."""
+        """Score one batch of one set (from :func:`~lightning_unlearn.data.muse_eval.collate_muse`)."""
         name, index = batch["set"], batch["index"]
         if "sequence" in batch:  # one pass per row, in length-sorted passes of at most token_budget tokens
             scorer = _extraction_strength if name == "verbmem_forget" else _min_k

@@ -90,7 +90,7 @@ class UtilityFloorCheckpoint(ModelCheckpoint):
 def select(summaries: list[dict[str, Any]], floor: float = 0.9, quality: str = "forget_quality",
            utility_ratio: str = "model_utility_vs_retain") -> dict[str, Any] | None:
     """The summary the rule of :func:`selection_score` picks (the first of equal scores), e.g. among the alphas of a
-    sweep (``evaluation/sweep.py``) or the epochs of a ``TOFU_HISTORY.json``; ``None`` when none was measured
+    sweep (``sweep.py``) or the epochs of a ``TOFU_HISTORY.json``; ``None`` when none was measured
     (every one scores ``-inf``: its numbers are missing, NaN or infinite), rather than the first of them.
 
     Raises:

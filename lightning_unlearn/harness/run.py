@@ -1,7 +1,7 @@
 """Running lm-eval tasks on a model and reading the results: shared by the command line and by ``fit``/``test``.
 
 The evaluation itself is lm-eval's (``lm_eval.simple_evaluate``): its prompts, few-shot sampling, metrics and
-aggregation; this module only picks the tasks (:func:`~lightning_unlearn.lm_eval.registry.task_manager`), turns
+aggregation; this module only picks the tasks (:func:`~lightning_unlearn.harness.registry.task_manager`), turns
 a missing dataset into an error that says what to do, and flattens lm-eval's result dictionary into the
 ``task/metric`` names the framework logs.
 """
@@ -43,7 +43,7 @@ def evaluate(
     """lm-eval's results dictionary (``results``, ``configs``, ``n-shot``, ...; ``samples`` with ``log_samples``).
 
     Args:
-        lm: the model, e.g. :class:`~lightning_unlearn.lm_eval.model.UnlearnedLM`.
+        lm: the model, e.g. :class:`~lightning_unlearn.harness.model.UnlearnedLM`.
         tasks: task, group or tag names (glob patterns allowed).
         include_path: extra folders of task YAML, as lm-eval's ``--include_path``.
         num_fewshot: few-shot examples per prompt (``None``: each task's default).
@@ -55,7 +55,7 @@ def evaluate(
         seed: lm-eval's random, numpy, torch and few-shot seeds.
 
     When ``lm`` answered a log-likelihood request with NaN or infinity (its ``non_finite_requests``, as
-    :class:`~lightning_unlearn.lm_eval.model.UnlearnedLM` counts them), every metric of every task is NaN and
+    :class:`~lightning_unlearn.harness.model.UnlearnedLM` counts them), every metric of every task is NaN and
     ``results["non_finite_requests"]`` says how many: lm-eval ranks the choices with ``argmax``, which takes a NaN
     for the largest, so a NaN model would otherwise score accuracy 1.0 on tasks whose gold answer comes first.
 

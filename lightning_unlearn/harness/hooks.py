@@ -1,12 +1,12 @@
 """lm-eval tasks beside the TOFU evaluation in ``fit`` (every validation) and ``test``.
 
 The tasks are listed in the data config (``data.lm_eval_tasks``); the training module's evaluation hooks
-(:mod:`lightning_unlearn.modules.evaluation`) call :func:`lm_eval_metrics` when an evaluation epoch ends and log
+(:mod:`lightning_unlearn.modules.eval_hooks`) call :func:`lm_eval_metrics` when an evaluation epoch ends and log
 its ``task/metric`` values under ``val/`` or ``test/`` beside the TOFU metrics, so that they reach the history,
 the test summary, the loggers (W&B) and any ``ModelCheckpoint`` monitoring them (``val/tofu_world_facts_mc/acc``).
 
 The model evaluated is the module's own combined model, live (no export): :class:`ModuleLM` gives
-:class:`~lightning_unlearn.lm_eval.model.UnlearnedLM` the module's offset logits (``forward``) and its offset
+:class:`~lightning_unlearn.harness.model.UnlearnedLM` the module's offset logits (``forward``) and its offset
 greedy decoding with one KV cache per model (``generate``).
 
 Under DDP lm-eval runs on rank 0 only, on the whole task, and the numbers are broadcast to the other ranks,
@@ -56,7 +56,7 @@ class LmEvalSettings:
 
 
 class ModuleLM:
-    """The training module seen as a :class:`~lightning_unlearn.lm_eval.model.CombinedLM`: its combined logits
+    """The training module seen as a :class:`~lightning_unlearn.harness.model.CombinedLM`: its combined logits
     (``z_L + alpha (z_S - z_S0)``, or ``z_S``) and its offset greedy decoding, on the module's device."""
 
     def __init__(self, module: L.LightningModule) -> None:
@@ -101,7 +101,7 @@ def task_metrics(settings: LmEvalSettings) -> frozenset[str]:
 
     Loading a task reads (or downloads) its documents, so calling this when the trainer sets up finds a task that
     is unknown or whose data is missing before the first training step, not after an epoch and a TOFU
-    validation. Names follow :func:`~lightning_unlearn.lm_eval.run.flat_metrics`: ``task/acc``, or
+    validation. Names follow :func:`~lightning_unlearn.harness.run.flat_metrics`: ``task/acc``, or
     ``task/metric,filter`` for a filter other than ``none``; groups with aggregate metrics included.
 
     Raises:

@@ -5,7 +5,7 @@ evaluation as ``test`` (on ``data.eval_subset`` samples if set) every ``trainer.
 epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json`` (``MUSE_HISTORY.json``),
 which is what a checkpoint callback monitoring ``val/forget_quality`` (``val/forget_verbmem_ROUGE``) and the
 per-epoch plot read. The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric``
-(:mod:`lightning_unlearn.lm_eval.hooks`).
+(:mod:`lightning_unlearn.harness.hooks`).
 
 Every summary written (``*_SUMMARY.json``, each ``*_HISTORY.json`` entry) says whether its numbers are finite:
 ``all_finite`` and ``non_finite`` (the metrics that are NaN or infinite, with their number of non-finite samples,
@@ -26,8 +26,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from ..atomic import atomic_write_json
 from ..evaluation.report import (
-    atomic_write_json,
     non_finite,
     non_finite_message,
     print_table,
@@ -39,9 +39,9 @@ from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
-from ..evaluation.data import EvalCollection
+from ..data.tofu_eval import EvalCollection
 from ..evaluation.monitors import MetricPlan, check_monitors, monitored_metrics
-from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics, task_metrics
+from ..harness.hooks import LmEvalSettings, lm_eval_metrics, task_metrics
 from ..offset.generation import StopFn, decode_answers, greedy_generate
 from .export_target import check_export_dir
 from ..tracking import publish_summary
