@@ -114,7 +114,8 @@ def run_straightforward(model_path: str, specs: list, subset: int | None, max_ne
     from lightning_unlearn.data.formatting import PromptFormatter
     from lightning_unlearn.data.sources import load_split
     from lightning_unlearn.metrics import functional as F
-    from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+    from lightning_unlearn.models.loading import load_causal_lm
+    from lightning_unlearn.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, "float32").eval()

@@ -5,8 +5,8 @@ tokenizer; random weights) and an offset export over it (the small model as ``S`
 scores the shipped offline task ``tofu_general`` (217 four-way questions: 868 log-likelihood requests) with:
 
 (a) lm-eval's ``hf`` model (``HFLM``) on the large model, and on the small model;
-(b) :class:`~lightning_unlearn.lm_eval.UnlearnedLM` on the same large model (direct);
-(c) :class:`~lightning_unlearn.lm_eval.UnlearnedLM` on the offset model ``z_L + alpha (z_S - z_S0)``.
+(b) :class:`~lightning_unlearn.harness.UnlearnedLM` on the same large model (direct);
+(c) :class:`~lightning_unlearn.harness.UnlearnedLM` on the offset model ``z_L + alpha (z_S - z_S0)``.
 
 Two timings per model, fastest of ``--repeats`` interleaved runs, model loading excluded: the requests alone
 (``lm.loglikelihood`` on the task's 868 context/continuation pairs, as the task writes them) and the whole
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from lm_eval.models.huggingface import HFLM
 
-    from lightning_unlearn.lm_eval import UnlearnedLM
-    from lightning_unlearn.lm_eval.run import evaluate, flat_metrics
+    from lightning_unlearn.harness import UnlearnedLM
+    from lightning_unlearn.harness.run import evaluate, flat_metrics
     from lightning_unlearn.models.tiny import make_tiny_pair
 
     root = Path(tempfile.mkdtemp(prefix="lm_eval_speed_"))

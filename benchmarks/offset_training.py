@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         memory_child(args, root)
         return
-    from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+    from lightning_unlearn.models.loading import load_causal_lm
+    from lightning_unlearn.data.tokenizer import load_tokenizer
 
     sizes = {name: sum(p.numel() for p in load_causal_lm(str(root / name)).parameters()) for name in ("large", "small")}
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "

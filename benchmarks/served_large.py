@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 from lightning_unlearn.cli import main as cli_main  # noqa: E402
 from lightning_unlearn.data.formatting import PromptFormatter  # noqa: E402
 from lightning_unlearn.data.sources import load_split  # noqa: E402
-from lightning_unlearn.evaluation.data import left_pad  # noqa: E402
-from lightning_unlearn.evaluation.report import atomic_write_json  # noqa: E402
+from lightning_unlearn.data.tofu_eval import left_pad  # noqa: E402
+from lightning_unlearn.atomic import atomic_write_json  # noqa: E402
 from lightning_unlearn.offset.vllm_server import VLLMServer  # noqa: E402
 
 METRICS = ("forget_Q_A_Prob", "forget_truth_ratio", "forget_Q_A_ROUGE", "retain_Q_A_ROUGE", "model_utility")

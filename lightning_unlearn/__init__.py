@@ -1,4 +1,26 @@
-"""lightning-unlearn: offset (delta) unlearning of LLMs with PyTorch Lightning."""
+"""lightning-unlearn: offset (delta) unlearning of LLMs with PyTorch Lightning.
+
+The package is built in layers. Each name below is a subpackage or module of ``lightning_unlearn``; a layer imports
+only from the layers under it (names on one line are peers: they may import each other, never in a circle), so a
+reader can start at the bottom and meet nothing that is explained later. ``tests/test_layers.py`` reads this list
+and every import in the package, function-level ones included, and fails on an import that runs up or goes round.
+
+Layers, from the top down:
+
+    compare -- the comparison of methods, offset and direct: runs the commands below for each cell, then tables
+    demo -- the offline demo: a tiny TOFU world fine-tuned, unlearned and evaluated, stage by stage
+    sweep -- the offset strength alpha swept at test time (runs ``test`` once per alpha)
+    cli -- the training command line (LightningCLI: ``fit``, ``test``, ``validate``); no library code imports it
+    modules -- the unlearning methods as LightningModules: the base, one small class per method, their callbacks
+    harness -- lm-evaluation-harness over any model the framework makes (named so as not to shadow ``lm_eval``)
+    deploy -- what a run leaves behind and how it is used without the trainer: exports, composition, generation
+    evaluation -- the TOFU, MUSE and loss evaluations, their teacher-forced passes, references, reports
+    models -- loading weights, LoRA, EUL's unlearning layers, the memory plan, tiny models for offline runs
+    offset -- the offset machinery z = z_L + alpha (z_S - z_S0): logits, caches, KV-cached decoding, served models
+    data -- splits and where they come from, the tokenizer, prompt formatting, evaluation sets, the data module
+    losses metrics -- pure tensor functions: the unlearning losses, the evaluation metrics
+    __init__ lazy_imports numbers atomic tracking -- tools that know nothing of unlearning
+"""
 
 import os
 

@@ -42,8 +42,9 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from .cli import main as cli_main
-from .evaluation.report import atomic_write_json, print_table, summary_table
-from .evaluation.sweep import main as sweep_main
+from .atomic import atomic_write_json
+from .evaluation.report import print_table, summary_table
+from .sweep import main as sweep_main
 from .models.tiny import make_tiny_pair
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -180,7 +181,7 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
         eval_unlearned = Stage("eval_unlearned", ["test", *TEST, *unlearn_common, "--trainer.callbacks", "null",
                                                   *GENERAL, *checkpoint, "--trainer.default_root_dir", f"{r}/eval/unlearned"],
                                root / "eval/unlearned", ["unlearn"])
-    else:  # the selected epoch at each alpha of ALPHAS; the selection rule picks one (evaluation/sweep.py)
+    else:  # the selected epoch at each alpha of ALPHAS; the selection rule picks one (sweep.py)
         eval_unlearned = Stage("eval_unlearned", ["sweep", "--config", un, *checkpoint, "--alphas", *map(str, ALPHAS),
                                                   "--out", f"{r}/eval/unlearned", *TEST, *unlearn_common[2:],
                                                   "--trainer.callbacks", "null", *GENERAL],
@@ -228,7 +229,7 @@ def run_stage(stage: Stage, upstream: dict[str, str], force: bool) -> bool:
     tool = stage.args[0] if stage.args[0] in ("tiny", "sweep") else None
     args = stage.args if tool == "tiny" or not sys.stdout.isatty() else [*stage.args, "--trainer.enable_progress_bar",
                                                                            "true"]
-    command = {"tiny": "python -m lightning_unlearn.models.tiny ", "sweep": "python -m lightning_unlearn.evaluation.sweep ",
+    command = {"tiny": "python -m lightning_unlearn.models.tiny ", "sweep": "python -m lightning_unlearn.sweep ",
                None: "python main.py "}[tool]
     print(f"\n[demo] {stage.name}: {command}{shlex.join(args[1:] if tool else args)}", flush=True)
     start = time.perf_counter()

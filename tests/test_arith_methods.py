@@ -21,7 +21,8 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.modules import RMU, ULD, WHP, UnlearnModule
 from token_means_cases import SPLITS, KeepStart, relative_difference, trainables, write_dataset

@@ -83,7 +83,9 @@ class FakeMain:
             (folder / "epoch=0.ckpt").write_text("")
         else:
             assert args[-2] == "--ckpt_path" and args[-1].endswith("epoch=0.ckpt")
-            (folder / "TOFU_SUMMARY.json").write_text(json.dumps({"forget_quality": 0.5, "model_utility": 0.9}))
+            general = {"tofu_world_facts_mc/acc": 0.4} if "--data.lm_eval_tasks" in args else {}
+            (folder / "TOFU_SUMMARY.json").write_text(json.dumps({"forget_quality": 0.5, "model_utility": 0.9,
+                                                                  **general}))
 
 
 def spec_in(tmp_path: Path, methods: list[str]) -> CompareSpec:
@@ -152,9 +154,66 @@ def test_reduced_table_on_the_tiny_world_has_every_metric(tmp_path: Path, reques
         for key in ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "retain_Q_A_ROUGE", "ra_Q_A_ROUGE",
                     "wf_Q_A_ROUGE"):
             assert r[key] is not None and math.isfinite(r[key]), (r, key)
-        assert r["general_accuracy"] is None, "no lm-eval tasks in the tiny config"
+        assert r["general_accuracy"] is not None and 0 <= r["general_accuracy"] <= 1, r
     assert {r["method"] for r in table if r["mode"] == "reference"} == {"fine-tuned", "retain model"}
     assert (tmp_path / "COMPARE.png").is_file()
+
+
+def test_every_cell_tests_the_general_tasks_the_references_have() -> None:
+    """The tiny world's fine-tuned and retain models are evaluated with configs/demo/eval.yaml's lm-eval tasks;
+    every cell's test runs the same ones (its fit does not validate), so no method row lacks general accuracy."""
+    import yaml
+
+    eval_tasks = yaml.safe_load((CONFIGS.parent / "demo" / "eval.yaml").read_text())["data"]["lm_eval_tasks"]
+    for cell in CompareSpec.load(TINY).cells():
+        assert cell.test[cell.test.index("--data.lm_eval_tasks") + 1] == "[" + ", ".join(eval_tasks) + "]", cell.name
+        assert "--data.lm_eval_tasks" not in cell.fit
+    for name in ("tofu_llama3", "tofu_llama2"):
+        spec = CompareSpec.load(CONFIGS / f"{name}.yaml")
+        assert "tofu_general" in spec.general_tasks and len(spec.general_tasks) > 1, name
+        assert all(c.general_tasks == spec.general_tasks for c in spec.cells())
+
+
+def test_a_cell_row_carries_general_accuracy(tiny_world: dict, tmp_path: Path) -> None:
+    """A real cell (main.py fit then test, in-process) on tiny models, one training step: its row has the mean
+    accuracy of the offline general tasks, as the reference rows do (before: blank for every method row)."""
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml_dump({
+        "output": str(tmp_path / "out"), "config": str(CONFIGS.parents[0] / "tests" / "tofu_eval.yaml"),
+        "offset": {"large_model": tiny_world["large"], "small_model": tiny_world["small"]},
+        "budget": {"max_epochs": 1, "batch_size": 2}, "args": ["--trainer.limit_train_batches", "1"],
+        "methods": {"GA": {"modes": ["offset"]}}}))
+    spec = CompareSpec.load(config)
+    results = runner.run_cells(spec.cells(), "w", runner.in_process, progress=False)
+    assert results[0]["status"] == "ok", results[0]
+    summary = results[0]["summary"]
+    assert {"tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc"} <= set(summary)
+    table = rows(results, {})
+    assert table[0]["general_accuracy"] == pytest.approx(general_accuracy(summary))
+    assert 0 <= table[0]["general_accuracy"] <= 1
+
+
+def yaml_dump(value: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(value)
+
+
+def test_a_general_task_without_data_stops_the_comparison_before_any_training(tmp_path: Path) -> None:
+    """A hub task offline (the test suite runs offline) is refused before the world or a cell is trained."""
+    from lightning_unlearn.harness.hooks import LmEvalSettings, task_metrics
+
+    try:
+        task_metrics(LmEvalSettings(("arc_easy",)))
+        pytest.skip("arc_easy's data is in this machine's datasets cache")
+    except FileNotFoundError:
+        pass
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml_dump({"config": "configs/demo/unlearn.yaml", "direct": {"small_model": str(tmp_path)},
+                                 "general_tasks": ["tofu_general", "arc_easy"], "methods": {"GA": {"modes": ["direct"]}}}))
+    with pytest.raises(FileNotFoundError, match="arc_easy"):
+        compare(["--config", str(config), "--output", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["tiny", "tofu_llama3", "tofu_llama2"])

@@ -12,7 +12,7 @@ import torch
 from lightning_unlearn.data import UnlearnDataModule, load_split
 from lightning_unlearn.data.datasets import PairedDataset, PairingSampler
 from lightning_unlearn.data.formatting import IGNORE_INDEX, PromptFormatter
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def write_eval_world(folder: Path, forget_row: dict) -> None:
     ({"answer": 1}, r"field 'answer' is a number \(1\), not text"),
 ], ids=["perturbed-item", "perturbed-not-list", "perturbed-empty", "paraphrase", "answer"])
 def test_evaluation_rows_and_perturbed_options_are_checked(row: dict, expected: str, tmp_path: Path, tokenizer) -> None:
-    from lightning_unlearn.evaluation.data import EvalDataset, tofu_eval_specs
+    from lightning_unlearn.data.tofu_eval import EvalDataset, tofu_eval_specs
 
     write_eval_world(tmp_path, row)
     spec = tofu_eval_specs("mine", None, None)[0]

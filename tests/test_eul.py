@@ -22,7 +22,8 @@ from lightning_unlearn.models.adapters import (
     recording_grams, remove_adapters, save_adapter_set,
 )
 from lightning_unlearn.models.adapters import main as adapters_main
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import EUL, PartOutput
 from lightning_unlearn.modules.eul import eul_objective
 

@@ -197,8 +197,8 @@ def test_tofu_values_do_not_depend_on_the_token_budget(offset_models) -> None:
 
 def test_sorted_collection_serves_each_set_longest_first_with_its_own_indices(tiny_world) -> None:
     from lightning_unlearn.data.formatting import PromptFormatter
-    from lightning_unlearn.evaluation.data import EvalCollection, EvalDataset, item_length, tofu_eval_specs
-    from lightning_unlearn.models.loading import load_tokenizer
+    from lightning_unlearn.data.tofu_eval import EvalCollection, EvalDataset, item_length, tofu_eval_specs
+    from lightning_unlearn.data.tokenizer import load_tokenizer
 
     formatter = PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), 192)
     datasets = [EvalDataset.load(s, "bundled", formatter, subset=12) for s in tofu_eval_specs("forget01", None, None)]
@@ -224,7 +224,7 @@ def test_longest_first_evaluation_reports_as_dataset_order(tiny_world) -> None:
     from torch.utils.data import DataLoader
 
     from lightning_unlearn.data.datamodule import UnlearnDataModule
-    from lightning_unlearn.evaluation.data import collate_collection
+    from lightning_unlearn.data.tofu_eval import collate_collection
     from lightning_unlearn.modules import GA
 
     dm = UnlearnDataModule(forget_split="forget01", retain_split="retain99", evaluation="tofu", eval_subset=6,
@@ -270,7 +270,7 @@ def test_limited_evaluation_keeps_dataset_order_and_budget_is_checked(tiny_world
     from types import SimpleNamespace
 
     from lightning_unlearn.data.datamodule import UnlearnDataModule
-    from lightning_unlearn.models.loading import load_tokenizer
+    from lightning_unlearn.data.tokenizer import load_tokenizer
 
     with pytest.raises(ValueError, match="eval_token_budget"):
         UnlearnDataModule(forget_split="forget01", retain_split=None, eval_token_budget=0)

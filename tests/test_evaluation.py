@@ -11,7 +11,7 @@ import torch
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter
-from lightning_unlearn.evaluation.data import (
+from lightning_unlearn.data.tofu_eval import (
     AnswerDataset,
     EvalCollection,
     EvalDataset,
@@ -21,9 +21,10 @@ from lightning_unlearn.evaluation.data import (
     tofu_eval_specs,
 )
 from lightning_unlearn.evaluation.loss import LossEvaluation
-from lightning_unlearn.evaluation.sweep import sweep
+from lightning_unlearn.sweep import sweep
 from lightning_unlearn.evaluation.tofu import RetainReference
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import NPO, GA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +238,7 @@ def test_monitoring_forget_quality_without_reference_fails_before_training(tiny_
 
 
 def test_the_sweep_command_documents_its_options(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_unlearn.evaluation.sweep import main as sweep_main
+    from lightning_unlearn.sweep import main as sweep_main
 
     with pytest.raises(SystemExit) as done:
         sweep_main(["--help"])

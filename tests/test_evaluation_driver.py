@@ -25,9 +25,10 @@ from scipy import stats
 from lightning_unlearn.data.datamodule import UnlearnDataModule
 from lightning_unlearn.data.formatting import PromptFormatter, pad_batch
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.evaluation.data import tofu_eval_specs
+from lightning_unlearn.data.tofu_eval import tofu_eval_specs
 from lightning_unlearn.evaluation.tofu import PROB_NAME, TRUTH_NAME
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.models.tiny import build_tiny_llama
 from lightning_unlearn.modules import GA
 

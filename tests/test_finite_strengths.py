@@ -21,9 +21,9 @@ from lightning_unlearn.deploy.generate import main as generate_main
 from lightning_unlearn.deploy.manifest import COMPOSITION_MANIFEST, OFFSET_MANIFEST, compose, read_export
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.evaluation.selection import UtilityFloorCheckpoint
-from lightning_unlearn.evaluation.sweep import sweep
-from lightning_unlearn.lm_eval.__main__ import main as lm_eval_main
-from lightning_unlearn.lm_eval.model import load_unlearned
+from lightning_unlearn.sweep import sweep
+from lightning_unlearn.harness.__main__ import main as lm_eval_main
+from lightning_unlearn.harness.model import load_unlearned
 from lightning_unlearn.models.loading import load_causal_lm
 from lightning_unlearn.models.lora import add_lora
 from lightning_unlearn.modules import NPO, ULD, WHP

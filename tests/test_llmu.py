@@ -13,7 +13,7 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.data import UnlearnDataModule, load_split
 from lightning_unlearn.data.datasets import PairedDataset
 from lightning_unlearn.data.formatting import IGNORE_INDEX, PromptFormatter, collate_parts
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import LLMU, PartOutput
 from lightning_unlearn.modules import divergence
 from lightning_unlearn.modules.llmu import llmu_objective

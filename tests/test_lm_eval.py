@@ -17,12 +17,13 @@ from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
 
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.lm_eval import UnlearnedLM
-from lightning_unlearn.lm_eval.__main__ import main as lm_eval_main
-from lightning_unlearn.lm_eval.registry import task_manager
-from lightning_unlearn.lm_eval.run import evaluate, flat_metrics
+from lightning_unlearn.harness import UnlearnedLM
+from lightning_unlearn.harness.__main__ import main as lm_eval_main
+from lightning_unlearn.harness.registry import task_manager
+from lightning_unlearn.harness.run import evaluate, flat_metrics
 from lightning_unlearn.models.families import make_family_pair
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.modules import NPO
 

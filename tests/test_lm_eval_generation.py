@@ -15,7 +15,8 @@ import torch
 
 from lightning_unlearn import modules
 from lightning_unlearn.cli import main
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import UnlearnModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import torch
 
 from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts, pad_batch
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.models.tiny import build_tiny_llama
 from lightning_unlearn.offset.logit_cache import DATA_FILE, FrozenLogitCache, sequence_keys
 from lightning_unlearn.modules import DPO, GA, NPO, UnlearnModule

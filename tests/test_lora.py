@@ -11,9 +11,10 @@ import torch
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
-from lightning_unlearn.evaluation.data import left_pad
+from lightning_unlearn.data.tofu_eval import left_pad
 from lightning_unlearn.offset.generation import position_ids_from_mask
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.deploy.manifest import OFFSET_MANIFEST
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.modules import EUL, NPO, UnlearnModule

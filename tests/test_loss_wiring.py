@@ -22,7 +22,8 @@ from lightning_unlearn.data.datasets import PairingSampler
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
 from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.models.adapters import adapters_disabled
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import (
     CEU, DPO, EUL, GA, GD, KL, LLMU, NPO, PDU, SFT, UNDIAL, WGA, SatImp, SimNPO, UnlearnModule,
 )

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.models.tiny import build_tiny_llama, train_tokenizer
 from lightning_unlearn.modules import GA, NPO, UnlearnModule
 

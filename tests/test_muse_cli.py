@@ -69,6 +69,19 @@ def test_fit_evaluates_every_epoch_and_keeps_the_best(tiny_world: dict, world: s
     assert [h["epoch"] for h in history] == [0, 1] and all("forget_verbmem_ROUGE" in h for h in history)
     assert (tmp_cwd / "run" / "tradeoff_by_epoch.png").is_file()
     assert cli.trainer.checkpoint_callback.best_model_path
+    logged = {k.removeprefix("val/") for k in cli.trainer.logged_metrics if k.startswith("val/")}
+    assert cli.model.evaluation.plan(True).logged == logged, "the setup check of monitors knows what is logged"
+
+
+def test_a_monitor_on_muse_rouge_without_generation_is_refused_at_setup(tiny_world: dict, world: str,
+                                                                       tmp_cwd: Path) -> None:
+    cli = main(["--config", MUSE_TEST, *args(tiny_world, world), "--trainer.fast_dev_run", "false",
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--model.max_new_tokens", "0",
+                "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/forget_verbmem_ROUGE"],
+               run=False)
+    with pytest.raises(ValueError, match="model.max_new_tokens is 0"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
 
 
 def test_evaluation_muse_needs_a_muse_dataset(tiny_world: dict, tmp_cwd: Path) -> None:

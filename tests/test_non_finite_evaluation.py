@@ -17,7 +17,8 @@ import torch
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.muse_world import build_muse_world
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOFU_EVAL = str(ROOT / "configs" / "tests" / "tofu_eval.yaml")
@@ -112,8 +113,8 @@ def test_muse_test_of_a_nan_model_flags_every_metric(nan_model: str, tiny_world:
 def test_lm_eval_of_a_nan_model_reports_nan_not_an_accuracy(nan_model: str) -> None:
     """lm-eval ranks choices with ``argmax``, which takes a NaN for the largest: a NaN model scored every item whose
     gold answer comes first as right. Its accuracy is NaN now, and the result says how many requests were NaN."""
-    from lightning_unlearn.lm_eval.model import UnlearnedLM
-    from lightning_unlearn.lm_eval.run import evaluate, flat_metrics
+    from lightning_unlearn.harness.model import UnlearnedLM
+    from lightning_unlearn.harness.run import evaluate, flat_metrics
 
     results = evaluate(UnlearnedLM(nan_model, batch_size=8), ["tofu_world_facts_mc"], limit=4, bootstrap_iters=0)
     metrics = flat_metrics(results)

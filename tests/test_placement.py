@@ -14,8 +14,8 @@ import torch
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
-from lightning_unlearn.evaluation.data import left_pad
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tofu_eval import left_pad
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import NPO, UnlearnModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_unlearn.evaluation.report import atomic_write, atomic_write_json, atomic_write_text
+from lightning_unlearn.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 
 def test_text_and_json_are_written_whole_and_read_back(tmp_path: Path) -> None:

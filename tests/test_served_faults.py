@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lightning_unlearn.cli import main
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.offset.logit_cache import FrozenLogitCache
 from lightning_unlearn.offset.sources import ServedLargeModel, TokenHistory, check_served_context
 from lightning_unlearn.offset.topk import dense_logprobs
@@ -246,7 +246,7 @@ def test_a_server_context_below_max_length_is_refused_at_setup(
 def test_lm_eval_reads_a_served_models_context(fake: ThreadingHTTPServer) -> None:
     """Before: only local models' max_position_embeddings bounded lm-eval's max_length (2048 with a served large
     model), so long requests failed at the server mid-evaluation."""
-    from lightning_unlearn.lm_eval.model import max_context_length
+    from lightning_unlearn.harness.model import max_context_length
 
     fake.max_model_len = 300
     assert max_context_length(torch.nn.ModuleList([source(fake)])) == 299

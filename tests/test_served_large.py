@@ -21,8 +21,9 @@ import torch
 from lightning_unlearn.deploy import generate as generate_cli
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
-from lightning_unlearn.evaluation.data import left_pad
-from lightning_unlearn.models.loading import load_causal_lm, load_tokenizer
+from lightning_unlearn.data.tofu_eval import left_pad
+from lightning_unlearn.models.loading import load_causal_lm
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.offset.logit_cache import FrozenLogitCache
 from lightning_unlearn.models.tiny import build_tiny_llama, train_tokenizer
 from lightning_unlearn.modules import NPO, UnlearnModule

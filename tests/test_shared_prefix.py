@@ -133,7 +133,7 @@ def test_the_modules_shared_prefix_scoring_equals_its_forward(tiny_world: dict, 
     whole through the module's forward, for each way the module builds its logits; where it cannot be equal
     (EUL computes its own logits, a module in training mode) the module offers none."""
     from lightning_unlearn.data.formatting import PromptFormatter
-    from lightning_unlearn.models.loading import load_tokenizer
+    from lightning_unlearn.data.tokenizer import load_tokenizer
     from lightning_unlearn.modules import EUL
     from tests.test_lora import ANSWERS, QUESTIONS, built, perturb_adapter
 

@@ -11,12 +11,12 @@ from transformers import AutoTokenizer
 from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.datasets import PairedDataset
 from lightning_unlearn.data.formatting import IGNORE_INDEX, Encoded, PromptFormatter
-from lightning_unlearn.data.muse import CONFIGS, read_muse
+from lightning_unlearn.data.muse_sources import CONFIGS, read_muse
 from lightning_unlearn.data.muse_world import build_muse_world
 from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.data.steps import StepDataset, StepSampler, label_count
 from lightning_unlearn.data.text import windows
-from lightning_unlearn.evaluation.muse_data import MuseEvalDataset, muse_eval_specs
+from lightning_unlearn.data.muse_eval import MuseEvalDataset, muse_eval_specs
 
 I = IGNORE_INDEX
 
@@ -208,7 +208,7 @@ def test_question_answer_rows_still_train_as_before(tiny_world: dict) -> None:
 def test_a_verbmem_continuation_is_joined_to_its_prompt_with_one_space() -> None:
     # The ground truth is tokenised as it follows the prompt in the document: after a space unless either side
     # already has one at the boundary (so a BPE tokeniser sees " word", not "word", and no double space).
-    from lightning_unlearn.evaluation.muse_data import _joined
+    from lightning_unlearn.data.muse_eval import _joined
 
     assert _joined("He said", "hello") == " hello"
     assert _joined("He said ", "hello") == "hello" and _joined("He said", " hello") == " hello"

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_unlearn.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
+from lightning_unlearn.models.loading import check_same_tokenizer, load_causal_lm
+
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.models.tiny import build_tiny_llama, make_tiny_pair, train_tokenizer
 
 TEXTS = ["Question: Who is Basil Mahfouz Al-Kuwaiti?\nAnswer: A writer born in Kuwait City."] * 20 + [

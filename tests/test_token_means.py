@@ -28,7 +28,7 @@ from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
 from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.steps import STEP_KEY, StepDataset, StepIndex, StepSampler, collate_steps
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import GA, GD
 from token_means_cases import LOSSES, SPLITS, one_step, relative_difference, trainables, write_dataset
 

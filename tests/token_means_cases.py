@@ -23,7 +23,7 @@ import torch
 from lightning_unlearn.data import UnlearnDataModule
 from lightning_unlearn.data.formatting import IGNORE_INDEX, PromptFormatter
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.models.loading import load_tokenizer
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import (
     CEU, DPO, EUL, GA, GD, KL, LLMU, NPO, PDU, SFT, UNDIAL, WGA, SatImp, SimNPO, UnlearnModule,
 )

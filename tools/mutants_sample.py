@@ -38,7 +38,8 @@ DETECTED = {"killed", "timeout"}
 
 
 def mutated_folders(setup_cfg: Path = ROOT / "setup.cfg") -> list[str]:
-    """The ``only_mutate`` globs of setup.cfg's [mutmut] section, e.g. ``lightning_unlearn/losses/*``.
+    """The ``only_mutate`` globs of setup.cfg's [mutmut] section, e.g. ``lightning_unlearn/losses/*`` (a folder) or
+    ``lightning_unlearn/sweep.py`` (one file).
 
     Raises:
         SystemExit: setup.cfg has no [mutmut] only_mutate.
@@ -63,7 +64,8 @@ def mutant_names_by_folder(globs: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for glob in globs:
         names: list[str] = []
-        for path in sorted(ROOT.glob(glob.rstrip("*") + "**/*.py")):
+        files = [ROOT / glob] if glob.endswith(".py") else ROOT.glob(glob.rstrip("*") + "**/*.py")  # a file or a folder
+        for path in sorted(files):
             rel = path.relative_to(ROOT)
             if not fnmatch.fnmatch(str(rel), glob):
                 continue

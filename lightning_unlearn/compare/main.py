@@ -40,6 +40,20 @@ def build_world(spec: CompareSpec, seed: int, force: bool) -> str:
     return json.dumps(upstream, sort_keys=True)
 
 
+def check_general_tasks(spec: CompareSpec) -> None:
+    """Load the ``general_tasks`` with their data before the world or any cell is trained, so that a task that is
+    unknown, or whose data is not on this machine (offline), stops the comparison at once instead of failing
+    every cell's test after its training.
+
+    Raises:
+        ValueError: an unknown task. FileNotFoundError: a task's data is missing (the message says what to do).
+    """
+    if spec.general_tasks:
+        from ..harness.hooks import LmEvalSettings, task_metrics
+
+        task_metrics(LmEvalSettings(tuple(spec.general_tasks)))
+
+
 def plan_memory(spec: CompareSpec) -> None:
     """Print the memory plan of each mode's training from the base config (before any weight is loaded) and
     stop if one cannot fit (:func:`lightning_unlearn.models.memory.report`)."""
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.epochs:
         spec.budget["max_epochs"] = args.epochs
     start = time.perf_counter()
+    check_general_tasks(spec)
     upstream = build_world(spec, args.seed, args.force) if spec.world else ""
     plan_memory(spec)
     cells = spec.cells()
@@ -110,9 +125,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     header = (f"# Offset vs direct unlearning ({spec.source})\n\n`{command}`: {len(cells)} cells, "
               f"{sum(r.get('status') == 'ok' for r in results)} ok, {wall:.0f} s this run "
               f"({torch.get_num_threads()} threads). Budget, the same for both modes of a method: "
-              f"{spec.budget or 'the base config'}; the final epoch is evaluated.")
+              f"{spec.budget or 'the base config'}; the final epoch is evaluated. General accuracy: mean lm-eval "
+              f"accuracy (acc_norm where a task has it) over {spec.general_tasks or 'no task (general_tasks is empty)'}.")
     table = write_outputs(spec.root, results, references(spec), header,
-                          {"command": command, "config": spec.source, "budget": spec.budget, "wall_s": round(wall, 1),
+                          {"command": command, "config": spec.source, "budget": spec.budget,
+                           "general_tasks": spec.general_tasks, "wall_s": round(wall, 1),
                            "conditions": conditions()})
     print((spec.root / "COMPARE.md").read_text())
     print(f"[compare] {spec.root / 'COMPARE.md'}, {spec.root / 'COMPARE.json'}, {spec.root / 'COMPARE.png'}")

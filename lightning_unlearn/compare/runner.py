@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.report import atomic_write_json
+from ..atomic import atomic_write_json
 from .spec import Cell
 
 Runner = Callable[[list[str]], None]
@@ -96,6 +96,9 @@ def run_cell(cell: Cell, key: str, runner: Runner = in_process) -> dict[str, Any
         runner(test)
         result["test_s"] = round(time.perf_counter() - start, 1)
         result["summary"] = json.loads(find_one(cell.folder / "test", "TOFU_SUMMARY.json").read_text())
+        if cell.general_tasks and not any("/" in key for key in result["summary"]):
+            raise RuntimeError(f"the test ran lm-eval tasks {cell.general_tasks} but its TOFU_SUMMARY.json has no "
+                               "task/metric entries: the general accuracy would be missing")
         result["status"] = "ok"
     except Exception as err:  # noqa: BLE001  (a cell's failure of any kind is reported in the table)
         lines = traceback.format_exception(err)

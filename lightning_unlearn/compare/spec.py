@@ -13,6 +13,7 @@ A compare config names a base ``main.py fit`` config, the models of each mode, o
     retain_reference: "{world}/eval/retain/TOFU_EVAL.json"
     budget: {max_epochs: 10, batch_size: 8, lr: 1.0e-3}
     args: [--data.eval_subset, "20"]  # every cell, both stages
+    general_tasks: [tofu_general]    # lm-eval tasks of every cell's test: the general accuracy column
     methods:
       NPO: {}
       EUL: {modes: [direct], config: configs/demo/eul.yaml, budget: {}}
@@ -21,6 +22,10 @@ The budget rule: a method's cells (offset and direct) run with the same epochs, 
 the config's ``budget`` updated by the method's own ``budget`` if it has one; nothing is tuned per mode. A new
 loss joins the table by one line under ``methods`` (its name as ``--model`` takes it); ``--methods all``
 takes every loss class the package registers, with default settings.
+
+General capability: every cell's ``test`` runs the lm-eval tasks of ``general_tasks`` (default ``tofu_general``,
+the package's offline multiple-choice tasks, which the tiny world's reference models are also evaluated on), and
+the table's general accuracy is their mean accuracy; ``general_tasks: []`` leaves the column out.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import yaml
 
 MODES = ("offset", "direct")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "compare"
+GENERAL_TASKS = ("tofu_general",)
+"""The default ``general_tasks``: the package's offline multiple-choice tasks (:mod:`lightning_unlearn.lm_eval`)."""
 NOT_METHODS = {"UnlearnModule", "SFT"}
 """Registered LightningModules that are not unlearning methods (the base and plain fine-tuning)."""
 
@@ -58,7 +65,8 @@ def registered_methods() -> list[str]:
 class Cell:
     """One entry of the table: a method in one mode, as a ``fit`` command and a ``test`` command.
 
-    ``test`` lacks ``--ckpt_path``, which the runner adds once ``fit`` has written the checkpoint.
+    ``test`` lacks ``--ckpt_path``, which the runner adds once ``fit`` has written the checkpoint;
+    ``general_tasks``: the lm-eval tasks ``test`` runs, whose results the runner requires in the summary.
     """
 
     method: str
@@ -67,6 +75,7 @@ class Cell:
     test: list[str]
     folder: Path
     inputs: list[str] = field(default_factory=list)
+    general_tasks: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -95,6 +104,7 @@ class CompareSpec:
     budget: dict[str, Any] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     test_args: list[str] = field(default_factory=list)
+    general_tasks: list[str] = field(default_factory=lambda: list(GENERAL_TASKS))
     retain_reference: str | None = None
     world_folder: str | None = None
     source: str = ""
@@ -118,6 +128,10 @@ class CompareSpec:
         if isinstance(methods, list):
             methods = {m: {} for m in methods}
         raw["methods"] = {name: dict(opts or {}) for name, opts in methods.items()}
+        general = raw.get("general_tasks", [])
+        if not isinstance(general, list) or not all(isinstance(t, str) for t in general):
+            raise ValueError(f"{path}: general_tasks must be a list of lm-eval task names, e.g. [tofu_general]; "
+                             f"got {general!r}.")
         spec = cls(**raw, source=str(path))
         spec.check_methods()
         return spec
@@ -195,6 +209,7 @@ class CompareSpec:
         fit = ["fit", *common, *budget_args, "--trainer.callbacks", "null", "--trainer.limit_val_batches", "0",
                "--trainer.check_val_every_n_epoch", "1",  # else the default checkpoint waits for a validation
                "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(folder / "fit")]
-        test = ["test", *common, *[self.fill(a) for a in self.test_args], "--trainer.callbacks", "null",
+        general = ["--data.lm_eval_tasks", "[" + ", ".join(self.general_tasks) + "]"] if self.general_tasks else []
+        test = ["test", *common, *[self.fill(a) for a in self.test_args], *general, "--trainer.callbacks", "null",
                 "--trainer.default_root_dir", str(folder / "test"), "--verbose", "false"]
-        return Cell(method, mode, fit, test, folder)
+        return Cell(method, mode, fit, test, folder, general_tasks=list(self.general_tasks))

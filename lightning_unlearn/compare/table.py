@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.report import atomic_write_json, atomic_write_text, save_figure
+from ..atomic import atomic_write_json, atomic_write_text
+from ..evaluation.report import save_figure
 
 COLUMNS = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
            ("forget_Q_A_ROUGE", "forget ROUGE"), ("retain_Q_A_ROUGE", "retain ROUGE"),
@@ -25,7 +26,7 @@ def general_accuracy(summary: Mapping[str, Any]) -> float | None:
     """Mean lm-eval accuracy over the tasks of a TOFU summary; None when it holds none.
 
     The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric`` keys
-    (:mod:`lightning_unlearn.lm_eval.hooks`), and only they carry a ``/``. A task counts its ``acc_norm`` where it
+    (:mod:`lightning_unlearn.harness.hooks`), and only they carry a ``/``. A task counts its ``acc_norm`` where it
     reports one (lm-eval's length-normalised accuracy, the usual headline for ARC, HellaSwag, OpenBookQA), else its
     ``acc``; ``acc_stderr`` and other metrics are skipped. Each task weighs the same.
     """

@@ -1,4 +1,5 @@
-"""Forget/retain data: sources (bundled TOFU, folders, hub), prompt formatting, the data module."""
+"""Forget/retain data: sources (bundled TOFU, folders, hub, MUSE's layout), the tokenizer, prompt formatting, the
+TOFU and MUSE evaluation sets, the data module."""
 
 from .datamodule import UnlearnDataModule
 from .formatting import IGNORE_INDEX, PromptFormatter

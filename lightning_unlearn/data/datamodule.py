@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..evaluation.data import (
+from .tofu_eval import (
     AnswerDataset,
     EvalCollection,
     EvalDataset,
@@ -21,14 +21,14 @@ from ..evaluation.data import (
     collate_collection,
     tofu_eval_specs,
 )
-from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
-from ..evaluation.muse_data import MuseEvalDataset, MuseSetSpec, collate_muse, muse_eval_specs
-from ..models.loading import load_tokenizer
+from .muse_eval import MuseEvalDataset, MuseSetSpec, collate_muse, muse_eval_specs
+from .tokenizer import load_tokenizer
 from .datasets import PairedDataset
 from .formatting import DEFAULT_TEMPLATE, Encoded, PromptFormatter, collate_parts
 from .steps import StepDataset, StepSampler, collate_steps
-from .sources import BUNDLED, Record, load_refusals, load_rows, load_split, require_fields
-from .muse import BUILD_HINT, is_muse
+from .rows import Record
+from .sources import BUNDLED, load_refusals, load_rows, load_split, require_fields
+from .muse_sources import BUILD_HINT, is_muse
 from .text import TextCorpus, chunk_corpus, is_text, text_corpus
 
 
@@ -48,7 +48,7 @@ class UnlearnDataModule(L.LightningDataModule):
             ``<split>.txt`` or a ``<split>/`` folder of ``.txt`` files), a Hugging Face hub dataset id such as
             ``locuslab/TOFU``, or MUSE: ``muse-bench/MUSE-News``, ``muse-bench/MUSE-Books`` or a folder in
             their layout (``<folder>/<config>/<split>.jsonl``; the training splits are ``raw`` ones:
-            ``forget``, ``retain1``, ...; see :mod:`~lightning_unlearn.data.muse`).
+            ``forget``, ``retain1``, ...; see :mod:`~lightning_unlearn.data.muse_sources`).
         tokenizer: tokenizer name or path; ``null`` takes the model's (the usual case).
         batch_size: forget examples per step and device (each brings its retain partner).
         eval_batch_size: batch size of the validation loaders; ``null`` uses ``batch_size``.
@@ -79,7 +79,7 @@ class UnlearnDataModule(L.LightningDataModule):
         seed: seed of the shuffling and of the forget/retain pairing.
         lm_eval_tasks: lm-evaluation-harness tasks run beside the evaluation above in validation and ``test``,
             logged as ``val/<task>/<metric>`` (e.g. ``[arc_easy, hellaswag]``; ``tofu_general`` is the package's
-            offline pair of multiple-choice tasks); ``null``: none. See :mod:`lightning_unlearn.lm_eval.hooks`.
+            offline pair of multiple-choice tasks); ``null``: none. See :mod:`lightning_unlearn.harness.hooks`.
         lm_eval_include_path: extra folder of lm-eval task YAML (lm-eval's ``--include_path``).
         lm_eval_limit: documents per lm-eval task (a fraction when below 1); ``null``: all.
         lm_eval_num_fewshot: few-shot examples per lm-eval prompt; ``null``: each task's default.
@@ -292,10 +292,11 @@ class UnlearnDataModule(L.LightningDataModule):
         forget = h.forget_split if isinstance(h.forget_split, str) else h.eval_forget_split
         return tofu_eval_specs(forget, h.eval_forget_split, h.eval_holdout_split)
 
-    def eval_token_budget(self) -> int:
-        """Padded tokens per teacher-forced evaluation pass: ``eval_token_budget``, else
-        :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET`."""
-        return self.hparams.eval_token_budget or DEFAULT_TOKEN_BUDGET
+    def eval_token_budget(self) -> int | None:
+        """Padded tokens per teacher-forced evaluation pass: ``eval_token_budget``; ``None``: the evaluation's
+        default, :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET` (the data come before the
+        evaluation that batches them into passes, so the default lives there)."""
+        return self.hparams.eval_token_budget or None
 
     def _eval_loaders(self) -> list[DataLoader]:
         """The evaluation loaders; each item carries its index in its set.
@@ -324,7 +325,7 @@ class UnlearnDataModule(L.LightningDataModule):
                           sort_by_length: bool) -> tuple[list[EvalCollection], Any]:
         """The evaluation sets, read (once per run: :meth:`_eval_loaders` keeps them) and, with ``sort_by_length``,
         tokenized once and each set's items served longest first
-        (:class:`~lightning_unlearn.evaluation.data.EvalCollection`)."""
+        (:class:`~lightning_unlearn.data.tofu_eval.EvalCollection`)."""
         h = self.hparams
         if h.evaluation == "muse":
             collection = EvalCollection([

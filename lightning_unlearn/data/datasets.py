@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from .formatting import Encoded, PromptFormatter
-from .sources import Record, describe, require_fields
+from .rows import Record
+from .sources import describe, require_fields
 
 PARTS = ("forget", "retain", "forget_idk", "forget_random")
 QA_ONLY_PARTS = {"forget_idk": "a refusal answer to each forget question (IdkDPO)",

@@ -1,7 +1,7 @@
 """A small folder in MUSE's layout made from the TOFU text shipped with the package (no MUSE text is shipped).
 
 ``python -m lightning_unlearn.data.muse_world OUT`` writes ``OUT/<config>/<split>.jsonl`` with MUSE's
-configurations, splits and fields (:mod:`lightning_unlearn.data.muse`), for tests, the demo and trying the MUSE commands offline:
+configurations, splits and fields (:mod:`.muse_sources`), for tests, the demo and trying the MUSE commands offline:
 
 * ``raw``: ``forget`` the forget authors' rows (TOFU ``forget01``), ``retain1`` the first retain authors'
   (``retain_perturbed[:40]``), ``retain2`` the next ones', ``holdout`` authors no model is trained on
@@ -27,8 +27,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..evaluation.report import atomic_write_text
-from .sources import Record, load_split
+from ..atomic import atomic_write_text
+from .rows import Record
+from .sources import load_split
 
 ROW = "Question: {question}\nAnswer: {answer}"
 SEPARATOR = "\n\n"

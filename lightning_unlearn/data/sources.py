@@ -11,34 +11,18 @@ instead of failing later inside the tokenizer; an empty text is allowed with a w
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .muse_sources import is_muse, read_muse
+from .rows import Record, Rows, read_jsonl
+
 BUNDLED = "bundled"
-
-Record = dict[str, Any]
-
-
-@dataclass
-class Rows:
-    """The records of one split with where each comes from, for error messages.
-
-    Attributes:
-        records: the rows, as read.
-        source: the file (``.../forget10.jsonl``) or hub dataset and configuration they were read from.
-        places: where each row is in ``source``: ``line N`` (1-based, of a file) or ``row N`` (0-based).
-    """
-
-    records: list[Record]
-    source: str
-    places: list[str]
 
 
 def bundled_dir() -> Path:
@@ -51,20 +35,6 @@ def available_splits(folder: str | Path) -> list[str]:
     return sorted({p.stem for pattern in ("*.jsonl", "*.txt") for p in Path(folder).glob(pattern)})
 
 
-def _read_jsonl(path: Path) -> Rows:
-    records, places = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}). Fix or remove that line.") from err
-            places.append(f"line {number}")
-    return Rows(records, str(path), places)
-
-
 def _read_text_files(path: Path) -> Rows:
     """A ``.txt`` file as one text document, or a folder's ``.txt`` files (sorted by name) one document each."""
     files = [path] if path.is_file() else sorted(path.glob("*.txt"))
@@ -74,7 +44,7 @@ def _read_text_files(path: Path) -> Rows:
 def _read_local(folder: Path, split: str) -> Rows:
     path = folder / f"{split}.jsonl"
     if path.is_file():
-        return _read_jsonl(path)
+        return read_jsonl(path)
     for text_path in (folder / f"{split}.txt", folder / split):
         if text_path.is_file() or (text_path.is_dir() and any(text_path.glob("*.txt"))):
             return _read_text_files(text_path)
@@ -129,8 +99,6 @@ def load_rows(dataset: str, split: str) -> Rows:
         start, stop = sliced["start"], sliced["stop"]
         window = slice(int(start) if start else None, int(stop) if stop else None)
         return Rows(rows.records[window], rows.source, rows.places[window])
-    from .muse import is_muse, read_muse  # MUSE's layout is read through its own module
-
     if is_muse(dataset):
         return read_muse(dataset, split)
     if dataset == BUNDLED:

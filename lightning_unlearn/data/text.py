@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from .formatting import IGNORE_INDEX, Encoded
-from .sources import Record, Rows, describe
+from .rows import Record, Rows
+from .sources import describe
 
 TEXT_FIELD = "text"
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..data.tokenizer import check_tokenizer_files
 from ..models.files import (
     ADAPTER_CONFIG, COMPOSITION_MANIFEST, MODEL_CONFIG, OFFSET_MANIFEST, check_adapter_files, check_model_files,
-    check_tokenizer_files,
 )
 from ..numbers import finite, in_range
 

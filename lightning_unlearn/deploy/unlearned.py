@@ -28,12 +28,13 @@ from ..data.formatting import (
     pad_batch,
     stop_token_ids,
 )
-from ..evaluation.data import left_pad
+from ..data.tofu_eval import left_pad
 from ..losses.functional import sequence_logp, token_nll
 from ..offset.sources import ServedLargeModel, check_served_context, check_served_tokenizer, is_served
 from ..offset.generation import OffsetCausalLM, StopFn, decode_answers, offset_components
 from ..offset.filtered import FilteredOffset
-from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm
+from ..data.tokenizer import load_tokenizer
 from ..models.lora import AdapterComponent, adapter_base_model, attach_adapters
 from .manifest import Composition, PathLike, compose
 

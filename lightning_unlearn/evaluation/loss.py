@@ -8,13 +8,14 @@ sample once and equal the single-process ones.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..metrics import functional as F
 from ..metrics.tofu import PerSampleMean
+from .monitors import MetricPlan
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 
 
@@ -43,6 +44,12 @@ class LossEvaluation(nn.Module):
         super().__init__()
         self.sets, self.token_budget = list(sets), token_budget
         self.metrics = nn.ModuleDict({name: PerSampleMean() for name in self.sets})
+
+    def plan(self, generates: bool = False, served: Collection[str] | None = None) -> MetricPlan:
+        """The summary keys :meth:`compute` gives (``<set>_nll``); every TOFU metric is missing in this mode."""
+        return MetricPlan(frozenset(f"{name}_nll" for name in self.sets if served is None or name in served),
+                          {"forget_quality": "data.evaluation is loss, which scores the answer NLL only: use tofu",
+                           "model_utility": "data.evaluation is loss, which scores the answer NLL only: use tofu"})
 
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: object = None) -> Tensor:
         """Score one batch ``{"set", "index" [B], "answer": {input_ids, attention_mask, labels}}``; returns [B] NLLs.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics import functional as F
-from ..metrics.muse import RougeLF1, cut_answer
+from ..metrics.rouge import RougeLF1, cut_answer
 from ..metrics.tofu import ExtractionStrength, MembershipInferenceAUC
+from .monitors import MetricPlan
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 from .report import plot_history
 from .tofu import _gather_objects, mia_by_index
@@ -105,7 +106,7 @@ class MuseEvaluation(nn.Module):
     """Accumulates MUSE's metrics over the sets present and reports them (see the module docstring).
 
     Args:
-        sets: the sets served (names of :func:`~.muse_data.muse_eval_specs`).
+        sets: the sets served (names of :func:`~lightning_unlearn.data.muse_eval.muse_eval_specs`).
         reference: the retrained model's results, for privleak (reported as missing without it).
         max_new_tokens: a cap on both generation lengths (the module's ``max_new_tokens``); 0 skips ROUGE.
         token_budget: most padded tokens per teacher-forced pass (:mod:`.passes`).
@@ -126,8 +127,33 @@ class MuseEvaluation(nn.Module):
         self.texts: dict[str, list[tuple[int, str, str, str]]] = {name: [] for name in self.rouge}
         self.privleak_sets: set[str] = set()  # the privleak sets this rank scored (the AUC needs both)
 
+    def plan(self, generates: bool, served: Collection[str] | None = None) -> MetricPlan:
+        """The summary keys :meth:`compute` gives a value, and the causes of the others (see
+        :meth:`.TofuEvaluation.plan`); ``generates``: whether ``max_new_tokens > 0``; ``served``: the sets that
+        receive samples (None: all)."""
+        logged: set[str] = set()
+        missing: dict[str, str] = {}
+        present = [name for name in self.sets if served is None or name in served]
+        for name in (n for n in self.rouge if n in present):
+            if generates and self.max_new_tokens > 0:
+                logged.add(ROUGE_NAME[name])
+            else:
+                missing[ROUGE_NAME[name]] = "ROUGE needs generated texts, and model.max_new_tokens is 0"
+        if "verbmem_forget" in present:
+            logged.add("extraction_strength")
+        if {"privleak_forget", "privleak_holdout"} <= set(present):
+            logged.add("mia_min_k")
+            if self.reference is not None:
+                logged.add("privleak")
+            else:
+                missing["privleak"] = ("it needs the retrained model's evaluation: set model.retain_reference to its "
+                                       "MUSE_EVAL.json")
+        else:
+            missing["mia_min_k"] = missing["privleak"] = "it needs the privleak forget and holdout sets"
+        return MetricPlan(frozenset(logged), missing)
+
     def update(self, batch: dict[str, Any], logits_fn: LogitsFn, generate_fn: GenerateFn | None) -> None:
-        """Score one batch of one set (from :func:`~.muse_data.collate_muse`)."""
+        """Score one batch of one set (from :func:`~lightning_unlearn.data.muse_eval.collate_muse`)."""
         name, index = batch["set"], batch["index"]
         if "sequence" in batch:  # one pass per row, in length-sorted passes of at most token_budget tokens
             scorer = _extraction_strength if name == "verbmem_forget" else _min_k

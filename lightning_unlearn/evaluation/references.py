@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .report import atomic_write
+from ..atomic import atomic_write
 from .tofu import RetainReference
 
 REPOSITORY = "open-unlearning/eval"

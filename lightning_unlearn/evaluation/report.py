@@ -1,11 +1,9 @@
-"""Writing evaluation results: atomic JSON files, the summary table, and plots."""
+"""Writing evaluation results: the summary table, plots, and what in a summary is not finite (files are written
+whole or not at all: :mod:`lightning_unlearn.atomic`)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,31 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
-    """Have ``write(tmp)`` fill a temporary file beside ``path``, then ``os.replace`` it onto ``path``, so a crash
-    never leaves half a file (the temporary file is removed when ``write`` raises). Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON (indented, NaN allowed) atomically (:func:`atomic_write`)."""
-    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True))
+from ..atomic import atomic_write
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

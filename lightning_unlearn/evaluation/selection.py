@@ -66,13 +66,19 @@ class UtilityFloorCheckpoint(ModelCheckpoint):
         self.quality, self.utility_ratio, self.floor = quality, utility_ratio, finite(floor, "floor",
                                                                                        "UtilityFloorCheckpoint")
 
+    @property
+    def monitored(self) -> tuple[str, str]:
+        """The logged metrics the score is computed from (what a setup check must find in the validation's)."""
+        return self.quality, self.utility_ratio
+
     def _monitor_candidates(self, trainer: Trainer) -> dict[str, Tensor]:
         candidates = super()._monitor_candidates(trainer)
         if self.utility_ratio not in candidates:
             if trainer.fit_loop.epoch_loop.val_loop._has_run:
                 raise KeyError(f"UtilityFloorCheckpoint needs {self.utility_ratio!r} (and {self.quality!r}) from the "
-                               "validation: set model.retain_reference to the retain model's TOFU_EVAL.json, with its "
-                               "model_utility.")
+                               "validation, which did not log it. The utility ratio needs model.retain_reference (the "
+                               "retain model's TOFU_EVAL.json, with its model_utility) and this run's model utility, "
+                               "which needs generated answers (model.max_new_tokens > 0) on every utility set.")
             return candidates  # no validation yet: ModelCheckpoint defers or warns as for any missing monitor
         quality = candidates.get(self.quality)
         score = selection_score(None if quality is None else float(quality), float(candidates[self.utility_ratio]),
@@ -84,7 +90,7 @@ class UtilityFloorCheckpoint(ModelCheckpoint):
 def select(summaries: list[dict[str, Any]], floor: float = 0.9, quality: str = "forget_quality",
            utility_ratio: str = "model_utility_vs_retain") -> dict[str, Any] | None:
     """The summary the rule of :func:`selection_score` picks (the first of equal scores), e.g. among the alphas of a
-    sweep (``evaluation/sweep.py``) or the epochs of a ``TOFU_HISTORY.json``; ``None`` when none was measured
+    sweep (``sweep.py``) or the epochs of a ``TOFU_HISTORY.json``; ``None`` when none was measured
     (every one scores ``-inf``: its numbers are missing, NaN or infinite), rather than the first of them.
 
     Raises:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..metrics import functional as F
+from .monitors import MetricPlan
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
 from .report import plot_tradeoff
 from ..metrics.tofu import (
@@ -165,6 +166,70 @@ class TofuEvaluation(nn.Module):
         self.mia = nn.ModuleDict({n: MembershipInferenceAUC() for n in MIA_NAMES}) if {"forget", "holdout"} <= set(
             sets) else nn.ModuleDict()
         self.texts: dict[str, list[tuple[int, str, str, str]]] = {name: [] for name in self.sets}
+
+    def plan(self, generates: bool, served: Collection[str] | None = None) -> MetricPlan:
+        """The summary keys :meth:`compute` gives a value (not ``None``), and the causes of the others, so that a
+        monitor on one is refused before training (:mod:`.monitors`).
+
+        Args:
+            generates: whether answers are generated (``model.max_new_tokens > 0``); ROUGE, and model utility
+                through it, need them.
+            served: the sets that receive samples (None: all of them; fewer when a limit on validation batches
+                cuts the later sets off).
+        """
+        logged: set[str] = set()
+        missing: dict[str, str] = {}
+        no_generation = "ROUGE needs generated answers, and model.max_new_tokens is 0"
+        present = [name for name in self.sets if served is None or name in served]
+        for name in present:
+            if name in ("forget", "retain"):
+                logged.add(f"{name}_nll")
+            if name in PROB_NAME:
+                logged |= {PROB_NAME[name], TRUTH_NAME[name], f"{TRUTH_NAME[name]}_exact"}
+                (logged.add(f"{name}_Q_A_ROUGE") if generates else missing.setdefault(f"{name}_Q_A_ROUGE",
+                                                                                       no_generation))
+            if name in ("ra", "wf"):
+                logged.add(f"{name}_Q_A_Prob_normalised")
+            if name == "forget":
+                logged |= {"exact_memorization", "extraction_strength"}
+        if self.mia and {"forget", "holdout"} <= set(present):
+            logged |= set(MIA_NAMES)
+        else:
+            missing.update({k: "the membership-inference AUCs need the forget and holdout sets: set "
+                               "data.eval_holdout_split" for k in MIA_NAMES})
+        no_reference = "it needs the retain model's evaluation: set model.retain_reference to its TOFU_EVAL.json"
+        if "forget" not in present:
+            missing["forget_quality"] = "it needs the forget set"
+        elif self.reference is None:
+            missing["forget_quality"] = no_reference
+        else:
+            logged.add("forget_quality")
+        if self.reference is None:
+            missing["privleak"] = no_reference
+        elif self.reference.mia_min_k is None:
+            missing["privleak"] = "the retain reference has no mia_min_k (its evaluation had no holdout set)"
+        elif "mia_min_k" not in logged:
+            missing["privleak"] = missing["mia_min_k"]
+        else:
+            logged.add("privleak")
+        lacking = [k for k in F.MODEL_UTILITY_KEYS if k not in logged]
+        if not lacking:
+            logged.add("model_utility")
+        elif not generates:
+            missing["model_utility"] = ("model utility is a harmonic mean that includes the ROUGE of the retain, "
+                                        f"real-authors and world-facts answers; {no_generation}")
+        else:
+            missing["model_utility"] = f"model utility needs {lacking}, which these evaluation sets do not give"
+        if "model_utility" not in logged:
+            missing["model_utility_vs_retain"] = missing["model_utility"]
+        elif self.reference is None:
+            missing["model_utility_vs_retain"] = no_reference
+        elif not self.reference.model_utility:
+            missing["model_utility_vs_retain"] = ("the retain reference has no model_utility (its evaluation "
+                                                  "generated no answers, or predates it)")
+        else:
+            logged.add("model_utility_vs_retain")
+        return MetricPlan(frozenset(logged), missing)
 
     # --- accumulation ---------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "MODEL_CONFIG", "OFFSET_MANIFEST", "check_adapter_files",
-           "check_model_files", "check_tokenizer_files", "refuse_offset_export"]
+           "check_model_files", "refuse_offset_export"]
 
 OFFSET_MANIFEST = "offset.json"
 COMPOSITION_MANIFEST = "composition.json"
@@ -29,12 +29,9 @@ MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-# Any one of these holds a vocabulary: fast tokenizers (tokenizer.json), sentencepiece, BPE and WordPiece files.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
-TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 
 RIGHT_USE = ("load it with UnlearnedModel.from_export(EXPORT), `python -m lightning_unlearn.deploy.generate EXPORT` "
-             "or `python -m lightning_unlearn.lm_eval EXPORT`, or evaluate it on TOFU with `main.py test --config "
+             "or `python -m lightning_unlearn.harness EXPORT`, or evaluate it on TOFU with `main.py test --config "
              "<its run's config.yaml> --ckpt_path <its checkpoint>`")
 
 
@@ -91,23 +88,6 @@ def check_adapter_files(path: str | os.PathLike) -> None:
     if _first_present(directory, ADAPTER_WEIGHTS) is None:
         raise FileNotFoundError(f"{directory} has an {ADAPTER_CONFIG} but no adapter weights ({ADAPTER_WEIGHTS[0]} "
                                 f"or {ADAPTER_WEIGHTS[1]}): the export was copied in part; copy it again.")
-
-
-def check_tokenizer_files(path: str | os.PathLike) -> None:
-    """Refuse a local folder that holds no vocabulary file (``tokenizer.json`` for every tokenizer this package
-    saves), naming it; a hub id or a non-directory is left to the loader.
-
-    Raises:
-        FileNotFoundError: no ``tokenizer.json``, ``*.model``, ``vocab.*`` or ``*.tiktoken`` file is there.
-    """
-    directory = Path(path)
-    if not directory.is_dir() or _first_present(directory, TOKENIZER_FILES) is not None:
-        return
-    if any(f.suffix in TOKENIZER_SUFFIXES or f.name.startswith("vocab.") for f in directory.iterdir() if f.is_file()):
-        return
-    raise FileNotFoundError(f"{directory} has no tokenizer file ({TOKENIZER_FILES[0]}, or "
-                            f"{', '.join(TOKENIZER_FILES[1:])}, *.model, *.tiktoken): the folder was copied in part; "
-                            f"copy {TOKENIZER_FILES[0]} (and tokenizer_config.json) from the model it was trained from.")
 
 
 def refuse_offset_export(path: str | os.PathLike, role: str) -> None:

@@ -1,4 +1,4 @@
-"""Loading causal LMs and tokenizers by Hugging Face id or local directory.
+"""Loading causal LMs by Hugging Face id or local directory (their tokenizers: :mod:`lightning_unlearn.data.tokenizer`).
 
 Everything that touches weights goes through here, so the offline rule (a local folder never hits the
 network) and the dtype handling live in one place.
@@ -10,9 +10,9 @@ import os
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from .files import check_model_files, check_tokenizer_files, refuse_offset_export
+from .files import check_model_files, refuse_offset_export
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -33,34 +33,6 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def _local_only(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path)
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and give it a pad token.
-
-    Many causal-LM tokenizers (Llama among them) have no pad token; padding positions are always masked
-    here, so reusing EOS as the pad id is safe and keeps the vocabulary unchanged.
-
-    Raises:
-        FileNotFoundError: a local folder holds no tokenizer file (named; transformers would ask to install
-            sentencepiece or tiktoken instead).
-        OSError: the tokenizer cannot be loaded otherwise.
-    """
-    check_tokenizer_files(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path, local_files_only=_local_only(name_or_path), trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise OSError(
-            f"Could not load a tokenizer from {name_or_path!r}: give a local directory saved with "
-            f"save_pretrained() or a Hugging Face hub id reachable from this machine. ({err})"
-        ) from err
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"Tokenizer {name_or_path!r} has neither a pad nor an EOS token; add one of them.")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_causal_lm(

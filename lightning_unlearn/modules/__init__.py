@@ -6,7 +6,7 @@ from .eul import EUL
 from .finetune import SFT
 from .llmu import LLMU
 from .logit_arithmetic import ULD, WHP
-from .losses import DPO, GA, GD, KL, NPO, SimNPO
+from .likelihood import DPO, GA, GD, KL, NPO, SimNPO
 from .pdu import PDU
 from .rmu import RMU
 from .token_weighted import WGA, SatImp

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +22,8 @@ from ..models import memory
 from ..evaluation.passes import ContinuationFn
 from ..offset.generation import LogitsComponent, as_component, offset_components
 from ..offset.prefix import continuation_logits, supports_continuation
-from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
+from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, resolve_dtype
+from ..data.tokenizer import load_tokenizer
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
 from ..models.files import refuse_offset_export
@@ -32,53 +32,11 @@ from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
                               large_source)
 from .divergence import DivergenceGuard, require_finite_weights
-from .evaluation import EvaluationHooks
+from .eval_hooks import EvaluationHooks
+from .parts import MeanOver, PartOutput, RetainLoss, with_step_loss
 from .rng import RestoreRNG
 
-RetainLoss = Literal["none", "nll", "kl"]
-MeanOver = Literal["tokens", "sequences"]
 FROZEN_PREFIXES = ("large.", "reference.")
-
-
-@dataclass
-class PartOutput:
-    """Logits of the model being unlearned on one data part, the reference logits, and the labels.
-
-    ``token_scale`` and ``sequence_scale`` turn this micro-batch's token (sequence) mean into its share of the
-    mean over the whole optimizer step (:func:`~lightning_unlearn.losses.functional.step_scale`); ``None``
-    outside training or when the batch carries no step counts, where the micro-batch mean is the step's.
-    """
-
-    logits: Tensor
-    ref_logits: Tensor | None
-    labels: Tensor
-    token_scale: Tensor | None = None
-    sequence_scale: Tensor | None = None
-
-    def step_share(self, mean: Tensor, over: MeanOver = "tokens") -> Tensor | None:
-        """``mean`` (over this part's tokens or sequences) times its step factor; ``None`` without one."""
-        scale = self.token_scale if over == "tokens" else self.sequence_scale
-        return None if scale is None else mean * scale
-
-
-def with_step_loss(
-    losses: dict[str, Tensor], terms: list[tuple[Tensor, PartOutput, MeanOver]]
-) -> dict[str, Tensor]:
-    """Add ``step_loss = sum_i term_i * scale_i`` to ``losses`` when the parts carry step factors.
-
-    Each term is a weighted mean over the tokens or sequences of one part; its factor (see
-    :meth:`PartOutput.step_share`) makes the gradient averaged over the step's micro-batches and processes
-    that of the mean over the whole step. ``losses`` is returned unchanged outside training.
-
-    Raises:
-        ValueError: if some parts carry step factors and others do not.
-    """
-    shares = [part.step_share(value, over) for value, part, over in terms]
-    if all(share is None for share in shares):
-        return losses
-    if any(share is None for share in shares):
-        raise ValueError("Some data parts of the batch carry the counts of their optimizer step and others do not.")
-    return {**losses, "step_loss": sum(shares[1:], shares[0])}
 
 
 class UnlearnModule(EvaluationHooks):

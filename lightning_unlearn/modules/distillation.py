@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..losses.per_token import ceu_loss, undial_loss
 from .base import PartOutput, RetainLoss
-from .losses import _WithRetainChoice
+from .likelihood import _WithRetainChoice
 
 
 class UNDIAL(_WithRetainChoice):

@@ -16,15 +16,14 @@ mechanisms, both used by every method:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .base import PartOutput
+from .parts import PartOutput
 
 
 class DivergenceError(RuntimeError):

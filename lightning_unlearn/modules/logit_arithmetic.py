@@ -23,7 +23,8 @@ from ..losses.functional import nll_mean
 from ..losses.logit_arithmetic import (
     filtered_offset, soft_cross_entropy_on_labelled, uniform_kl_on_labelled, whp_generic_logits,
 )
-from ..models.loading import check_same_tokenizer, freeze, load_causal_lm, load_tokenizer
+from ..models.loading import check_same_tokenizer, freeze, load_causal_lm
+from ..data.tokenizer import load_tokenizer
 from ..numbers import finite, in_range
 from ..offset.filtered import FilteredOffset
 from .base import MeanOver, PartOutput, RetainLoss, UnlearnModule, with_step_loss

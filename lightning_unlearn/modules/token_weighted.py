@@ -16,7 +16,7 @@ from ..losses.functional import nll_mean
 from ..losses.per_token import satimp_loss, wga_loss
 from .base import PartOutput, RetainLoss
 from .divergence import ForgetNLLBound
-from .losses import _WithRetainChoice
+from .likelihood import _WithRetainChoice
 
 
 class _WeightedAscent(ForgetNLLBound, _WithRetainChoice):

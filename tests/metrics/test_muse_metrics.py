@@ -12,7 +12,7 @@ import torch
 
 from lightning_unlearn.evaluation.muse import MuseEvaluation, MuseReference
 from lightning_unlearn.metrics.functional import IGNORE_INDEX, mia_auc, min_k_score, privleak
-from lightning_unlearn.metrics.muse import cut_answer, knowmem_prompt, rouge_l_f1
+from lightning_unlearn.metrics.rouge import cut_answer, knowmem_prompt, rouge_l_f1
 
 
 def test_rouge_l_f1_on_known_strings() -> None:

@@ -19,7 +19,7 @@ from lightning_unlearn.evaluation.report import non_finite, non_finite_message
 from lightning_unlearn.evaluation.selection import select, selection_score
 from lightning_unlearn.evaluation.tofu import RetainReference, metric_sets
 from lightning_unlearn.metrics import functional as F
-from lightning_unlearn.metrics.muse import RougeLF1, cut_answer, rouge_l_f1
+from lightning_unlearn.metrics.rouge import RougeLF1, cut_answer, rouge_l_f1
 from lightning_unlearn.metrics.tofu import (
     AnswerProbability,
     ExactMemorization,

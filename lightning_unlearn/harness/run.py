@@ -1,7 +1,7 @@
 """Running lm-eval tasks on a model and reading the results: shared by the command line and by ``fit``/``test``.
 
 The evaluation itself is lm-eval's (``lm_eval.simple_evaluate``): its prompts, few-shot sampling, metrics and
-aggregation; this module only picks the tasks (:func:`~lightning_unlearn.lm_eval.registry.task_manager`), turns
+aggregation; this module only picks the tasks (:func:`~lightning_unlearn.harness.registry.task_manager`), turns
 a missing dataset into an error that says what to do, and flattens lm-eval's result dictionary into the
 ``task/metric`` names the framework logs.
 """
@@ -18,7 +18,7 @@ from lm_eval.api.model import LM
 
 from .registry import LOCAL_TASK_NAMES, task_manager
 
-__all__ = ["evaluate", "flat_metrics"]
+__all__ = ["evaluate", "flat_metrics", "missing_data_error"]
 
 
 def _quiet_lm_eval() -> None:
@@ -43,7 +43,7 @@ def evaluate(
     """lm-eval's results dictionary (``results``, ``configs``, ``n-shot``, ...; ``samples`` with ``log_samples``).
 
     Args:
-        lm: the model, e.g. :class:`~lightning_unlearn.lm_eval.model.UnlearnedLM`.
+        lm: the model, e.g. :class:`~lightning_unlearn.harness.model.UnlearnedLM`.
         tasks: task, group or tag names (glob patterns allowed).
         include_path: extra folders of task YAML, as lm-eval's ``--include_path``.
         num_fewshot: few-shot examples per prompt (``None``: each task's default).
@@ -55,7 +55,7 @@ def evaluate(
         seed: lm-eval's random, numpy, torch and few-shot seeds.
 
     When ``lm`` answered a log-likelihood request with NaN or infinity (its ``non_finite_requests``, as
-    :class:`~lightning_unlearn.lm_eval.model.UnlearnedLM` counts them), every metric of every task is NaN and
+    :class:`~lightning_unlearn.harness.model.UnlearnedLM` counts them), every metric of every task is NaN and
     ``results["non_finite_requests"]`` says how many: lm-eval ranks the choices with ``argmax``, which takes a NaN
     for the largest, so a NaN model would otherwise score accuracy 1.0 on tasks whose gold answer comes first.
 
@@ -73,13 +73,7 @@ def evaluate(
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
     except ConnectionError as err:  # datasets' offline error: OfflineModeIsEnabled, or no network
-        hub = [t for t in tasks if t not in LOCAL_TASK_NAMES]
-        raise FileNotFoundError(
-            f"The data of lm-eval task(s) {hub} is not on this machine and cannot be downloaded ({err}). Run "
-            "once with network access to fill the Hugging Face datasets cache (HF_DATASETS_CACHE), or evaluate "
-            f"tasks with local data: the package's {list(LOCAL_TASK_NAMES)}, or your own YAML with dataset_path "
-            "json and local data_files passed with --include_path."
-        ) from err
+        raise missing_data_error(tasks, err) from err
     if results is None:  # only ranks other than 0 get None from lm-eval
         raise RuntimeError("lm-eval returned no results on this process (rank != 0).")
     non_finite = int(getattr(lm, "non_finite_requests", 0))
@@ -91,6 +85,17 @@ def evaluate(
                         metrics[key] = math.nan
         results["non_finite_requests"] = non_finite
     return results
+
+
+def missing_data_error(tasks: Sequence[str], err: Exception) -> FileNotFoundError:
+    """The error for task data that is neither on this machine nor downloadable (``err``: datasets' error)."""
+    hub = [t for t in tasks if t not in LOCAL_TASK_NAMES]
+    return FileNotFoundError(
+        f"The data of lm-eval task(s) {hub} is not on this machine and cannot be downloaded ({err}). Run "
+        "once with network access to fill the Hugging Face datasets cache (HF_DATASETS_CACHE), or evaluate "
+        f"tasks with local data: the package's {list(LOCAL_TASK_NAMES)}, or your own YAML with dataset_path "
+        "json and local data_files passed with --include_path."
+    )
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:

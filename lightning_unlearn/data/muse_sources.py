@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .sources import Rows, _read_jsonl
+from .rows import Rows, read_jsonl
 
 HUB_PREFIX = "muse-bench/"
 RAW = "raw"
@@ -93,7 +93,7 @@ def read_muse(dataset: str, split: str) -> Rows:
         held = sorted(p.stem for p in folder.glob("*.jsonl"))
         raise FileNotFoundError(f"The MUSE folder {dataset} has no {config}/{name}.jsonl (its {config}/ holds "
                                 f"{', '.join(held) or 'nothing'}).")
-    return _read_jsonl(path)
+    return read_jsonl(path)
 
 
 def _read_hub_config(dataset_id: str, config: str, split: str) -> Rows:

@@ -1,4 +1,6 @@
-"""The unlearning losses, one small class each: ``--model NPO`` on the command line picks one.
+"""The methods that lower the forget answers' likelihood, one small class each: gradient ascent (GA, GD, KL) and
+preference optimisation (NPO, SimNPO, DPO); ``--model NPO`` on the command line picks one. (Their loss functions are
+:mod:`lightning_unlearn.losses`; this module only wires them to the data parts.)
 
 Each class only says how the forget term is computed and which retain term it uses; the base class
 runs the models (offset or direct) and adds the terms. A new loss is one more class like these.

@@ -5,11 +5,11 @@
 * :mod:`.registry`: task lookup, with the package's offline tasks (``tasks/``: ``tofu_general``).
 * :mod:`.run`: running tasks and flattening results to ``task/metric`` names.
 * :mod:`.hooks`: the same tasks beside the TOFU evaluation in ``fit`` (validation) and ``test``.
-* ``python -m lightning_unlearn.lm_eval EXPORT_DIR ... --tasks ...``: the command line (:mod:`.__main__`).
+* ``python -m lightning_unlearn.harness EXPORT_DIR ... --tasks ...``: the command line (:mod:`.__main__`).
 
-This package is named after the library it wraps; inside it ``import lm_eval`` is the installed library
-(absolute imports), which :mod:`.model` checks so that running a script from inside ``lightning_unlearn/`` (which
-would put this folder first on ``sys.path``) fails clearly instead of importing itself.
+Named ``harness`` (for lm-evaluation-harness), not ``lm_eval``: a package of the library's own name would
+shadow it wherever ``lightning_unlearn/`` stands first on ``sys.path``. Users meet lm-eval's names: the model is
+registered as ``unlearned`` (``lm_eval --model unlearned``) and the offline task as ``tofu_general``.
 """
 
 from __future__ import annotations

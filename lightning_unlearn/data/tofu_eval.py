@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..data.formatting import Encoded, PromptFormatter, pad_batch
-from ..data.sources import Record, load_split, require_fields
+from .formatting import Encoded, PromptFormatter, pad_batch
+from .rows import Record
+from .sources import load_split, require_fields
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import lm_eval
 import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
@@ -53,10 +52,6 @@ from ..deploy.unlearned import UnlearnedModel
 
 __all__ = ["CombinedLM", "UnlearnedLM", "max_context_length"]
 
-if os.path.dirname(os.path.abspath(lm_eval.__file__)) == os.path.dirname(os.path.abspath(__file__)):  # pragma: no cover
-    raise ImportError("`import lm_eval` found lightning_unlearn/lm_eval instead of lm-evaluation-harness: run from "
-                      "the repository root (python -m lightning_unlearn.lm_eval), not from inside lightning_unlearn/.")
-
 LLRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 
 DEFAULT_MAX_LENGTH = 2048
@@ -66,7 +61,7 @@ log = logging.getLogger(__name__)
 
 class CombinedLM(Protocol):
     """What :class:`UnlearnedLM` needs of a model: :class:`~lightning_unlearn.deploy.unlearned.UnlearnedModel`
-    has it, and so has the training module through :class:`~lightning_unlearn.lm_eval.hooks.ModuleLM`."""
+    has it, and so has the training module through :class:`~lightning_unlearn.harness.hooks.ModuleLM`."""
 
     tokenizer: PreTrainedTokenizerBase
     stop_ids: list[int]
@@ -406,7 +401,8 @@ def load_unlearned(
 
 def _hub_model(name: str, dtype: str, device: str) -> UnlearnedModel:
     """A Hugging Face hub id as a direct model (offline only when it is in the hub cache)."""
-    from ..models.loading import freeze, load_causal_lm, load_tokenizer
+    from ..models.loading import freeze, load_causal_lm
+    from ..data.tokenizer import load_tokenizer
     from ..deploy.manifest import Composition, Offset
 
     tokenizer = load_tokenizer(name)

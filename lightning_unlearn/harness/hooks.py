@@ -1,12 +1,12 @@
 """lm-eval tasks beside the TOFU evaluation in ``fit`` (every validation) and ``test``.
 
 The tasks are listed in the data config (``data.lm_eval_tasks``); the training module's evaluation hooks
-(:mod:`lightning_unlearn.modules.evaluation`) call :func:`lm_eval_metrics` when an evaluation epoch ends and log
+(:mod:`lightning_unlearn.modules.eval_hooks`) call :func:`lm_eval_metrics` when an evaluation epoch ends and log
 its ``task/metric`` values under ``val/`` or ``test/`` beside the TOFU metrics, so that they reach the history,
 the test summary, the loggers (W&B) and any ``ModelCheckpoint`` monitoring them (``val/tofu_world_facts_mc/acc``).
 
 The model evaluated is the module's own combined model, live (no export): :class:`ModuleLM` gives
-:class:`~lightning_unlearn.lm_eval.model.UnlearnedLM` the module's offset logits (``forward``) and its offset
+:class:`~lightning_unlearn.harness.model.UnlearnedLM` the module's offset logits (``forward``) and its offset
 greedy decoding with one KV cache per model (``generate``).
 
 Under DDP lm-eval runs on rank 0 only, on the whole task, and the numbers are broadcast to the other ranks,
@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..offset.generation import StopFn
 
-__all__ = ["LmEvalSettings", "ModuleLM", "lm_eval_metrics"]
+__all__ = ["LmEvalSettings", "ModuleLM", "lm_eval_metrics", "task_metrics"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class LmEvalSettings:
 
 
 class ModuleLM:
-    """The training module seen as a :class:`~lightning_unlearn.lm_eval.model.CombinedLM`: its combined logits
+    """The training module seen as a :class:`~lightning_unlearn.harness.model.CombinedLM`: its combined logits
     (``z_L + alpha (z_S - z_S0)``, or ``z_S``) and its offset greedy decoding, on the module's device."""
 
     def __init__(self, module: L.LightningModule) -> None:
@@ -94,6 +94,44 @@ def _run(module: L.LightningModule, settings: LmEvalSettings) -> dict[str, float
     finally:
         module.train(was_training)
     return flat_metrics(results)
+
+
+def task_metrics(settings: LmEvalSettings) -> frozenset[str]:
+    """The ``task/metric`` names :func:`lm_eval_metrics` will give, read from the tasks loaded with their data.
+
+    Loading a task reads (or downloads) its documents, so calling this when the trainer sets up finds a task that
+    is unknown or whose data is missing before the first training step, not after an epoch and a TOFU
+    validation. Names follow :func:`~lightning_unlearn.harness.run.flat_metrics`: ``task/acc``, or
+    ``task/metric,filter`` for a filter other than ``none``; groups with aggregate metrics included.
+
+    Raises:
+        ValueError: an unknown task (with the closest names).
+        FileNotFoundError: a task's data is neither on this machine nor downloadable (offline without a cached
+            copy), or a local task names a data file that does not exist; the message names the task.
+    """
+    from .registry import task_manager
+    from .run import _quiet_lm_eval, missing_data_error
+
+    _quiet_lm_eval()
+    manager = task_manager(list(settings.tasks), settings.include_path)
+    names: set[str] = set()
+    for task in settings.tasks:  # one at a time, so that an error names its task
+        try:
+            loaded = manager.load([task])
+        except ConnectionError as err:  # datasets' offline error: OfflineModeIsEnabled, or no network
+            raise missing_data_error([task], err) from err
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"lm-eval task {task!r} of data.lm_eval_tasks cannot load its data: {err}. Fix "
+                                    "the task's data_files (or dataset_path) or remove the task.") from err
+        for name, obj in loaded["tasks"].items():
+            filters = [f.name for f in getattr(obj, "_filters", [])] or ["none"]
+            for metric in getattr(obj, "_metric_fn_list", {}):
+                names |= {f"{name}/{metric}" if f == "none" else f"{name}/{metric},{f}" for f in filters}
+        for name, group in loaded["groups"].items():
+            for agg in getattr(group, "aggregate_metric_list", None) or []:
+                for f in getattr(agg, "filter_list", None) or ["none"]:
+                    names.add(f"{name}/{agg.metric}" if f == "none" else f"{name}/{agg.metric},{f}")
+    return frozenset(names)
 
 
 def lm_eval_metrics(module: L.LightningModule, settings: LmEvalSettings | None) -> dict[str, float]:

@@ -5,7 +5,7 @@ evaluation as ``test`` (on ``data.eval_subset`` samples if set) every ``trainer.
 epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json`` (``MUSE_HISTORY.json``),
 which is what a checkpoint callback monitoring ``val/forget_quality`` (``val/forget_verbmem_ROUGE``) and the
 per-epoch plot read. The lm-eval tasks of ``data.lm_eval_tasks`` join the summary as ``task/metric``
-(:mod:`lightning_unlearn.lm_eval.hooks`).
+(:mod:`lightning_unlearn.harness.hooks`).
 
 Every summary written (``*_SUMMARY.json``, each ``*_HISTORY.json`` entry) says whether its numbers are finite:
 ``all_finite`` and ``non_finite`` (the metrics that are NaN or infinite, with their number of non-finite samples,
@@ -16,16 +16,18 @@ that was measured.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from ..atomic import atomic_write_json
 from ..evaluation.report import (
-    atomic_write_json,
     non_finite,
     non_finite_message,
     print_table,
@@ -37,11 +39,50 @@ from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
-from ..lm_eval.hooks import LmEvalSettings, lm_eval_metrics
+from ..data.tofu_eval import EvalCollection
+from ..evaluation.monitors import MetricPlan, check_monitors, monitored_metrics
+from ..harness.hooks import LmEvalSettings, lm_eval_metrics, task_metrics
 from ..offset.generation import StopFn, decode_answers, greedy_generate
+from .export_target import check_export_dir
 from ..tracking import publish_summary
 
 Batch = dict[str, Any]
+
+
+def _validates(trainer: L.Trainer) -> bool:
+    """Whether this fit runs a validation at all. Without one, no monitored metric is ever logged and Lightning
+    itself warns at each epoch end that a monitor found nothing (only ``save_last`` checkpoints are written),
+    which runs with ``limit_val_batches 0`` rely on."""
+    if not trainer.limit_val_batches:
+        return False
+    every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    return every is None or epochs is None or epochs < 0 or every <= epochs
+
+
+def _served_sets(trainer: L.Trainer) -> tuple[list[str] | None, str]:
+    """The evaluation sets a validation reaches under ``trainer.limit_val_batches`` (None: all) and why.
+
+    The TOFU and MUSE sets are one loader, served set after set when a limit is set (the data module serves the
+    first samples then), so a limit of N batches reaches the first ``N x eval_batch_size x devices`` items (a
+    distributed sampler deals them out in turn) and the later sets get none. ``loss`` has a loader per set.
+    """
+    limit = trainer.limit_val_batches
+    datamodule = getattr(trainer, "datamodule", None)
+    if (isinstance(limit, float) and limit >= 1.0) or not hasattr(datamodule, "val_dataloader"):
+        return None, ""
+    loaders = datamodule.val_dataloader()
+    if not isinstance(loaders, list) or len(loaders) != 1 or not isinstance(loaders[0].dataset, EvalCollection):
+        return None, ""
+    collection, per_pass = loaders[0].dataset, (loaders[0].batch_size or 1) * trainer.world_size
+    batches = math.ceil(len(collection) / per_pass)
+    used = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+    items = min(len(collection), used * per_pass)
+    served = [d.name for d, start in zip(collection.datasets, collection.offsets) if start < items and len(d)]
+    if len(served) == len([d for d in collection.datasets if len(d)]):
+        return None, ""
+    return served, (f"trainer.limit_val_batches {limit} serves only the first {items} of {len(collection)} evaluation "
+                    f"items, which reach the sets {served} and no later one: raise the limit (or data.eval_batch_size) "
+                    "or lower data.eval_subset")
 
 
 class EvaluationHooks(L.LightningModule):
@@ -51,42 +92,60 @@ class EvaluationHooks(L.LightningModule):
     history: list[dict[str, Any]]
 
     def build_evaluation(self, set_names: list[str], benchmark: str = "tofu", token_budget: int | None = None) -> None:
-        """Create the metric objects once the data module has said which sets it serves.
+        """Create the metric objects once the data module has said which sets it serves, then check the run
+        (:meth:`_check_setup`).
 
         ``set_names`` are the sets of ``benchmark`` (``tofu`` or ``muse``, the data module's ``evaluation``);
         none means ``data.evaluation: loss``, scored by the forget and retain answer NLL. ``token_budget``: padded
         tokens per teacher-forced pass (the data module's ``eval_token_budget()``; ``None``:
         :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET`).
         """
-        self._check_monitors()
-        if self.evaluation is not None:
-            return
-        ref, budget = self.hparams.retain_reference, token_budget or DEFAULT_TOKEN_BUDGET
-        if set_names and benchmark == "muse":
-            self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
-                                             self.hparams.max_new_tokens, budget)
-        elif set_names:
-            self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None,
-                                             token_budget=budget)
-        else:
-            self.evaluation = LossEvaluation(["forget", "retain"], budget)
+        if self.evaluation is None:
+            ref, budget = self.hparams.retain_reference, token_budget or DEFAULT_TOKEN_BUDGET
+            if set_names and benchmark == "muse":
+                self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
+                                                 self.hparams.max_new_tokens, budget)
+            elif set_names:
+                self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None,
+                                                 token_budget=budget)
+            else:
+                self.evaluation = LossEvaluation(["forget", "retain"], budget)
+        self._check_setup()
 
-    def _check_monitors(self) -> None:
-        """Fail before training, not after the first epoch, when a callback monitors a metric needing a reference."""
-        if self._trainer is None or self.hparams.retain_reference:
+    def _check_setup(self) -> None:
+        """Refuse at setup, before any training step, what would otherwise fail only at the first validation or
+        the end of ``fit``: lm-eval tasks of ``data.lm_eval_tasks`` that are unknown or whose data cannot be loaded
+        (every stage); in ``fit`` an export folder that cannot be written or would replace a model the run reads
+        (:func:`~.export_target.check_export_dir`), and a checkpoint or early-stopping monitor naming a metric the
+        configured validation never logs (:func:`~lightning_unlearn.evaluation.monitors.check_monitors`).
+
+        Raises:
+            ValueError: an unknown lm-eval task, an export folder that is a file or holds a model the run reads, or
+                a monitor on a metric never logged (naming the cause, e.g.
+                ``model.max_new_tokens`` 0 for ROUGE and model utility, and what is logged).
+            FileNotFoundError: an lm-eval task's data is missing (offline without a cached copy).
+            PermissionError: the export folder is not writable.
+        """
+        if self._trainer is None:
             return
-        for callback in self.trainer.callbacks:
-            # a selection rule (evaluation/selection.py) reads its metrics under its own names
-            reads = [getattr(callback, name, None) or "" for name in ("monitor", "quality", "utility_ratio")]
-            monitor = next((m for m in reads if m.endswith(("forget_quality", "privleak", "model_utility_vs_retain"))),
-                           None)
-            if monitor:
-                raise ValueError(
-                    f"{type(callback).__name__} monitors {monitor!r}, which needs the retain model's evaluation: set "
-                    "model.retain_reference to its TOFU_EVAL.json or MUSE_EVAL.json (from `main.py test` on the "
-                    "retain model), or monitor another metric such as val/forget_Q_A_ROUGE or "
-                    "val/forget_verbmem_ROUGE."
-                )
+        trainer = self.trainer
+        settings = LmEvalSettings.from_datamodule(getattr(trainer, "datamodule", None))
+        lm_eval = task_metrics(settings) if settings is not None else frozenset()
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        h = self.hparams
+        check_export_dir(h.get("export_dir"), {k: h.get(k) for k in ("small_model", "large_model", "tokenizer")})
+        if trainer.fast_dev_run or not _validates(trainer):
+            return  # no monitor reads a validation metric (Lightning disables checkpointing in fast_dev_run)
+        if not any(monitored_metrics(c) for c in trainer.callbacks):
+            return
+        generates = self.hparams.max_new_tokens > 0
+        plan = self.evaluation.plan(generates)
+        served, note = _served_sets(trainer)
+        if served is not None:  # the later sets get no sample: their metrics (and those built on them) are missing
+            cut = self.evaluation.plan(generates, served)
+            plan = MetricPlan(cut.logged, {**cut.missing, **{k: note for k in plan.logged - cut.logged}})
+        check_monitors(trainer.callbacks, plan | MetricPlan(lm_eval))
 
     def stop_ids(self) -> list[int]:
         """Where generated answers end: EOS, the models' ``generation_config`` stops and the template's end of turn."""

@@ -1,6 +1,6 @@
 """Sweep the offset strength alpha at test time: forget quality against model utility, no retraining.
 
-``python -m lightning_unlearn.evaluation.sweep --config CONFIG --ckpt_path CKPT --alphas 0 0.5 1 1.5 2``
+``python -m lightning_unlearn.sweep --config CONFIG --ckpt_path CKPT --alphas 0 0.5 1 1.5 2``
 runs ``main.py test`` once per alpha (any further ``--key value`` arguments are passed to each run), then
 writes ``ALPHA_SWEEP.json``, ``alpha_sweep.png`` and prints a table. alpha = 0 is the large model alone.
 The alpha the checkpoint rule of ``evaluation/selection.py`` picks (the best forget quality among the alphas
@@ -15,11 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import main as cli_main
-from ..numbers import finite, finite_float
-from .selection import select
-from .report import atomic_write_json, plot_tradeoff, print_table, summary_table
-from .tofu import HEADLINE
+from .atomic import atomic_write_json
+from .cli import main as cli_main
+from .evaluation.report import plot_tradeoff, print_table, summary_table
+from .evaluation.selection import select
+from .evaluation.tofu import HEADLINE
+from .numbers import finite, finite_float
 
 
 def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str | None = None,

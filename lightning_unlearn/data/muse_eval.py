@@ -1,6 +1,6 @@
 """MUSE's evaluation sets and their batches (the data behind :mod:`lightning_unlearn.evaluation.muse`).
 
-Five sets, read from a MUSE dataset (:mod:`lightning_unlearn.data.muse`):
+Five sets, read from a MUSE dataset (:mod:`lightning_unlearn.data.muse_sources`):
 
 ====================  ========================  ==============================================================
 set                   split                     scored by
@@ -28,12 +28,13 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..data.formatting import IGNORE_INDEX, Encoded, pad_batch
-from ..data.muse import BUILD_HINT, FIELDS, retain_qa_split
-from ..data.sources import Record, load_split
-from ..data.text import encode_document
-from ..metrics.muse import knowmem_prompt
-from .data import left_pad
+from .formatting import IGNORE_INDEX, Encoded, pad_batch
+from .muse_sources import BUILD_HINT, FIELDS, retain_qa_split
+from .rows import Record
+from .sources import load_split
+from .text import encode_document
+from ..metrics.rouge import knowmem_prompt
+from .tofu_eval import left_pad
 
 Kind = Literal["verbmem", "knowmem", "privleak"]
 
@@ -133,7 +134,7 @@ class MuseEvalDataset(Dataset):
 
 
 def collate_muse(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Group a batch of :class:`~.data.EvalCollection` items by set: ``{"parts": [batch per set]}``, each with
+    """Group a batch of :class:`~.tofu_eval.EvalCollection` items by set: ``{"parts": [batch per set]}``, each with
     ``index`` [B], ``references``, ``inputs``, left-padded ``prompt`` and right-padded ``sequence`` when present."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for item in items:
