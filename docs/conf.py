@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pkgutil
+import re
 import sys
 from pathlib import Path
+
+from sphinx.util import logging as sphinx_logging
+
+_logger = sphinx_logging.getLogger(__name__)
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
@@ -81,3 +87,50 @@ def _write_module_list() -> None:
 
 
 _write_module_list()
+
+# Docstrings name sibling modules relatively (:mod:`.sources`). Sphinx resolves such a name by searching every
+# module whose name ends with it, so a name that exists in two subpackages (data.sources, offset.sources) is
+# ambiguous and fails the build. Each relative target whose first part is a module beside the documented object
+# is made absolute here, as Python would resolve it.
+_RELATIVE_ROLE = re.compile(r":(mod|class|func|meth|data|attr|exc|obj):`(~?)\.([A-Za-z_][\w.]*)`")
+
+
+def _package_of(what: str, name: str, obj: object) -> str | None:
+    module = name if what == "module" else getattr(obj, "__module__", None) or name.rsplit(".", 1)[0]
+    if what == "module" and hasattr(obj, "__path__"):
+        return module  # a package's own docstring: its siblings are its submodules
+    return module.rpartition(".")[0] or None
+
+
+def _absolute_refs(app, what, name, obj, options, lines) -> None:
+    package = _package_of(what, name, obj)
+    if not package:
+        return
+
+    def absolute(match: re.Match) -> str:
+        role, tilde, target = match.groups()
+        first = target.split(".", 1)[0]
+        try:
+            found = importlib.util.find_spec(f"{package}.{first}") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return match.group(0)
+        return f":{role}:`{tilde or '~'}{package}.{target}`"
+
+    lines[:] = [_RELATIVE_ROLE.sub(absolute, line) for line in lines]
+
+
+def _unresolved_package_ref(app, env, node, contnode) -> None:
+    """A cross-reference from a written page (guides, methods...) to this package that finds nothing (a renamed
+    module, a misspelt class) fails the build. The API pages are left lenient: docstrings may name private bases,
+    type variables and undocumented helpers, and references to other libraries may stay unresolved everywhere."""
+    target = node.get("reftarget", "")
+    written_page = not str(node.get("refdoc", "")).startswith("api/")
+    if node.get("refdomain") == "py" and written_page and target.lstrip("~.").startswith("lightning_unlearn"):
+        _logger.warning("reference to %s finds nothing in the package (renamed or moved?)", target, location=node)
+
+
+def setup(app) -> None:
+    app.connect("autodoc-process-docstring", _absolute_refs)
+    app.connect("missing-reference", _unresolved_package_ref)
