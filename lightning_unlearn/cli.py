@@ -17,12 +17,13 @@ from .lazy_imports import collector_paused
 
 with collector_paused():  # torch, transformers and Lightning: see collector_paused
     import torch
-    from jsonargparse import Namespace
+    from jsonargparse import DefaultHelpFormatter, Namespace
     from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
     from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
     from .data import UnlearnDataModule
     from .modules import UnlearnModule
+    from .modules.registry import UnknownMethod, all_methods, resolve
     from .tracking import SaveConfigToLoggers, finish_runs
 
 
@@ -139,6 +140,7 @@ class UnlearnCLI(LightningCLI):
         self._print_config_flags: tuple[str, bool] | None = None
         if isinstance(args, list):
             args, self._print_config_flags = _take_print_config(args)
+            args = canonical_method_names(args)
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
             self._given = parser.parse_object(args, defaults=False)
@@ -195,6 +197,57 @@ class UnlearnCLI(LightningCLI):
         with warnings.catch_warnings():
             quiet_known_notices(fitting=subcommand == "fit")
             super()._run_subcommand(subcommand)
+
+
+class RawDescriptionFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, with the description's lines kept (the list of methods, one a line)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+MODEL_FLAGS = ("--model", "--model.class_path")
+"""The flags whose value names a method."""
+
+
+def canonical_method_names(args: list[str]) -> list[str]:
+    """``args`` with each method name after ``--model`` replaced by its class name (``npo``, ``GradAscent`` become
+    ``NPO``, ``GA``), so that jsonargparse, which resolves class names exactly, finds the class and ``--print_config``
+    and the saved config show the canonical name. Dotted class paths and YAML or JSON values are left as they are.
+
+    Raises:
+        SystemExit: a name no method answers to; the message (a few lines, on standard error) names the closest.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, equals, value = arg.partition("=")
+        if flag not in MODEL_FLAGS:
+            continue
+        if not equals:
+            if i + 1 >= len(out):
+                continue
+            value = out[i + 1]
+        if not value or any(c in value for c in "./{}:[] \n") or value.lower() in ("null", "none"):
+            continue
+        try:
+            name = resolve(value).name
+        except UnknownMethod as err:
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(2) from None
+        if equals:
+            out[i] = f"{flag}={name}"
+        else:
+            out[i + 1] = name
+    return out
+
+
+def methods_help() -> str:
+    """One line per method for ``--help``: its names and modes."""
+    lines = []
+    for method in all_methods():
+        modes = "/".join(method.modes) if method.unlearns else "fine-tuning, evaluation"
+        lines.append(f"  {method.label()}: {modes}")
+    return "\n".join(lines)
 
 
 def _package_error(err: BaseException) -> BaseException | None:
@@ -344,8 +397,10 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
         seed_everything_default=0,
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box "
-                                      "baselines. Losses: --model GA|GD|KL|NPO|DPO|SimNPO|LLMU|EUL|SFT."},
+        parser_kwargs={"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box baselines.\n"
+                                      "Methods (--model NAME; names and aliases match in any case):\n"
+                                      + methods_help(),
+                       "formatter_class": RawDescriptionFormatter},
         auto_configure_optimizers=False,
         args=args,
         run=run,

@@ -37,6 +37,8 @@ from .rng import RestoreRNG
 
 RetainLoss = Literal["none", "nll", "kl"]
 MeanOver = Literal["tokens", "sequences"]
+Mode = Literal["offset", "direct"]
+"""How a method trains: an offset on a large model (``z_L + alpha (z_S - z_S0)``), or the model itself."""
 FROZEN_PREFIXES = ("large.", "reference.")
 
 
@@ -140,6 +142,11 @@ class UnlearnModule(EvaluationHooks):
 
     needs_reference: ClassVar[bool] = False
     extra_parts: ClassVar[tuple[str, ...]] = ()
+    # What the method registry (:mod:`.registry`) reads: the other names ``--model`` takes for the class (besides its
+    # own, matched without regard to case), the modes it runs in, and whether it unlearns (SFT fine-tunes).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    modes: ClassVar[tuple[Mode, ...]] = ("offset", "direct")
+    unlearns: ClassVar[bool] = True
     retain_loss: RetainLoss = "none"
     forget_mean: ClassVar[MeanOver] = "tokens"  # what the forget loss averages over (NPO & co: sequences)
 

@@ -83,6 +83,8 @@ class EUL(ForgetNLLBound, UnlearnModule):
         large_model: must stay ``null``: EUL unlearns one model directly.
     """
 
+    modes = ("direct",)  # its unlearning layers sit inside the one model it unlearns
+
     def __init__(
         self,
         alpha: float = 0.8,
