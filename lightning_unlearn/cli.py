@@ -390,6 +390,9 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
         args = sys.argv[1:]
     if isinstance(args, list):
         args = _commented_print_config(args)
+    help_kwargs = {"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box baselines.\n"
+                                  "Methods (--model NAME; names and aliases match in any case):\n" + methods_help(),
+                   "formatter_class": RawDescriptionFormatter}
     cli = UnlearnCLI(
         UnlearnModule,
         UnlearnDataModule,
@@ -397,10 +400,7 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
         seed_everything_default=0,
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box baselines.\n"
-                                      "Methods (--model NAME; names and aliases match in any case):\n"
-                                      + methods_help(),
-                       "formatter_class": RawDescriptionFormatter},
+        parser_kwargs={**help_kwargs, **{name: help_kwargs for name in LightningCLI.subcommands()}},
         auto_configure_optimizers=False,
         args=args,
         run=run,

@@ -30,7 +30,7 @@ from ..offset.vllm_client import ServerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_unlearn.deploy.generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lightning-unlearn generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="+", help="export directories (model.export_dir) or composition.json files")
     parser.add_argument("--prompt", action="append", default=None,

@@ -21,7 +21,7 @@ DEFAULT_TASKS = "tofu_general"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_unlearn.lm_eval",
+        prog="lightning-unlearn lm-eval",
         description="Evaluate an unlearned model (offset, composed, LoRA or direct) with lm-evaluation-harness.",
     )
     parser.add_argument("exports", nargs="+", metavar="EXPORT_DIR",

@@ -371,7 +371,7 @@ def fuse(sets: Sequence[AdapterSet], ridge: float = 1e-6) -> AdapterSet:
 
 def main(argv: list[str] | None = None) -> None:
     """EUL adapter sets: ``fuse OUT_DIR REQ_DIR1 REQ_DIR2 ...`` merges the sets of several requests."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_unlearn.models.adapters", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="lightning-unlearn", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fuse_cmd = commands.add_parser("fuse", help="fuse the adapter sets of several deletion requests in closed form")
     fuse_cmd.add_argument("out_dir", help="directory to write the fused unlearning_layers.safetensors to")

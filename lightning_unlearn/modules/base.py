@@ -26,7 +26,7 @@ from ..offset.prefix import continuation_logits, supports_continuation
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_dtype
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
-from ..models.files import refuse_offset_export
+from ..models.files import portable_models, refuse_offset_export
 from ..numbers import finite
 from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
@@ -607,7 +607,8 @@ class UnlearnModule(EvaluationHooks):
         self.model.save_pretrained(staging)  # with LoRA, peft saves the adapter and names its base model
         self.tokenizer.save_pretrained(staging)
         if self.offset_mode:
-            (staging / "offset.json").write_text(json.dumps(self.offset_manifest(), indent=2), encoding="utf-8")
+            manifest = portable_models(self.offset_manifest(), target)  # paths that survive moving the runs folder
+            (staging / "offset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
