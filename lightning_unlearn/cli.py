@@ -22,8 +22,9 @@ with collector_paused():  # torch, transformers and Lightning: see collector_pau
 
     from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
     from .data import UnlearnDataModule
+    from .data.datasets import QA_ONLY_PARTS, QuestionsNeeded
     from .modules import UnlearnModule
-    from .modules.registry import UnknownMethod, all_methods, resolve
+    from .modules.registry import UnknownMethod, all_methods, methods_without_parts, resolve
     from .tracking import SaveConfigToLoggers, finish_runs
 
 
@@ -196,7 +197,12 @@ class UnlearnCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         with warnings.catch_warnings():
             quiet_known_notices(fitting=subcommand == "fit")
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except QuestionsNeeded as err:  # the data layer does not know the methods: name those that fit
+                text = ", ".join(m.name for m in methods_without_parts(QA_ONLY_PARTS))
+                raise QuestionsNeeded(f"{err} Methods that run on text: {text}.").with_traceback(
+                    err.__traceback__) from None
 
 
 class RawDescriptionFormatter(DefaultHelpFormatter):

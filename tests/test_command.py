@@ -132,3 +132,11 @@ def test_export_a_checkpoint_then_generate_from_it_after_moving_the_runs(tiny_wo
     capsys.readouterr()
     answers = command(["generate", "moved/export", "--prompt", "Who is Basil?", "--max-new-tokens", "4"])
     assert len(answers) == 1 and capsys.readouterr().out.strip() == answers[0].strip()
+
+
+def test_the_methods_that_run_on_text_come_from_the_registry() -> None:
+    """The data layer's refusal of a question-needing method on text: the command line names the methods that fit."""
+    from lightning_unlearn.data.datasets import QA_ONLY_PARTS
+
+    on_text = [m.name for m in registry.methods_without_parts(QA_ONLY_PARTS)]
+    assert {"GA", "GD", "KL", "NPO", "SimNPO", "EUL"} <= set(on_text) and not {"DPO", "LLMU", "SFT"} & set(on_text)

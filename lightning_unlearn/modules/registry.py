@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
 from .base import Mode, UnlearnModule
 
-__all__ = ["Method", "UnknownMethod", "all_methods", "method_names", "resolve", "unknown_method", "unlearning_methods"]
+__all__ = ["Method", "UnknownMethod", "all_methods", "method_names", "methods_without_parts", "resolve", "unknown_method", "unlearning_methods"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ def all_methods() -> tuple[Method, ...]:
 def unlearning_methods(mode: Mode | None = None) -> list[Method]:
     """The methods that unlearn (all but SFT), those that run in ``mode`` if given."""
     return [m for m in all_methods() if m.unlearns and (mode is None or mode in m.modes)]
+
+
+def methods_without_parts(parts: Iterable[str]) -> list[Method]:
+    """The unlearning methods whose training items carry none of ``parts`` (e.g. the parts that need questions:
+    these methods run on raw text)."""
+    return [m for m in unlearning_methods() if not set(m.cls.extra_parts) & set(parts)]
 
 
 def method_names(unlearning_only: bool = True) -> list[str]:
