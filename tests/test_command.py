@@ -140,3 +140,14 @@ def test_the_methods_that_run_on_text_come_from_the_registry() -> None:
 
     on_text = [m.name for m in registry.methods_without_parts(QA_ONLY_PARTS)]
     assert {"GA", "GD", "KL", "NPO", "SimNPO", "EUL"} <= set(on_text) and not {"DPO", "LLMU", "SFT"} & set(on_text)
+
+
+def test_compare_takes_aliases_and_each_method_its_own_modes() -> None:
+    from lightning_unlearn.compare.spec import CONFIGS, CompareSpec
+
+    spec = CompareSpec.load(CONFIGS / "tiny.yaml")
+    spec.select(["npo", "GradAscent", "rmu"])
+    assert list(spec.methods) == ["NPO", "GA", "RMU"]
+    assert [c.name for c in spec.cells() if c.method == "RMU"] == ["RMU-direct"], "RMU runs in direct mode only"
+    with pytest.raises(ValueError, match="Did you mean NPO"):
+        spec.select(["NP0"])

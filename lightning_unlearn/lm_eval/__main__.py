@@ -1,4 +1,4 @@
-"""``python -m lightning_unlearn.lm_eval EXPORT_DIR [EXPORT_DIR ...] --tasks T1,T2 --output_path OUT``.
+"""``lightning-unlearn lm-eval EXPORT_DIR [EXPORT_DIR ...] --tasks T1,T2 --output_path OUT``.
 
 Evaluates an unlearned model with lm-evaluation-harness: an offset export (several are composed), a LoRA export,
 a ``composition.json``, or any Hugging Face causal LM directory or id (a direct model). Flags are named as
