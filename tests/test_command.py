@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -151,3 +152,21 @@ def test_compare_takes_aliases_and_each_method_its_own_modes() -> None:
     assert [c.name for c in spec.cells() if c.method == "RMU"] == ["RMU-direct"], "RMU runs in direct mode only"
     with pytest.raises(ValueError, match="Did you mean NPO"):
         spec.select(["NP0"])
+
+
+@pytest.mark.parametrize("extra,offset", [(["--model.large_model", "null"], False),
+                                          (["--model.lora_rank", "2"], True)], ids=["direct", "lora"])
+def test_export_writes_what_fit_export_dir_writes(extra: list[str], offset: bool, tiny_world: dict,
+                                                  tmp_cwd: Path) -> None:
+    common = ["--config", FAST, "--model", "NPO", "--model.small_model", tiny_world["small"],
+              "--model.large_model", tiny_world["large"], *extra]
+    trained = command(["fit", *common, "--model.export_dir", "by_fit"])
+    trained.trainer.save_checkpoint(tmp_cwd / "run.ckpt")
+    target = command(["export", "run.ckpt", "by_export"])
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in (tmp_cwd / "by_fit").iterdir())
+    assert (target / "offset.json").is_file() == offset
+    weights = [p.name for p in target.glob("*.safetensors")]
+    assert weights and all(filecmp.cmp(target / w, tmp_cwd / "by_fit" / w, shallow=False) for w in weights)
+    if offset:
+        assert json.loads((target / "offset.json").read_text()) == json.loads(
+            (tmp_cwd / "by_fit" / "offset.json").read_text())
