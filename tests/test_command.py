@@ -170,3 +170,12 @@ def test_export_writes_what_fit_export_dir_writes(extra: list[str], offset: bool
     if offset:
         assert json.loads((target / "offset.json").read_text()) == json.loads(
             (tmp_cwd / "by_fit" / "offset.json").read_text())
+
+
+def test_no_library_module_imports_the_command() -> None:
+    """The command sits above everything: it imports the library, never the other way round."""
+    package = ROOT / "lightning_unlearn"
+    importers = [str(p.relative_to(package)) for p in package.rglob("*.py") if "commands" not in p.parts
+                 and any(s in p.read_text(encoding="utf-8") for s in ("from .commands", "from ..commands",
+                                                                      "lightning_unlearn.commands"))]
+    assert importers == []

@@ -25,12 +25,12 @@ from typing import TextIO
 
 from ..data.formatting import DEFAULT_TEMPLATE
 from ..numbers import finite_float
-from .unlearned import UnlearnedModel
+from ..deploy.unlearned import UnlearnedModel
 from ..offset.vllm_client import ServerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-unlearn generate", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="+", help="export directories (model.export_dir) or composition.json files")
     parser.add_argument("--prompt", action="append", default=None,
