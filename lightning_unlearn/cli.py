@@ -1,4 +1,5 @@
-"""The command line: ``lightning-unlearn fit --model NPO ...`` (also ``python main.py``)."""
+"""The LightningCLI behind ``lightning-unlearn fit|validate|test`` (``--model NPO ...``); the one command that
+dispatches every subcommand is :mod:`lightning_unlearn.commands`."""
 
 from __future__ import annotations
 
