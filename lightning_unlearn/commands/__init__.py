@@ -1,9 +1,10 @@
 """The one command: ``lightning-unlearn SUBCOMMAND ...`` (also ``python main.py SUBCOMMAND ...``).
 
 ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's (:mod:`lightning_unlearn.cli`); the others are small
-tools on exports and plans, each the ``main(argv)`` of the module that owns the work. This package sits above every
+tools on exports, plans and worlds, each a ``main(argv)``: here (``export``, ``generate``, ``memory``, ``fuse``,
+``methods``) or in the module that owns the work (``lm-eval``, ``compare``, ``demo``...). This package sits above every
 other: it imports each subcommand's module only when that subcommand runs (``--help`` imports none of them), and no
-library module imports it.
+library module imports it (``tests/test_command.py`` checks).
 """
 
 from __future__ import annotations
