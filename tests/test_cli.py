@@ -11,11 +11,14 @@ import yaml
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data import UnlearnDataModule
-from lightning_unlearn.modules import UnlearnModule
+from lightning_unlearn.modules import UnlearnModule, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = str(ROOT / "configs" / "tests" / "fast.yaml")
-LOSSES = ["GA", "GD", "KL", "NPO", "DPO", "SimNPO", "UNDIAL", "WGA", "SatImp", "CEU", "PDU"]
+SPECIAL = {"LLMU", "EUL", "RMU", "ULD", "WHP"}
+"""Methods fitted by tests of their own (one mode only, extra models or data): test_llmu.py, test_eul.py,
+test_arith_methods.py. Every other method of the registry is fitted here in both modes."""
+LOSSES = [m.name for m in registry.unlearning_methods() if m.name not in SPECIAL]
 
 
 def model_args(world: dict, offset: bool) -> list[str]:

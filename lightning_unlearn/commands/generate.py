@@ -1,14 +1,14 @@
-"""Answer questions with an unlearned model: ``python -m lightning_unlearn.deploy.generate EXPORT [EXPORT ...]``.
+"""Answer questions with an unlearned model: ``lightning-unlearn generate EXPORT [EXPORT ...]``.
 
-Each EXPORT is a directory written by ``fit`` with ``model.export_dir`` set (or a ``composition.json``);
-several offset exports trained against the same large model and reference are composed,
+Each EXPORT is a directory written by ``fit`` with ``model.export_dir`` set or by ``lightning-unlearn export``
+(or a ``composition.json``); several offset exports trained against the same large model and reference are composed,
 ``z_L + sum_i alpha_i (z_S_i - z_S0)``. Questions come from ``--prompt`` (repeatable) or, without it,
 one per line on standard input. Answers are greedy, one per question, in order: plain text, one per
 line (newlines inside an answer are kept), or JSON lines with ``--jsonl``. An answer ends at the first
 stop token, as in training and evaluation: ``eos_token``, any ``eos_token_id`` of the models'
 ``generation_config.json``, or the chat template's end-of-turn token (``<|eot_id|>``, ``<end_of_turn>``...).
 
-    python -m lightning_unlearn.deploy.generate runs/npo_request1 runs/npo_request2 \\
+    lightning-unlearn generate runs/npo_request1 runs/npo_request2 \\
         --prompt "Where was Basil Mahfouz Al-Kuwaiti born?" --max-new-tokens 64
 
 This is a small argparse tool rather than a LightningCLI ``predict`` subcommand: answering prompts needs
@@ -25,12 +25,12 @@ from typing import TextIO
 
 from ..data.formatting import DEFAULT_TEMPLATE
 from ..numbers import finite_float
-from .unlearned import UnlearnedModel
+from ..deploy.unlearned import UnlearnedModel
 from ..offset.vllm_client import ServerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_unlearn.deploy.generate", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="+", help="export directories (model.export_dir) or composition.json files")
     parser.add_argument("--prompt", action="append", default=None,
