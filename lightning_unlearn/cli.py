@@ -1,4 +1,5 @@
-"""The command line: ``lightning-unlearn fit --model NPO ...`` (also ``python main.py``)."""
+"""The LightningCLI behind ``lightning-unlearn fit|validate|test`` (``--model NPO ...``); the one command that
+dispatches every subcommand is :mod:`lightning_unlearn.commands`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from .lazy_imports import collector_paused
 
 with collector_paused():  # torch, transformers and Lightning: see collector_paused
     import torch
-    from jsonargparse import Namespace
+    from jsonargparse import DefaultHelpFormatter, Namespace
     from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
     from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
     from .data import UnlearnDataModule
+    from .data.datasets import QA_ONLY_PARTS, QuestionsNeeded
     from .modules import UnlearnModule
+    from .modules.registry import UnknownMethod, all_methods, methods_without_parts, resolve
     from .tracking import SaveConfigToLoggers, finish_runs
 
 
@@ -139,6 +142,7 @@ class UnlearnCLI(LightningCLI):
         self._print_config_flags: tuple[str, bool] | None = None
         if isinstance(args, list):
             args, self._print_config_flags = _take_print_config(args)
+            args = canonical_method_names(args)
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
             self._given = parser.parse_object(args, defaults=False)
@@ -194,7 +198,63 @@ class UnlearnCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         with warnings.catch_warnings():
             quiet_known_notices(fitting=subcommand == "fit")
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except QuestionsNeeded as err:  # the data layer does not know the methods: name those that fit
+                text = ", ".join(m.name for m in methods_without_parts(QA_ONLY_PARTS))
+                raise QuestionsNeeded(f"{err} Methods that run on text: {text}.").with_traceback(
+                    err.__traceback__) from None
+
+
+class RawDescriptionFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, with the description's lines kept (the list of methods, one a line)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+MODEL_FLAGS = ("--model", "--model.class_path")
+"""The flags whose value names a method."""
+
+
+def canonical_method_names(args: list[str]) -> list[str]:
+    """``args`` with each method name after ``--model`` replaced by its class name (``npo``, ``GradAscent`` become
+    ``NPO``, ``GA``), so that jsonargparse, which resolves class names exactly, finds the class and ``--print_config``
+    and the saved config show the canonical name. Dotted class paths and YAML or JSON values are left as they are.
+
+    Raises:
+        SystemExit: a name no method answers to; the message (a few lines, on standard error) names the closest.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, equals, value = arg.partition("=")
+        if flag not in MODEL_FLAGS:
+            continue
+        if not equals:
+            if i + 1 >= len(out):
+                continue
+            value = out[i + 1]
+        if not value or any(c in value for c in "./{}:[] \n") or value.lower() in ("null", "none"):
+            continue
+        try:
+            name = resolve(value).name
+        except UnknownMethod as err:
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(2) from None
+        if equals:
+            out[i] = f"{flag}={name}"
+        else:
+            out[i + 1] = name
+    return out
+
+
+def methods_help() -> str:
+    """One line per method for ``--help``: its names and modes."""
+    lines = []
+    for method in all_methods():
+        modes = "/".join(method.modes) if method.unlearns else "fine-tuning, evaluation"
+        lines.append(f"  {method.label()}: {modes}")
+    return "\n".join(lines)
 
 
 def _package_error(err: BaseException) -> BaseException | None:
@@ -337,6 +397,9 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
         args = sys.argv[1:]
     if isinstance(args, list):
         args = _commented_print_config(args)
+    help_kwargs = {"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box baselines.\n"
+                                  "Methods (--model NAME; names and aliases match in any case):\n" + methods_help(),
+                   "formatter_class": RawDescriptionFormatter}
     cli = UnlearnCLI(
         UnlearnModule,
         UnlearnDataModule,
@@ -344,8 +407,7 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
         seed_everything_default=0,
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box "
-                                      "baselines. Losses: --model GA|GD|KL|NPO|DPO|SimNPO|LLMU|EUL|SFT."},
+        parser_kwargs={**help_kwargs, **{name: help_kwargs for name in LightningCLI.subcommands()}},
         auto_configure_optimizers=False,
         args=args,
         run=run,

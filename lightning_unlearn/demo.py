@@ -46,6 +46,7 @@ from .atomic import atomic_write_json
 from .evaluation.report import print_table, summary_table
 from .sweep import main as sweep_main
 from .models.tiny import make_tiny_pair
+from .modules.registry import UnknownMethod, resolve, unlearning_methods
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 TABLE_KEYS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "retain_Q_A_ROUGE",
@@ -301,10 +302,24 @@ def report(root: Path, retain_rows: int) -> dict[str, dict]:
     return columns
 
 
+def demo_method(name: str) -> str:
+    """An ``argparse`` type: the canonical name of a method the demo runs (offset mode, or EUL)."""
+    try:
+        method = resolve(name)
+    except UnknownMethod as err:
+        raise argparse.ArgumentTypeError(str(err).replace("--model ", "", 1)) from None
+    if "offset" not in method.modes and method.name != "EUL" or not method.unlearns:
+        raise argparse.ArgumentTypeError(f"the demo unlearns in offset mode (or with EUL); {method.name} runs in "
+                                         f"{'/'.join(method.modes)} mode only.")
+    return method.name
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="folder for models, logs and results")
-    parser.add_argument("--method", default="NPO", help="unlearning loss: GA, GD, KL, NPO, DPO, SimNPO (offset); "
+    offset_methods = ", ".join(m.name for m in unlearning_methods("offset"))
+    parser.add_argument("--method", default="NPO", type=demo_method,
+                        help=f"unlearning method, any case or alias: offset unlearning with {offset_methods}; "
                         "EUL: unlearning layers in the large model (configs/demo/eul.yaml)")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
     parser.add_argument("--large", type=int, nargs=2, default=(128, 4), metavar=("HIDDEN", "LAYERS"))

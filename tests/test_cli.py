@@ -11,11 +11,15 @@ import yaml
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data import UnlearnDataModule
-from lightning_unlearn.modules import UnlearnModule
+from lightning_unlearn.modules import UnlearnModule, registry
+from paper_configs import config_args, is_offset, paper_stacks
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = str(ROOT / "configs" / "tests" / "fast.yaml")
-LOSSES = ["GA", "GD", "KL", "NPO", "DPO", "SimNPO", "UNDIAL", "WGA", "SatImp", "CEU", "PDU"]
+SPECIAL = {"LLMU", "EUL", "RMU", "ULD", "WHP"}
+"""Methods fitted by tests of their own (one mode only, extra models or data): test_llmu.py, test_eul.py,
+test_arith_methods.py. Every other method of the registry is fitted here in both modes."""
+LOSSES = [m.name for m in registry.unlearning_methods() if m.name not in SPECIAL]
 
 
 def model_args(world: dict, offset: bool) -> list[str]:
@@ -57,9 +61,16 @@ def test_unknown_loss_is_refused(capsys: pytest.CaptureFixture) -> None:
     assert "Nope" in capsys.readouterr().err
 
 
+STACKED = ("tofu", "muse", "method")
+"""Folders of configs that run only stacked (base, mode, method): tested as the stacks in ``PAPER_STACKS``."""
+
 MAIN_CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")
-                      if "methods" not in (yaml.safe_load(p.read_text()) or {}))
-"""Every ``main.py`` config; compare configs (a top-level ``methods``) are tested in ``test_compare.py``."""
+                      if "methods" not in (yaml.safe_load(p.read_text()) or {})
+                      and p.relative_to(ROOT / "configs").parts[0] not in STACKED)
+"""Every other ``main.py`` config; compare configs (a top-level ``methods``) are tested in ``test_compare.py``."""
+
+PAPER_STACKS = paper_stacks()
+"""The paper configs: a benchmark base, a mode and a method, as their headers run them (``paper_configs.py``)."""
 
 
 OVERLAYS = {Path("configs/demo/unlearn_npo.yaml"): Path("configs/demo/unlearn.yaml")}
@@ -79,6 +90,16 @@ def test_every_config_parses_and_instantiates(config: Path, tiny_world: dict, tm
     assert isinstance(cli.datamodule, UnlearnDataModule)
 
 
+@pytest.mark.parametrize("name", sorted(PAPER_STACKS))
+def test_every_paper_stack_parses_and_instantiates(name: str, tmp_cwd: Path) -> None:
+    """Each stack of a benchmark base, a mode and a method builds its trainer, model and data objects (no weights
+    are loaded)."""
+    cli = main(config_args(PAPER_STACKS[name]), run=False)
+    assert isinstance(cli.model, UnlearnModule) and cli.model.model is None
+    assert (cli.model.hparams.large_model is not None) == is_offset(name)
+    assert isinstance(cli.datamodule, UnlearnDataModule)
+
+
 LOGIT_METHODS = {"UNDIAL": "undial", "WGA": "wga", "SatImp": "satimp", "CEU": "ceu", "PDU": "pdu"}
 
 
@@ -86,9 +107,9 @@ LOGIT_METHODS = {"UNDIAL": "undial", "WGA": "wga", "SatImp": "satimp", "CEU": "c
 @pytest.mark.parametrize("name", sorted(LOGIT_METHODS))
 def test_logit_method_configs_train_a_step(name: str, mode: str, tiny_world: dict, tmp_cwd: Path) -> None:
     """The TOFU config of each logit method (issue 14), on the tiny models in place of Llama-2, one step."""
-    config = ROOT / "configs" / "tofu" / mode / f"{LOGIT_METHODS[name]}.yaml"
+    stack = PAPER_STACKS[f"tofu/{mode}/{LOGIT_METHODS[name]}"]
     large = ["--model.large_model", tiny_world["large"]] if mode == "offset" else []
-    cli = main(["fit", "--config", str(config), "--model.small_model", tiny_world["small"], *large,
+    cli = main(["fit", *config_args(stack), "--model.small_model", tiny_world["small"], *large,
                 "--model.large_dtype", "float32", "--model.small_dtype", "float32", "--trainer.fast_dev_run", "1",
                 "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--data.batch_size", "2",
                 "--data.max_length", "256", "--data.evaluation", "loss", "--data.eval_subset", "2",

@@ -21,7 +21,7 @@ from lightning_unlearn.models.adapters import (
     default_bottleneck, extract_adapter_set, fuse, fuse_linear, get_adapters, insert_adapters, load_adapter_set,
     recording_grams, remove_adapters, save_adapter_set,
 )
-from lightning_unlearn.models.adapters import main as adapters_main
+from lightning_unlearn.commands import main as command
 from lightning_unlearn.models.loading import load_causal_lm
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import EUL, PartOutput
@@ -186,11 +186,11 @@ def test_fuse_command_writes_a_loadable_set(tmp_path: Path, capsys: pytest.Captu
     x = {"0.down": torch.randn(8, 4, dtype=torch.float64), "0.up": torch.randn(8, 2, dtype=torch.float64)}
     for i in range(2):
         save_adapter_set(random_set(config, x, i), tmp_path / f"r{i}")
-    adapters_main(["fuse", str(tmp_path / "out"), str(tmp_path / "r0"), str(tmp_path / "r1")])
+    command(["fuse", str(tmp_path / "out"), str(tmp_path / "r0"), str(tmp_path / "r1")])
     assert "fused 2 adapter sets (16 tokens)" in capsys.readouterr().out
     assert load_adapter_set(tmp_path / "out").tokens == 16
     with pytest.raises(SystemExit):
-        adapters_main(["fuse", "--help"])
+        command(["fuse", "--help"])
 
 
 # --- the module ---------------------------------------------------------------------------------------------

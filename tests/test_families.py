@@ -18,7 +18,7 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import IGNORE_INDEX, PromptFormatter, pad_batch, stop_token_ids
 from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.data.tofu_eval import left_pad
-from lightning_unlearn.deploy.generate import main as generate_main
+from lightning_unlearn.commands.generate import main as generate_main
 from lightning_unlearn.metrics.functional import answer_token_stats
 from lightning_unlearn.models.families import FAMILIES, build_family_model, build_family_tokenizer, make_family_pair
 from lightning_unlearn.offset.generation import decode_answers

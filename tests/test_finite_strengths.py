@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lightning_unlearn.cli import main as cli_main
-from lightning_unlearn.deploy.generate import main as generate_main
+from lightning_unlearn.commands.generate import main as generate_main
 from lightning_unlearn.deploy.manifest import COMPOSITION_MANIFEST, OFFSET_MANIFEST, compose, read_export
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.evaluation.selection import UtilityFloorCheckpoint

@@ -26,6 +26,7 @@ from lightning_unlearn.models.loading import load_causal_lm
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
 from lightning_unlearn.modules import NPO
+from paper_configs import config_args, paper_stacks
 
 LIMIT = 12  # documents per task: 4 choices each, so 96 requests over the two tasks
 
@@ -385,7 +386,19 @@ def test_fit_and_test_log_lm_eval_metrics_beside_tofu(tiny_world: dict, tmp_cwd:
     assert "test/tofu_world_facts_mc/acc" in tested.trainer.callback_metrics
 
 
-PAPER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "tofu").rglob("*.yaml"))
+TOFU_STACKS = {name: stack for name, stack in paper_stacks().items() if name.startswith("tofu/")}
+
+
+def stacked_value(stack: list[Path], *keys: str) -> object:
+    """The value the last file of ``stack`` that sets ``keys`` gives it (later --config files override earlier)."""
+    value = None
+    for path in stack:
+        node = yaml.safe_load(path.read_text()) or {}
+        for key in keys:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if node != {}:
+            value = node
+    return value
 
 
 @pytest.mark.timeout(300)
@@ -395,10 +408,9 @@ def test_paper_config_runs_offline_with_local_tasks(tiny_world: dict, tmp_cwd: P
     from lightning_unlearn.cli import main
 
     paper = ["arc_easy", "hellaswag", "winogrande", "openbookqa"]
-    for config in PAPER_CONFIGS:
-        assert yaml.safe_load(config.read_text())["data"]["lm_eval_tasks"] == paper, config
-    config = next(c for c in PAPER_CONFIGS if c.parent.name == "offset" and c.name == "npo.yaml")
-    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--trainer.precision", "32-true",
+    for name, stack in TOFU_STACKS.items():
+        assert stacked_value(stack, "data", "lm_eval_tasks") == paper, name
+    cli = main(["fit", *config_args(TOFU_STACKS["tofu/offset/npo"]), "--trainer.fast_dev_run", "1", "--trainer.precision", "32-true",
                 "--model.large_model", tiny_world["large"], "--model.small_model", tiny_world["small"],
                 "--model.small_dtype", "float32", "--model.gradient_checkpointing", "false",
                 "--model.max_new_tokens", "4", "--data.batch_size", "2", "--data.eval_subset", "2",

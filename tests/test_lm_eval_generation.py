@@ -17,15 +17,14 @@ from lightning_unlearn import modules
 from lightning_unlearn.cli import main
 from lightning_unlearn.models.loading import load_causal_lm
 from lightning_unlearn.data.tokenizer import load_tokenizer
-from lightning_unlearn.modules import UnlearnModule
+from lightning_unlearn.modules import UnlearnModule, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = str(ROOT / "configs" / "tests" / "fast.yaml")
 DATA = ROOT / "lightning_unlearn" / "data" / "tofu" / "world_facts_perturbed.jsonl"
 TASK = "tofu_world_facts_gen_test"
 
-METHODS = sorted(name for name in modules.__all__ if inspect.isclass(getattr(modules, name))
-                 and issubclass(getattr(modules, name), UnlearnModule) and name != "UnlearnModule")
+METHODS = sorted(registry.method_names(unlearning_only=False))
 
 
 def method_args(name: str, world: dict, reinforced: str) -> list[str]:

@@ -1,5 +1,5 @@
 """The MUSE commands on a tiny local folder in MUSE's layout: every text loss in offset and direct mode, the result
-files, the retain reference, the per-epoch history, the logit cache on text, and each configs/muse/ config."""
+files, the retain reference, the per-epoch history, the logit cache on text, and each MUSE paper stack."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.muse_world import build_muse_world
 from lightning_unlearn.evaluation.muse import MuseReference
+from paper_configs import config_args, is_offset, paper_stacks
 
 ROOT = Path(__file__).resolve().parents[1]
 MUSE_TEST = str(ROOT / "configs" / "tests" / "muse.yaml")
-MUSE_CONFIGS = sorted((ROOT / "configs" / "muse").rglob("*.yaml"))
+MUSE_STACKS = {name: stack for name, stack in paper_stacks().items() if name.startswith("muse/")}
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +91,13 @@ def test_evaluation_muse_needs_a_muse_dataset(tiny_world: dict, tmp_cwd: Path) -
               "--data.retain_split", "retain99"])
 
 
-@pytest.mark.parametrize("config", MUSE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_muse_config_runs_on_tiny_models_and_the_local_folder(config: Path, tiny_world: dict, world: str,
+@pytest.mark.parametrize("name", sorted(MUSE_STACKS))
+def test_every_muse_config_runs_on_tiny_models_and_the_local_folder(name: str, tiny_world: dict, world: str,
                                                                     tmp_cwd: Path) -> None:
-    """The hub configs with their models and data replaced by tiny local ones (offline)."""
-    offset = "/offset/" in str(config)
-    cli = main(["fit", "--config", str(config), *args(tiny_world, world, offset), "--model.tokenizer", "null",
+    """The hub configs (each stack of the MUSE base, a corpus's mode and a method) with their models and data
+    replaced by tiny local ones (offline)."""
+    offset = is_offset(name)
+    cli = main(["fit", *config_args(MUSE_STACKS[name]), *args(tiny_world, world, offset), "--model.tokenizer", "null",
                 "--model.large_dtype", "float32", "--model.small_dtype", "float32",
                 "--model.gradient_checkpointing", "false", "--data.max_length", "64", "--data.batch_size", "2",
                 "--data.eval_subset", "1", "--model.max_new_tokens", "4", "--trainer.accumulate_grad_batches", "1",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_unlearn.deploy import generate as generate_cli
+from lightning_unlearn.commands import generate as generate_cli
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.formatting import PromptFormatter, collate_parts
 from lightning_unlearn.data.tofu_eval import left_pad

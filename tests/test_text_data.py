@@ -107,7 +107,7 @@ def test_windows_shard_over_processes_and_their_step_counts_are_the_labelled_tok
 def test_question_answer_losses_refuse_text(parts: tuple, needs: str, tiny_world: dict, muse_world: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_world["tokenizer"])
     dm = text_module(muse_world, tokenizer, retain="retain1")
-    with pytest.raises(ValueError, match=f"{needs}.*raw text, which has no questions. On text use GA, GD, KL, NPO"):
+    with pytest.raises(ValueError, match=f"{needs}.*raw text, which has no questions. On text use a method that needs none"):
         PairedDataset(dm.forget, dm.retain, dm.formatter, parts, ["I don't know."], answer_pool=["a"] * 5,
                       num_random_answers=1)
 
@@ -213,3 +213,16 @@ def test_a_verbmem_continuation_is_joined_to_its_prompt_with_one_space() -> None
     assert _joined("He said", "hello") == " hello"
     assert _joined("He said ", "hello") == "hello" and _joined("He said", " hello") == " hello"
     assert _joined("", "hello") == "hello" and _joined("He said", "") == ""
+
+
+def test_the_command_names_the_methods_that_run_on_text(tiny_world: dict, muse_world: Path, tmp_cwd: Path) -> None:
+    """The data layer refuses IdkDPO on text; the command line adds the methods that would run (from the registry)."""
+    from lightning_unlearn.cli import main
+    from lightning_unlearn.data.datasets import QuestionsNeeded
+
+    fast = str(Path(__file__).resolve().parents[1] / "configs" / "tests" / "fast.yaml")
+    with pytest.raises(QuestionsNeeded, match="raw text, which has no questions.*Methods that run on text: .*GA, GD, "
+                                              "KL, NPO"):
+        main(["fit", "--config", fast, "--model", "IdkDPO", "--model.small_model", tiny_world["small"],
+              "--model.large_model", "null", "--data.dataset", str(muse_world), "--data.forget_split", "forget",
+              "--data.retain_split", "retain1"])

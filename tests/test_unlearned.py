@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_unlearn.data.sources import load_split
-from lightning_unlearn.deploy.generate import main as generate_main
+from lightning_unlearn.commands.generate import main as generate_main
 from lightning_unlearn.losses.functional import sequence_logp
 from lightning_unlearn.models.loading import load_causal_lm
 from lightning_unlearn.deploy.manifest import COMPOSITION_MANIFEST, OFFSET_MANIFEST, compose

@@ -31,7 +31,6 @@ the table's general accuracy is their mean accuracy; ``general_tasks: []`` leave
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,23 +41,22 @@ import yaml
 MODES = ("offset", "direct")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "compare"
 GENERAL_TASKS = ("tofu_general",)
-"""The default ``general_tasks``: the package's offline multiple-choice tasks (:mod:`lightning_unlearn.lm_eval`)."""
-NOT_METHODS = {"UnlearnModule", "SFT"}
-"""Registered LightningModules that are not unlearning methods (the base and plain fine-tuning)."""
+"""The default ``general_tasks``: the package's offline multiple-choice tasks (:mod:`lightning_unlearn.harness`)."""
 
 
 def registered_methods() -> list[str]:
-    """The loss classes ``--model`` resolves: every concrete ``UnlearnModule`` exported by
-    :mod:`lightning_unlearn.modules` but the base and ``SFT``, in the package's order."""
-    from .. import modules
+    """The methods ``--model`` resolves that unlearn (SFT fine-tunes), in the registry's order
+    (:mod:`lightning_unlearn.modules.registry`)."""
+    from ..modules.registry import method_names
 
-    names = getattr(modules, "__all__", dir(modules))
-    found = []
-    for name in names:
-        obj = getattr(modules, name, None)
-        if inspect.isclass(obj) and issubclass(obj, modules.UnlearnModule) and name not in NOT_METHODS:
-            found.append(name)
-    return found
+    return method_names()
+
+
+def method_modes(name: str) -> tuple[str, ...]:
+    """The modes the registry says method ``name`` runs in (a method's cells default to these)."""
+    from ..modules.registry import resolve
+
+    return tuple(resolve(name).modes)
 
 
 @dataclass
@@ -137,14 +135,28 @@ class CompareSpec:
         return spec
 
     def check_methods(self) -> None:
-        known = registered_methods()
+        from ..modules.registry import UnknownMethod, resolve, unknown_method
+
+        canonical: dict[str, dict[str, Any]] = {}
         for name, opts in self.methods.items():
-            if name not in known:
-                raise ValueError(f"{self.source}: method {name!r} is not a registered loss; --model takes {known}.")
+            try:
+                name = resolve(name).name  # any case, open-unlearning's names
+            except UnknownMethod:
+                hint = unknown_method(name).split("\n", 1)[1]  # the closest names and the list
+                raise ValueError(f"{self.source}: method {name!r} is not a registered loss.\n{hint}") from None
+            if resolve(name).unlearns is False:
+                raise ValueError(f"{self.source}: {name} does not unlearn; the table takes {registered_methods()}.")
+            canonical[name] = opts
+        self.methods = canonical
+        for name, opts in self.methods.items():
             bad = sorted(set(opts.get("modes", MODES)) - set(MODES))
             if bad:
                 raise ValueError(f"{self.source}: method {name}: unknown modes {bad}; use {list(MODES)}.")
-            for mode in opts.get("modes", MODES):
+            unsupported = sorted(set(opts.get("modes", ())) - set(method_modes(name)))
+            if unsupported:
+                raise ValueError(f"{self.source}: method {name} runs in {list(method_modes(name))} mode only, not "
+                                 f"{unsupported}: remove them from its modes.")
+            for mode in opts.get("modes", method_modes(name)):
                 if not getattr(self, mode):
                     raise ValueError(f"{self.source}: method {name} runs in {mode} mode but the config gives no "
                                      f"{mode} models: add `{mode}: {{small_model: ...}}` or set its `modes`.")
@@ -164,7 +176,19 @@ class CompareSpec:
         if names == ["all"]:
             self.methods = {m: self.methods.get(m, {}) for m in registered_methods()}
         else:
-            self.methods = {m: self.methods.get(m, {}) for m in names}
+            from ..modules.registry import UnknownMethod, resolve
+
+            listed = {}
+            for name, opts in self.methods.items():
+                try:
+                    listed[resolve(name).name] = opts
+                except UnknownMethod:
+                    listed[name] = opts  # check_methods names it
+            try:
+                names = [resolve(m).name for m in names]
+            except UnknownMethod as err:
+                raise ValueError(f"--methods: {err}") from None
+            self.methods = {m: listed.get(m, {}) for m in names}
         self.check_methods()
 
     @property
@@ -184,7 +208,7 @@ class CompareSpec:
         """Every method in each of its modes, in config order, offset before direct."""
         cells = []
         for method, opts in self.methods.items():
-            for mode in opts.get("modes", MODES):
+            for mode in opts.get("modes", method_modes(method)):
                 cells.append(self._cell(method, mode, opts))
         return cells
 

@@ -23,6 +23,13 @@ from .sources import describe, require_fields
 PARTS = ("forget", "retain", "forget_idk", "forget_random")
 QA_ONLY_PARTS = {"forget_idk": "a refusal answer to each forget question (IdkDPO)",
                  "forget_random": "random answers to each forget question (LLMU's random-answer term)"}
+
+
+class QuestionsNeeded(ValueError):
+    """A method that needs questions (a refusal or random answers to each) given a raw-text forget split; the
+    command line adds the methods that run on text (the data layer does not know the methods)."""
+
+
 Example = Record | Encoded
 """A training example: a question/answer row, encoded per item, or a window of a text corpus, already encoded."""
 
@@ -54,9 +61,10 @@ class PairedDataset(Dataset):
             raise ValueError(f"Unknown data parts {sorted(unknown)}; known parts are {PARTS}.")
         if any(isinstance(e, Encoded) for e in forget):
             for part in set(parts) & set(QA_ONLY_PARTS):
-                raise ValueError(
+                raise QuestionsNeeded(
                     f"This loss needs {QA_ONLY_PARTS[part]}, but the forget split is raw text, which has no questions. "
-                    "On text use GA, GD, KL, NPO, SimNPO or EUL, or give question/answer rows.")
+                    "On text use a method that needs none of the parts "
+                    f"{sorted(QA_ONLY_PARTS)}, or give question/answer rows.")
         if "retain" in parts and not retain:
             raise ValueError("This loss needs retain data but the retain split is empty or unset: set data.retain_split.")
         if "forget_idk" in parts and not refusals:

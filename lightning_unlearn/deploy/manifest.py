@@ -33,6 +33,7 @@ from typing import Any
 from ..data.tokenizer import check_tokenizer_files
 from ..models.files import (
     ADAPTER_CONFIG, COMPOSITION_MANIFEST, MODEL_CONFIG, OFFSET_MANIFEST, check_adapter_files, check_model_files,
+    resolve_beside,
 )
 from ..numbers import finite, in_range
 
@@ -243,7 +244,8 @@ def _read_export(path: Path) -> Composition:
         manifest = path / OFFSET_MANIFEST
         alpha = finite(data["alpha"], "alpha", str(manifest))
         offset = Offset(str(path), alpha, data.get("method"), data.get("adapter"))
-        return Composition((offset,), data["large_model"], data["reference_model"], _relative_top(data, manifest),
+        return Composition((offset,), resolve_beside(data["large_model"], path),
+                           resolve_beside(data["reference_model"], path), _relative_top(data, manifest),
                            data.get("large_dtype"), data.get("small_dtype"))
     if (path / MODEL_CONFIG).is_file():
         return Composition((Offset(str(path), 1.0, None),), small_dtype=_saved_dtype(path))

@@ -1,4 +1,4 @@
-"""``python -m lightning_unlearn.harness EXPORT_DIR [EXPORT_DIR ...] --tasks T1,T2 --output_path OUT``.
+"""``lightning-unlearn lm-eval EXPORT_DIR [EXPORT_DIR ...] --tasks T1,T2 --output_path OUT``.
 
 Evaluates an unlearned model with lm-evaluation-harness: an offset export (several are composed), a LoRA export,
 a ``composition.json``, or any Hugging Face causal LM directory or id (a direct model). Flags are named as
@@ -21,7 +21,7 @@ DEFAULT_TASKS = "tofu_general"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_unlearn.harness",
+        prog="lightning-unlearn lm-eval",
         description="Evaluate an unlearned model (offset, composed, LoRA or direct) with lm-evaluation-harness.",
     )
     parser.add_argument("exports", nargs="+", metavar="EXPORT_DIR",

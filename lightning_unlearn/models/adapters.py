@@ -25,7 +25,6 @@ different requests correspond, so every request starts from the same seeded ``do
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -367,22 +366,3 @@ def fuse(sets: Sequence[AdapterSet], ridge: float = 1e-6) -> AdapterSet:
             weights[f"{key}.bias"] = fused[-1].contiguous().to(dtype)
             grams[key] = torch.stack([s.grams[key].double() for s in sets]).sum(0)
     return AdapterSet(config, weights, grams)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """EUL adapter sets: ``fuse OUT_DIR REQ_DIR1 REQ_DIR2 ...`` merges the sets of several requests."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_unlearn.models.adapters", description=main.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    fuse_cmd = commands.add_parser("fuse", help="fuse the adapter sets of several deletion requests in closed form")
-    fuse_cmd.add_argument("out_dir", help="directory to write the fused unlearning_layers.safetensors to")
-    fuse_cmd.add_argument("requests", nargs="+", help="directories (or files) of the requests' adapter sets")
-    fuse_cmd.add_argument("--ridge", type=float, default=1e-6,
-                          help="relative ridge pulling unseen directions to the mean weight; 0 for plain lstsq")
-    args = parser.parse_args(argv)
-    sets = [load_adapter_set(r) for r in args.requests]
-    path = save_adapter_set(fuse(sets, args.ridge), args.out_dir)
-    print(f"fused {len(sets)} adapter sets ({sum(s.tokens for s in sets)} tokens) into {path}")
-
-
-if __name__ == "__main__":
-    main()

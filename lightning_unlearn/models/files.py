@@ -16,9 +16,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "MODEL_CONFIG", "OFFSET_MANIFEST", "check_adapter_files",
-           "check_model_files", "refuse_offset_export"]
+__all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "MANIFEST_MODELS", "MODEL_CONFIG", "OFFSET_MANIFEST",
+           "check_adapter_files", "check_model_files", "portable_models", "refuse_offset_export", "resolve_beside"]
 
 OFFSET_MANIFEST = "offset.json"
 COMPOSITION_MANIFEST = "composition.json"
@@ -30,8 +31,8 @@ MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
-RIGHT_USE = ("load it with UnlearnedModel.from_export(EXPORT), `python -m lightning_unlearn.deploy.generate EXPORT` "
-             "or `python -m lightning_unlearn.harness EXPORT`, or evaluate it on TOFU with `main.py test --config "
+RIGHT_USE = ("load it with UnlearnedModel.from_export(EXPORT), `lightning-unlearn generate EXPORT` "
+             "or `lightning-unlearn lm-eval EXPORT`, or evaluate it on TOFU with `main.py test --config "
              "<its run's config.yaml> --ckpt_path <its checkpoint>`")
 
 
@@ -106,3 +107,35 @@ def refuse_offset_export(path: str | os.PathLike, role: str) -> None:
     raise ValueError(f"{role} is {str(path)!r}, an offset export ({manifest.name}): its weights are only the trained "
                      "small model S of z_L + alpha (z_S - z_S0), so using it as a plain model would evaluate the bare "
                      f"small model. To use the unlearned model, {RIGHT_USE}.")
+
+
+MANIFEST_MODELS = ("large_model", "reference_model")
+"""The entries of ``offset.json`` that name a model: a local folder, a hub id, or a served model's URL."""
+
+
+def portable_models(manifest: dict[str, Any], export_dir: str | os.PathLike) -> dict[str, Any]:
+    """``manifest`` with its local model folders written so that they survive moving the runs folder.
+
+    A folder inside the export's run folder (the export's parent, e.g. ``runs/demo`` for ``runs/demo/export``) is
+    written relative to the export (``../models/large_ft``): the two move together. Any other local folder is written
+    absolute, so the export no longer depends on the directory it was made from. Hub ids and URLs are kept.
+    """
+    export = Path(export_dir).resolve()
+    out = dict(manifest)
+    for key in MANIFEST_MODELS:
+        name = out.get(key)
+        if not isinstance(name, str) or not os.path.isdir(name):
+            continue
+        folder = Path(name).resolve()
+        out[key] = os.path.relpath(folder, export) if folder.is_relative_to(export.parent) else str(folder)
+    return out
+
+
+def resolve_beside(name: str | None, export_dir: str | os.PathLike) -> str | None:
+    """A model entry of an export's ``offset.json`` as a usable path: relative folders are taken relative to the
+    export first (:func:`portable_models` writes them so), else as given (older exports: relative to where they
+    were made); hub ids and URLs are returned unchanged."""
+    if name is None or os.path.isabs(name) or "://" in name:
+        return name
+    beside = Path(export_dir) / name
+    return str(beside.resolve()) if beside.is_dir() else name

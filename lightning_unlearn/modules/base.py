@@ -26,7 +26,7 @@ from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm
 from ..data.tokenizer import load_tokenizer
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
-from ..models.files import refuse_offset_export
+from ..models.files import portable_models, refuse_offset_export
 from ..numbers import finite
 from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
@@ -36,6 +36,8 @@ from .eval_hooks import EvaluationHooks
 from .parts import MeanOver, PartOutput, RetainLoss, with_step_loss
 from .rng import RestoreRNG
 
+Mode = Literal["offset", "direct"]
+"""How a method trains: an offset on a large model (``z_L + alpha (z_S - z_S0)``), or the model itself."""
 FROZEN_PREFIXES = ("large.", "reference.")
 
 
@@ -98,6 +100,11 @@ class UnlearnModule(EvaluationHooks):
 
     needs_reference: ClassVar[bool] = False
     extra_parts: ClassVar[tuple[str, ...]] = ()
+    # What the method registry (:mod:`.registry`) reads: the other names ``--model`` takes for the class (besides its
+    # own, matched without regard to case), the modes it runs in, and whether it unlearns (SFT fine-tunes).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    modes: ClassVar[tuple[Mode, ...]] = ("offset", "direct")
+    unlearns: ClassVar[bool] = True
     retain_loss: RetainLoss = "none"
     forget_mean: ClassVar[MeanOver] = "tokens"  # what the forget loss averages over (NPO & co: sequences)
 
@@ -558,7 +565,8 @@ class UnlearnModule(EvaluationHooks):
         self.model.save_pretrained(staging)  # with LoRA, peft saves the adapter and names its base model
         self.tokenizer.save_pretrained(staging)
         if self.offset_mode:
-            (staging / "offset.json").write_text(json.dumps(self.offset_manifest(), indent=2), encoding="utf-8")
+            manifest = portable_models(self.offset_manifest(), target)  # paths that survive moving the runs folder
+            (staging / "offset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -53,6 +53,8 @@ class CEU(_WithRetainChoice):
         retain_loss: retain term: ``none`` (the reference implementation), ``nll`` or ``kl``.
     """
 
+    aliases = ("CE-U",)
+
     def __init__(self, ignore_first_answer_tokens: int = 1, retain_loss: RetainLoss = "none",
                  **kwargs: Any) -> None:  # pragma: no mutate block
         if ignore_first_answer_tokens < 0:

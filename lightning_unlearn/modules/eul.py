@@ -3,7 +3,7 @@
 The teacher ``F`` is the frozen model and the student ``F'`` the same model with its adapters
 (:mod:`lightning_unlearn.models.adapters`) switched on, so one copy of the weights serves both. At the end
 of ``fit`` the request's adapters and the Gram matrices of their inputs are saved to
-``<log dir>/unlearning_layers/``; ``python -m lightning_unlearn.models.adapters fuse`` merges the sets of
+``<log dir>/unlearning_layers/``; ``lightning-unlearn fuse`` merges the sets of
 several requests and ``--model.adapters DIR`` loads a (fused) set to test or continue from.
 """
 
@@ -82,6 +82,8 @@ class EUL(ForgetNLLBound, UnlearnModule):
             are ascent, unbounded; see :class:`.divergence.ForgetNLLBound`); ``null``: no bound.
         large_model: must stay ``null``: EUL unlearns one model directly.
     """
+
+    modes = ("direct",)  # its unlearning layers sit inside the one model it unlearns
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ class SFT(UnlearnModule):
     ``model.export_dir`` to save the result as a Hugging Face directory for the next stage.
     """
 
+    unlearns = False
+
     retain_loss: RetainLoss = "none"
 
     def forget_loss(self, out: dict[str, PartOutput]) -> Tensor:

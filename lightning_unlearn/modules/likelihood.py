@@ -26,6 +26,7 @@ class GA(ForgetNLLBound, UnlearnModule):
             ``null``: run to ``max_steps``/``max_epochs``.
     """
 
+    aliases = ("GradAscent",)
     retain_loss: RetainLoss = "none"
 
     def __init__(self, stop_forget_nll: float | None = None, **kwargs: Any) -> None:
@@ -41,6 +42,8 @@ class GA(ForgetNLLBound, UnlearnModule):
 class GD(GA):
     """Gradient difference: ``L = -NLL_mean(forget) + retain_weight * NLL_mean(retain)``; ``stop_forget_nll``
     as in :class:`GA`."""
+
+    aliases = ("GradDiff",)
 
     retain_loss: RetainLoss = "nll"
 
@@ -95,6 +98,8 @@ class DPO(_WithRetainChoice):
         beta: inverse temperature.
         retain_loss: retain term: ``none``, ``nll`` or ``kl``.
     """
+
+    aliases = ("IdkDPO",)
 
     needs_reference = True
     extra_parts = ("forget_idk",)

@@ -64,6 +64,8 @@ class ULD(UnlearnModule):
         retain_weight: weight of ``KL(u || p_A)`` on retain answers.
     """
 
+    modes = ("offset",)  # the assistant only means something subtracted from the large model's logits
+
     retain_loss: RetainLoss = "none"
 
     def __init__(

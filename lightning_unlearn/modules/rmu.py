@@ -82,6 +82,8 @@ class RMU(UnlearnModule):
         large_model: must stay ``null``.
     """
 
+    modes = ("direct",)  # it steers the hidden states of the one model it unlearns
+
     retain_loss: RetainLoss = "none"
     needs_reference = True  # the frozen copy gives the retain targets
 
