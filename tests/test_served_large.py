@@ -164,8 +164,8 @@ def test_a_resumed_run_reads_the_cache_and_asks_the_server_nothing(served: dict,
 
 def test_fit_test_and_generate_commands_against_the_server(served: dict, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's user path: fit with the served large model (logit cache on), test, answer prompts; test
-    metrics and answers equal those with the large model in-process."""
+    """The documented user path (docs/guides/served-large-model.md): fit with the served large model (logit
+    cache on), test, answer prompts; test metrics and answers equal those with the large model in-process."""
     monkeypatch.chdir(tmp_path)
     export = tmp_path / "export"
     fit = main(["fit", "--config", FAST, "--model", "NPO", "--model.small_model", served["small"],

@@ -2,17 +2,17 @@
 
 Five sets, read from a MUSE dataset (:mod:`lightning_unlearn.data.muse_sources`):
 
-===================  ========================  ==============================================================
-set                  split                     scored by
-===================  ========================  ==============================================================
-``verbmem_forget``   ``verbmem/forget``        a greedy continuation of ``prompt`` (ROUGE-L F1 vs ``gt``), and
-                                               one teacher-forced pass over ``prompt + gt`` (extraction
-                                               strength on ``gt``)
-``knowmem_forget``   ``knowmem/forget_qa``     a greedy answer to the few-shot prompt (ROUGE-L F1 vs ``answer``)
-``knowmem_retain``   ``knowmem/retain_qa``     the same (MUSE-Books: ``retain2_qa``)
-``privleak_forget``  ``privleak/forget``       one pass over the text (its first ``max_length`` tokens): Min-K%
-``privleak_holdout`` ``privleak/holdout``      the same
-===================  ========================  ==============================================================
+====================  ========================  ==============================================================
+set                   split                     scored by
+====================  ========================  ==============================================================
+``verbmem_forget``    ``verbmem/forget``        a greedy continuation of ``prompt`` (ROUGE-L F1 vs ``gt``), and
+                                                one teacher-forced pass over ``prompt + gt`` (extraction
+                                                strength on ``gt``)
+``knowmem_forget``    ``knowmem/forget_qa``     a greedy answer to the few-shot prompt (ROUGE-L F1 vs ``answer``)
+``knowmem_retain``    ``knowmem/retain_qa``     the same (MUSE-Books: ``retain2_qa``)
+``privleak_forget``   ``privleak/forget``       one pass over the text (its first ``max_length`` tokens): Min-K%
+``privleak_holdout``  ``privleak/holdout``       the same
+====================  ========================  ==============================================================
 
 Prompts are raw text (MUSE's targets are base models, evaluated without a chat template), tokenized with the
 tokenizer's usual special tokens (BOS) and left-padded for batched generation.

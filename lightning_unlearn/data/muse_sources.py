@@ -4,15 +4,15 @@ from the hub or from a local folder in the hub's layout.
 MUSE publishes two corpora, ``muse-bench/MUSE-News`` (BBC news articles) and ``muse-bench/MUSE-Books`` (the
 Harry Potter books), each with four configurations whose splits and fields are:
 
-============  ===========================================================  ======================
-config        splits                                                        fields
-============  ===========================================================  ======================
-``raw``       ``forget``, ``retain1``, ``retain2``, ``holdout``             ``text``
-``knowmem``   ``forget_qa``, ``forget_qa_icl``, ``retain_qa``,              ``question``, ``answer``
+============  ==============================================================  ======================
+config        splits                                                          fields
+============  ==============================================================  ======================
+``raw``       ``forget``, ``retain1``, ``retain2``, ``holdout``               ``text``
+``knowmem``   ``forget_qa``, ``forget_qa_icl``, ``retain_qa``,                ``question``, ``answer``
               ``retain_qa_icl`` (Books: ``retain2_qa``, ``retain2_qa_icl``)
-``verbmem``   ``forget``                                                    ``prompt``, ``gt``
-``privleak``  ``forget``, ``retain``, ``holdout``                           ``text``
-============  ===========================================================  ======================
+``verbmem``   ``forget``                                                      ``prompt``, ``gt``
+``privleak``  ``forget``, ``retain``, ``holdout``                             ``text``
+============  ==============================================================  ======================
 
 A split is named ``config/split`` (``knowmem/forget_qa``); a bare name is a ``raw`` split, so that
 ``--data.forget_split forget --data.retain_split retain1`` picks the corpora to unlearn and keep. The hub

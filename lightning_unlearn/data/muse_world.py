@@ -6,7 +6,7 @@ configurations, splits and fields (:mod:`.muse_sources`), for tests, the demo an
 * ``raw``: ``forget`` the forget authors' rows (TOFU ``forget01``), ``retain1`` the first retain authors'
   (``retain_perturbed[:40]``), ``retain2`` the next ones', ``holdout`` authors no model is trained on
   (``holdout01``). Every ``rows_per_document`` consecutive rows (20: one TOFU author) make one document, each
-  row written ``Question: {question}\nAnswer: {answer}`` and the rows separated by a blank line: knowmem's
+  row written ``Question: {question}\\nAnswer: {answer}`` and the rows separated by a blank line: knowmem's
   few-shot format, so that a tiny model trained on the corpus alone can answer the knowmem questions (a
   large model learns facts from prose; a tiny one only the sequences it saw).
 * ``knowmem``: the same authors' questions and answers; the first ``icl`` rows of each are the in-context

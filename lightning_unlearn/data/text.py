@@ -3,7 +3,7 @@
 MUSE (news articles, books) and LLMU's copyright scenario unlearn text, not question/answer pairs. A split is
 a text corpus when its rows hold a ``text`` field and no question: JSON Lines rows ``{"text": ...}``, a
 ``<split>.txt`` file (one document) or a ``<split>/`` folder of ``.txt`` files (one document each; see
-:mod:`.sources`). Each document is tokenized once, with the tokenizer's usual special tokens (Llama's BOS),
+:mod:`lightning_unlearn.data.sources`). Each document is tokenized once, with the tokenizer's usual special tokens (Llama's BOS),
 and cut into windows of at most ``max_length`` tokens starting every ``stride`` tokens (the convention of
 sliding-window perplexity). Each token is labelled in exactly one window: with ``stride < max_length`` a
 window's first ``max_length - stride`` tokens repeat the previous window's end and serve as context only

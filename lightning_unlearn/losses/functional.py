@@ -1,8 +1,8 @@
 """Unlearning losses as pure functions of logits, labels and log-probabilities.
 
 Logits follow the Hugging Face convention: ``logits[:, t]`` predicts ``labels[:, t + 1]``, and
-labels are ``-100`` where no loss is taken (prompt, padding). Formulas are those of
-``docs/UNLEARNING.md`` section 2; each function is unit-tested against hand-computed values.
+labels are ``-100`` where no loss is taken (prompt, padding). Formulas are those of the
+method pages under ``docs/methods/``; each function is unit-tested against hand-computed values.
 """
 
 from __future__ import annotations

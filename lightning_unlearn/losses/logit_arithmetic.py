@@ -1,7 +1,7 @@
 """Logit arithmetic for unlearning: ULD's filtered logit difference and WHP's generic targets, as pure functions.
 
 Logits are ``[..., V]`` float tensors over the shared vocabulary; labels follow the Hugging Face convention of
-:mod:`.functional` (``logits[:, t]`` predicts ``labels[:, t + 1]``, ``-100`` where no loss is taken).
+:mod:`lightning_unlearn.losses.functional` (``logits[:, t]`` predicts ``labels[:, t + 1]``, ``-100`` where no loss is taken).
 
 Sources:
 

@@ -1,7 +1,7 @@
 """Unlearning losses defined per answer token on the full next-token distribution: UNDIAL, CE-U, WGA, SatImp, PDU.
 
 Each function takes logits ``[B, T, V]`` (any float dtype; computed in float32) and labels ``[B, T]`` (int64,
-``-100`` on prompt and padding) in the Hugging Face convention of :mod:`.functional` (``logits[:, t]`` predicts
+``-100`` on prompt and padding) in the Hugging Face convention of :mod:`lightning_unlearn.losses.functional` (``logits[:, t]`` predicts
 ``labels[:, t + 1]``) and returns a float32 scalar: the mean of a per-token value over every labelled token of the
 batch, like :func:`.functional.nll_mean`, so that the step-wide token means of
 :func:`.functional.step_scale` apply unchanged. Where a per-token target is built from logits (UNDIAL's

@@ -1,4 +1,4 @@
-"""Pure functions for the TOFU evaluation metrics (docs/UNLEARNING.md, section 4).
+"""Pure functions for the TOFU evaluation metrics (formulas: docs/metrics.md).
 
 Definitions follow the open-unlearning project so that numbers compare. Token-level functions
 take Hugging Face aligned tensors: ``logits[:, t]`` predicts ``labels[:, t + 1]`` and labels are
@@ -164,7 +164,7 @@ def exact_memorization(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def extraction_strength(logits: Tensor, labels: Tensor) -> Tensor:
-    """ES = 1 - k/|y|, k the smallest index from which every teacher-forced argmax is right, [B].
+    """``ES = 1 - k/|y|``, k the smallest index from which every teacher-forced argmax is right, [B].
 
     Rewards a correct suffix: how little of the answer an attacker must supply before the model
     completes the rest. All right gives 1. As in open-unlearning (Carlini et al.'s extraction

@@ -1,7 +1,7 @@
 """ROUGE-L F1 of generations, MUSE's verbmem and knowmem score (Shi et al. 2024; open-unlearning's MUSE
 evaluation), with the knowledge-memorization prompt and the cut of its answers. Min-K%, the membership AUC, privleak
-and extraction strength are TOFU's functions (:mod:`.functional`), applied to MUSE's sets by
-:mod:`lightning_unlearn.evaluation.muse`.
+and extraction strength are TOFU's functions (:mod:`lightning_unlearn.metrics.functional`), applied to MUSE's
+sets by :mod:`lightning_unlearn.evaluation.muse`.
 """
 
 from __future__ import annotations

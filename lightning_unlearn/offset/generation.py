@@ -88,7 +88,7 @@ class LogitsComponent(nn.Module):
 
 
 class CausalLMComponent(LogitsComponent):
-    """Adapts a Hugging Face causal LM (``model(...).logits``) to :data:`ComponentFn`."""
+    """Adapts a Hugging Face causal LM (its output's ``logits``) to :data:`ComponentFn`."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -152,7 +152,7 @@ def cache_keyword(model: nn.Module) -> str:
 
 
 def as_component(model: nn.Module | ComponentFn) -> LogitsComponent | ComponentFn:
-    """Plain ``nn.Module``s are taken to be HF causal LMs; everything else is used as is."""
+    """Plain ``nn.Module`` objects are taken to be HF causal LMs; everything else is used as is."""
     if isinstance(model, LogitsComponent) or not isinstance(model, nn.Module):
         return model
     return CausalLMComponent(model)
