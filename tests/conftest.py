@@ -75,3 +75,21 @@ def offset_models() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
     large = tiny_llama(0, hidden=48, layers=3)
     reference = tiny_llama(1)
     return large, perturbed_copy(reference, seed=2, scale=0.5), reference
+
+
+@pytest.fixture(scope="module")
+def reinforced(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A stand-in for WHP's reinforced model: the small model with its weights moved (what matters is
+    z_R != z_S0)."""
+    from lightning_unlearn.data.tokenizer import load_tokenizer
+    from lightning_unlearn.models.loading import load_causal_lm
+
+    model = load_causal_lm(tiny_world["small"], "float32")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    out = tmp_path_factory.mktemp("reinforced")
+    model.save_pretrained(out)
+    load_tokenizer(tiny_world["tokenizer"]).save_pretrained(out)
+    return str(out)

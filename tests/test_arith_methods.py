@@ -43,20 +43,6 @@ def batch(tiny_world: dict) -> dict:
     return collate_parts(items, formatter.tokenizer.pad_token_id)
 
 
-@pytest.fixture(scope="module")
-def reinforced(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A stand-in for WHP's reinforced model: the small model with its weights moved (what matters is z_R != z_S0)."""
-    model = load_causal_lm(tiny_world["small"], "float32")
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=generator))
-    out = tmp_path_factory.mktemp("reinforced")
-    model.save_pretrained(out)
-    load_tokenizer(tiny_world["tokenizer"]).save_pretrained(out)
-    return str(out)
-
-
 def build(cls: type[UnlearnModule], world: dict, scale: float = 0.05, **kwargs) -> UnlearnModule:
     """The module on the tiny models, its trainable parameters moved away from where they started."""
     return wiring.set_up_and_moved(cls(**kwargs), scale)

@@ -15,8 +15,6 @@ import torch
 
 from lightning_unlearn import modules
 from lightning_unlearn.cli import main
-from lightning_unlearn.models.loading import load_causal_lm
-from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.modules import UnlearnModule, registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,20 +35,6 @@ def method_args(name: str, world: dict, reinforced: str) -> list[str]:
         "WHP": [*offset, "--model.reinforced_model", reinforced],
     }
     return ["--model", name, *special.get(name, offset)]
-
-
-@pytest.fixture(scope="module")
-def reinforced(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A stand-in for WHP's reinforced model: the small model with its weights moved."""
-    model = load_causal_lm(tiny_world["small"], "float32")
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=generator))
-    out = tmp_path_factory.mktemp("reinforced")
-    model.save_pretrained(out)
-    load_tokenizer(tiny_world["tokenizer"]).save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
