@@ -11,7 +11,6 @@ import inspect
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_unlearn import modules
 from lightning_unlearn.cli import main
