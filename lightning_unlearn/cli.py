@@ -418,7 +418,9 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
     if isinstance(args, list):
         args = _commented_print_config(args)
     help_kwargs = {"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box baselines.\n"
-                                  "Methods (--model NAME; names and aliases match in any case):\n" + methods_help(),
+                                  "Methods (--model NAME; names and aliases match in any case):\n" + methods_help()
+                                  + "\nA mistake in the arguments prints what to change; LIGHTNING_UNLEARN_TRACEBACK=1 "
+                                    "shows its traceback.",
                    "formatter_class": RawDescriptionFormatter}
     cli = UnlearnCLI(
         UnlearnModule,
