@@ -20,6 +20,7 @@ with collector_paused():  # torch, transformers and Lightning: see collector_pau
     import torch
     from jsonargparse import DefaultHelpFormatter, Namespace
     from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+    from lightning.pytorch.utilities import rank_zero_only
 
     from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
     from .data import UnlearnDataModule
@@ -196,6 +197,8 @@ class UnlearnCLI(LightningCLI):
                 raise
 
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in ("fit", "validate", "test") and isinstance(self.model, UnlearnModule):
+            _print_mode(self.model)
         with warnings.catch_warnings():
             quiet_known_notices(fitting=subcommand == "fit")
             try:
@@ -204,6 +207,23 @@ class UnlearnCLI(LightningCLI):
                 text = ", ".join(m.name for m in methods_without_parts(QA_ONLY_PARTS))
                 raise QuestionsNeeded(f"{err} Methods that run on text: {text}.").with_traceback(
                     err.__traceback__) from None
+
+
+def mode_line(model: UnlearnModule) -> str:
+    """The run's mode in one line: ``offset: large=..., small=..., reference=..., alpha=...`` or
+    ``direct: model=...``, so that a run without ``--model.large_model`` does not unlearn directly unnoticed."""
+    h = model.hparams
+    if h.get("large_model") is None:
+        return f"direct: model={h.small_model}"
+    reference = f"{h.small_model} (LoRA adapter off)" if model.uses_lora else h.small_model
+    return f"offset: large={h.large_model}, small={h.small_model}, reference={reference}, alpha={model.alpha:g}"
+
+
+@rank_zero_only
+def _print_mode(model: UnlearnModule) -> None:
+    """Write :func:`mode_line` to standard error, once (rank zero), at the start of fit, validate and test."""
+    sys.stderr.write(mode_line(model) + "\n")
+    sys.stderr.flush()
 
 
 class RawDescriptionFormatter(DefaultHelpFormatter):
@@ -398,7 +418,9 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Un
     if isinstance(args, list):
         args = _commented_print_config(args)
     help_kwargs = {"description": "lightning-unlearn: offset (delta) unlearning of LLMs and white-box baselines.\n"
-                                  "Methods (--model NAME; names and aliases match in any case):\n" + methods_help(),
+                                  "Methods (--model NAME; names and aliases match in any case):\n" + methods_help()
+                                  + "\nA mistake in the arguments prints what to change; LIGHTNING_UNLEARN_TRACEBACK=1 "
+                                    "shows its traceback.",
                    "formatter_class": RawDescriptionFormatter}
     cli = UnlearnCLI(
         UnlearnModule,

@@ -10,12 +10,16 @@ library module imports it (``tests/test_command.py`` checks).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 PROG = "lightning-unlearn"
+TRACEBACK_ENV = "LIGHTNING_UNLEARN_TRACEBACK"
+"""Set to 1 to see the traceback of an expected error instead of its few lines (see :func:`main`)."""
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,50 @@ def usage() -> str:
     lines = [f"usage: {PROG} SUBCOMMAND [ARGS ...]   ({PROG} SUBCOMMAND --help for its arguments)", "",
              "Offset (delta) unlearning of LLMs and white-box baselines.", "", "subcommands:"]
     lines += [f"  {name:<{width}}  {sub.summary}" for name, sub in SUBCOMMANDS.items()]
+    lines += ["", f"A mistake in the arguments (a wrong split, a missing model or file) prints what to change; "
+              f"{TRACEBACK_ENV}=1 shows its traceback."]
     return "\n".join(lines) + "\n"
+
+
+def own_error(err: BaseException) -> BaseException | None:
+    """The first ``ValueError`` or ``FileNotFoundError`` in ``err``'s chain raised by this package's own code (its
+    checks of arguments, paths and files), or None: an error raised elsewhere is not one the user is expected to fix
+    from its message alone."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    seen: BaseException | None = err
+    while seen is not None:
+        frames = traceback.extract_tb(seen.__traceback__)
+        if (isinstance(seen, (ValueError, FileNotFoundError)) and frames
+                and os.path.abspath(frames[-1].filename).startswith(package)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _run(function: Callable[[list[str] | None], Any], args: list[str] | None, name: str, short: bool) -> Any:
+    """``function(args)``; with ``short`` (a command line, not an in-process call) an expected error of this
+    package ends the process with its message and exit status 2 instead of a traceback, unless
+    :data:`TRACEBACK_ENV` is set."""
+    if not short or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        return function(args)
+    try:
+        return function(args)
+    except (ValueError, FileNotFoundError) as err:
+        own = own_error(err)
+        if own is None:
+            raise
+        sys.stderr.write(f"{PROG} {name}: error: {own}\n({TRACEBACK_ENV}=1 shows the traceback.)\n")
+        raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """Run ``argv`` (``sys.argv[1:]`` if None): its first word picks the subcommand, the rest are its own arguments.
 
     Returns what the subcommand's function returns (the LightningCLI for ``fit``/``test``, the answers for
-    ``generate``...), so tests and notebooks can drive it in-process.
+    ``generate``...), so tests and notebooks can drive it in-process. From the command line (``argv`` None) an
+    expected error (a ``ValueError`` or ``FileNotFoundError`` of this package's checks: a wrong split, a missing
+    model) prints its message, which names the flag or file to change, and exits with status 2; set
+    ``LIGHTNING_UNLEARN_TRACEBACK=1`` for the traceback. In-process, the exception is raised as it is.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -89,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> Any:
         sys.stderr.write(f"{PROG}: unknown subcommand {name!r}.{hint}\n{usage()}")
         raise SystemExit(2)
     function = subcommand.function()
+    short = argv is None  # in-process callers (tests, notebooks) get the exception itself
     if subcommand.target == LIGHTNING:  # the LightningCLI reads the subcommand itself; None: the real sys.argv
-        return function([*subcommand.prefix, *rest] if argv is not None else None)
+        return _run(function, [*subcommand.prefix, *rest] if argv is not None else None, name, short)
     program = sys.argv[0]
     sys.argv[0] = f"{PROG} {name}"  # argparse names the program after it: "lightning-unlearn memory: error ..."
     try:
-        return function([*subcommand.prefix, *rest])
+        return _run(function, [*subcommand.prefix, *rest], name, short)
     finally:
         sys.argv[0] = program

@@ -56,7 +56,9 @@ class UnlearnModule(EvaluationHooks):
     ``gamma * forget_loss + retain_weight * retain_term``.
 
     Args:
-        small_model: Hugging Face id or directory of the small model (``S0`` and the start of ``S``).
+        small_model: Hugging Face id or directory of the small model (``S0`` and the start of ``S``). Required:
+            its default ``None`` only lets ``--print_config`` print a configuration to fill in; building the
+            module without it raises a ``ValueError`` naming ``--model.small_model``.
         large_model: id or directory of the frozen large model, or the address ``http://HOST:PORT/v1`` of a vLLM
             server serving it (a black box: only its log-probabilities are read, see
             :mod:`lightning_unlearn.offset.sources`); ``null`` for direct unlearning.
@@ -110,7 +112,7 @@ class UnlearnModule(EvaluationHooks):
 
     def __init__(
         self,
-        small_model: str,
+        small_model: str | None = None,
         large_model: str | None = None,
         tokenizer: str | None = None,
         alpha: float = 1.0,
@@ -137,6 +139,9 @@ class UnlearnModule(EvaluationHooks):
         large_logprobs: int | None = None,
     ) -> None:  # pragma: no mutate block
         super().__init__()
+        if not small_model:  # a default only so that ``--print_config`` needs no model paths
+            raise ValueError("no small model: set --model.small_model to a Hugging Face id or a model folder (the "
+                             "model to unlearn in direct mode, the offset's small model with --model.large_model).")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.alpha = alpha
