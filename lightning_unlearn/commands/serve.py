@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +83,25 @@ def vllm_command(python: str | os.PathLike, folder: str | os.PathLike, port: int
     return command + list(options)
 
 
+def run_server(command: Sequence[str], env: dict[str, str]) -> int:
+    """Run the server in this process's group (so Ctrl-C, or a signal to the group, reaches vLLM's processes too)
+    and until it ends; a SIGTERM to this process alone is passed on to it. Returns the server's exit status."""
+    process = subprocess.Popen(list(command), env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:  # vLLM got the same SIGINT from the terminal and is shutting down
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the serving folder, then run vLLM's server in the foreground until it ends; returns its exit status.
 
@@ -112,20 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_command:
             print(f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {shlex.join(command)}")
             return 0
-        process = subprocess.Popen(command, env=env, start_new_session=True)
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                return process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                return process.wait()
+        return run_server(command, env)
     finally:
         if owned and not args.print_command:
-            import shutil
-
             shutil.rmtree(folder.parent, ignore_errors=True)
 
 
