@@ -8,7 +8,8 @@ heads of 64; ``--small``, default 64 x 1 with 2 heads of 32: the large model abo
 For each of the two servers (one at a time, started with the same vLLM options: float32, eager, no prefix cache,
 ``--server-threads`` OpenMP threads) and for the in-process model, greedy decoding of ``--new-tokens`` tokens per
 prompt, at 1 request at a time (``--prompts`` requests in turn) and at ``--concurrency`` requests at once (a pool of
-that many clients over ``--concurrency`` x 2 prompts; in-process: batches of that size). The servers are asked to
+that many clients over ``--concurrency`` x 2 prompts; in-process: batches of that size), ``--rounds`` times each,
+the median printed with the machine's load average before each round. The servers are asked to
 ignore EOS so every request decodes exactly ``--new-tokens`` tokens; the in-process model stops at its stop tokens,
 and its figure counts the tokens it produced. tokens/s = completion tokens / wall seconds of the phase. Ratios
 printed: served unlearned / large alone (the cost of the offset inside the engine) and served unlearned /
@@ -22,11 +23,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import platform
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -95,6 +98,16 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def median_of(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, Any]:
+    """The median over ``rounds`` runs of ``measure`` of each figure, every run's figures, and the 1-minute load
+    average before each run (the machine is shared: a figure under a high load is slower than the code)."""
+    runs, loads = [], []
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        runs.append(measure())
+    return {**{k: statistics.median(r[k] for r in runs) for k in runs[0]}, "runs": runs, "load": loads}
+
+
 def served_throughput(url: str, name: str, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
     """Completion tokens per second at 1 request at a time and at ``concurrency`` at once."""
 
@@ -104,7 +117,6 @@ def served_throughput(url: str, name: str, prompts: list[list[int]], new_tokens:
         response.raise_for_status()
         return response.json()["usage"]["completion_tokens"]
 
-    complete(prompts[0])  # warm-up
     out = {}
     begin = time.perf_counter()
     tokens = sum(complete(p) for p in prompts[:concurrency // 2 or 1])
@@ -130,7 +142,6 @@ def in_process_throughput(model: UnlearnedModel, questions: list[str], new_token
         return count
 
     out = {}
-    model.generate_ids(*model.prompt_batch(questions[:1]), max_new_tokens=4)  # warm-up
     begin, tokens = time.perf_counter(), 0
     for q in questions[:concurrency // 2 or 1]:
         tokens += produced(model.generate_ids(*model.prompt_batch([q]), max_new_tokens=new_tokens))
@@ -153,6 +164,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--server-threads", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the in-process model")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per phase (the median is printed)")
+    parser.add_argument("--large-first", action="store_true", help="measure the large model's server first")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,6 +173,7 @@ def main() -> None:
     world = make_world(root / "world", tuple(args.large), tuple(args.small), args.offsets)
     sizes = {"large": parameters(Path(world["large"])), "small": parameters(Path(world["small"]))}
     model = UnlearnedModel.from_export(world["exports"], large_dtype="float32", small_dtype="float32")
+    model.generate_ids(*model.prompt_batch(["warm-up"]), max_new_tokens=4)
     questions = [r["question"] for r in load_split("bundled", "forget10")[: 2 * args.concurrency]]
     prompts = [model.prompt_batch([q])[0][0].tolist() for q in questions]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -167,29 +181,38 @@ def main() -> None:
     results: dict[str, Any] = {}
     starts: dict[str, float] = {}
 
-    port = free_port()
-    log = root / "serve_unlearned.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "serve", *map(str, world["exports"]),
-                                    "--port", str(port), "--serving-dir", str(root / "serving"), *VLLM_OPTIONS],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        starts["served unlearned"] = wait_ready(url, process, log)
-        name = httpx.get(f"{url}/models").json()["data"][0]["id"]
-        results["served unlearned"] = served_throughput(url, name, prompts, args.new_tokens, args.concurrency)
-    finally:
-        stop(process)
-    print("served unlearned:", results["served unlearned"], flush=True)
+    def unlearned_server() -> None:
+        port = free_port()
+        log = root / "serve_unlearned.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "serve", *map(str, world["exports"]),
+                                        "--port", str(port), "--serving-dir", str(root / "serving"), *VLLM_OPTIONS],
+                                       stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}/v1"
+            starts["served unlearned"] = wait_ready(url, process, log)
+            name = httpx.get(f"{url}/models").json()["data"][0]["id"]
+            served_throughput(url, name, prompts[:2], 8, 2)  # warm-up
+            results["served unlearned"] = median_of(args.rounds, lambda: served_throughput(
+                url, name, prompts, args.new_tokens, args.concurrency))
+        finally:
+            stop(process)
+        print("served unlearned:", results["served unlearned"], flush=True)
 
-    server = VLLMServer(world["large"], max_logprobs=20, log=root / "serve_large.log", threads=args.server_threads)
-    with server:
-        starts["served large alone"] = server.start_seconds or 0.0
-        results["served large alone"] = served_throughput(server.url, str(world["large"]), prompts, args.new_tokens,
-                                                          args.concurrency)
-    print("served large alone:", results["served large alone"], flush=True)
+    def large_server() -> None:
+        server = VLLMServer(world["large"], max_logprobs=20, log=root / "serve_large.log", threads=args.server_threads)
+        with server:
+            starts["served large alone"] = server.start_seconds or 0.0
+            name = str(world["large"])
+            served_throughput(server.url, name, prompts[:2], 8, 2)  # warm-up
+            results["served large alone"] = median_of(args.rounds, lambda: served_throughput(
+                server.url, name, prompts, args.new_tokens, args.concurrency))
+        print("served large alone:", results["served large alone"], flush=True)
 
-    results["in-process unlearned"] = in_process_throughput(model, questions, args.new_tokens, args.concurrency)
+    for phase in ((large_server, unlearned_server) if args.large_first else (unlearned_server, large_server)):
+        phase()
+    results["in-process unlearned"] = median_of(args.rounds, lambda: in_process_throughput(
+        model, questions, args.new_tokens, args.concurrency))
     c = str(args.concurrency)
     print(f"\nlarge {args.large[1]} x {args.large[0]} ({sizes['large']:,} parameters), small {args.small[1]} x "
           f"{args.small[0]} ({sizes['small']:,}), {args.offsets} offset(s); {args.new_tokens} new tokens per request; "
@@ -203,6 +226,7 @@ def main() -> None:
     for label, figures in ratios.items():
         print(f"{label:40s} {figures['1']:6.2f}x {figures[c]:8.2f}x")
     print("server start (s):", {k: round(v, 1) for k, v in starts.items()})
+    print("1-minute load average before each round:", {k: [round(x, 1) for x in v["load"]] for k, v in results.items()})
     if args.out:
         atomic_write_json(args.out, {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                      "parameters": sizes, "tokens_per_second": results, "ratios": ratios,

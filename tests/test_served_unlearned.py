@@ -27,6 +27,7 @@ import torch
 from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.deploy.served import PLUGIN_DIR
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
+from lightning_unlearn.losses.logit_arithmetic import relative_top_mask
 from lightning_unlearn.models.families import make_family_pair
 from lightning_unlearn.modules import NPO
 from lightning_unlearn.offset.vllm_server import default_vllm_python, free_port, vllm_missing
@@ -191,9 +192,15 @@ def test_streamed_chat_completion_equals_the_whole_one(served: dict) -> None:
 
 def test_plugin_imports_without_lightning_and_refuses_a_missing_model_at_load(tmp_path: Path) -> None:
     """In vLLM's environment, with only the plugin folder on the path: lightning_unlearn is not importable, the
-    plugin is, its entry point is what vLLM loads, and a serving spec naming a folder that is gone is refused with
-    the folder's name (raised while vLLM builds the model, so the server stops at start)."""
+    plugin is, its entry point is what vLLM loads, a serving spec naming a folder that is gone is refused with
+    the folder's name (raised while vLLM builds the model, so the server stops at start), and its restated ULD filter
+    keeps exactly the tokens :func:`relative_top_mask` keeps (on logits with near-ties and a flat row)."""
     gone = tmp_path / "moved_away"
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    logits[1] = 0.0
+    logits[2, :5] = logits[2].max()
+    torch.save({"logits": logits, **{f"keep_{tau}": ~relative_top_mask(logits, tau) for tau in (0.05, 0.1, 0.5)}},
+               tmp_path / "uld.pt")
     script = f"""
 import importlib.metadata, importlib.util
 assert importlib.util.find_spec("lightning_unlearn") is None
@@ -208,9 +215,17 @@ try:
                "vocab_size": 4}})
 except ValueError as err:
     print("REFUSED", err)
+import torch
+from lightning_unlearn_vllm.model import relative_top_keep
+saved = torch.load({str(tmp_path / "uld.pt")!r})
+assert relative_top_keep(saved["logits"], 0.0) is None
+for tau in (0.05, 0.1, 0.5):
+    assert torch.equal(relative_top_keep(saved["logits"], tau), saved[f"keep_{{tau}}"]), tau
+print("ULD FILTER EQUAL")
 """
     env = {**os.environ, "PYTHONPATH": str(PLUGIN_DIR), "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1"}
     done = subprocess.run([str(default_vllm_python()), "-c", script], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"REFUSED {str(gone)!r}" in done.stdout and "has no config.json" in done.stdout
+    assert "ULD FILTER EQUAL" in done.stdout

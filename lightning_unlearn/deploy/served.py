@@ -20,9 +20,9 @@ The serving folder holds:
   (vLLM sizes the context, the vocabulary and the memory plan from the large model's fields);
 - the export's tokenizer files (its chat template included), checked equal to every model's tokenizer here, before
   vLLM starts;
-- ``generation_config.json`` whose ``eos_token_id`` lists :attr:`UnlearnedModel.stop_ids
-  <lightning_unlearn.deploy.unlearned.UnlearnedModel.stop_ids>`'s ids (EOS, every model's generation config, the
-  chat template's end of turn), so the server stops where in-process generation stops;
+- ``generation_config.json`` whose ``eos_token_id`` lists the ids in-process generation stops at
+  (:func:`~lightning_unlearn.data.formatting.stop_token_ids`: EOS, every model's generation config, the chat
+  template's end of turn), so the server stops where ``UnlearnedModel`` stops;
 - links to the large model's weight files (vLLM's loader reads its primary weights from the served folder).
 
 Alpha is fixed per server (the manifests', or ``--alphas``); a new deletion request is served by restarting with
