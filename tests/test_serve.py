@@ -115,3 +115,10 @@ def test_the_plugin_folder_declares_vllms_entry_point() -> None:
     (entry,) = [e for d in distributions for e in d.entry_points if e.group == "vllm.general_plugins"]
     assert (entry.name, entry.value) == ("lightning_unlearn_offset", "lightning_unlearn_vllm:register")
     assert (PLUGIN_DIR / "lightning_unlearn_vllm" / "model.py").is_file()
+
+
+def test_without_a_vllm_environment_the_command_says_how_to_get_one(exports: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(FileNotFoundError, match="Cannot serve: no vLLM environment.*make vllm"):
+        serve_cli.main([str(exports["a"]), "--port", "8011"])

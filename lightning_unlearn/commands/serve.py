@@ -110,9 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ValueError: exports that do not compose, a direct or LoRA export, tokenizers that differ.
     """
     args, options = build_parser().parse_known_args(argv)
-    missing = vllm_missing()
-    if missing:
-        raise FileNotFoundError(f"Cannot serve: {missing}.")
     owned = args.serving_dir is None
     folder = Path(args.serving_dir or tempfile.mkdtemp(prefix="lightning-unlearn-serve-")) / "model"
     try:
@@ -132,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_command:
             print(f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {shlex.join(command)}")
             return 0
+        missing = vllm_missing()
+        if missing:
+            raise FileNotFoundError(f"Cannot serve: {missing}.")
         return run_server(command, env)
     finally:
         if owned and not args.print_command:
