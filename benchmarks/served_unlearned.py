@@ -11,7 +11,8 @@ prompt, at 1 request at a time (``--prompts`` requests in turn) and at ``--concu
 that many clients over ``--concurrency`` x 2 prompts; in-process: batches of that size), ``--rounds`` times each,
 the median printed with the machine's load average before each round. The servers are asked to
 ignore EOS so every request decodes exactly ``--new-tokens`` tokens; the in-process model stops at its stop tokens,
-and its figure counts the tokens it produced. tokens/s = completion tokens / wall seconds of the phase. Ratios
+and its figure counts the tokens it produced. tokens/s = completion tokens / wall seconds of the phase, and per CPU second of the server's processes (or of
+this process, in-process), which other jobs on a shared machine move much less than wall time. Ratios
 printed: served unlearned / large alone (the cost of the offset inside the engine) and served unlearned /
 in-process (what serving buys).
 
@@ -98,6 +99,20 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes in process group ``pgid`` (a server: API server, engine,
+    worker), from ``/proc``: unlike wall time, hardly moved by other jobs waiting for the same cores."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def median_of(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, Any]:
     """The median over ``rounds`` runs of ``measure`` of each figure, every run's figures, and the 1-minute load
     average before each run (the machine is shared: a figure under a high load is slower than the code)."""
@@ -108,8 +123,10 @@ def median_of(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str,
     return {**{k: statistics.median(r[k] for r in runs) for k in runs[0]}, "runs": runs, "load": loads}
 
 
-def served_throughput(url: str, name: str, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
-    """Completion tokens per second at 1 request at a time and at ``concurrency`` at once."""
+def served_throughput(url: str, name: str, prompts: list[list[int]], new_tokens: int, concurrency: int,
+                      pgid: int) -> dict:
+    """Completion tokens per second (wall) and per CPU second of the server's processes, at 1 request at a time
+    and at ``concurrency`` at once."""
 
     def complete(prompt: list[int]) -> int:
         body = {"model": name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
@@ -118,14 +135,16 @@ def served_throughput(url: str, name: str, prompts: list[list[int]], new_tokens:
         return response.json()["usage"]["completion_tokens"]
 
     out = {}
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), group_cpu_seconds(pgid)
     tokens = sum(complete(p) for p in prompts[:concurrency // 2 or 1])
     out["1"] = tokens / (time.perf_counter() - begin)
+    out["1 cpu"] = tokens / (group_cpu_seconds(pgid) - cpu)
     many = (prompts * 4)[: 2 * concurrency]
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), group_cpu_seconds(pgid)
     with ThreadPoolExecutor(concurrency) as pool:
         tokens = sum(pool.map(complete, many))
     out[str(concurrency)] = tokens / (time.perf_counter() - begin)
+    out[f"{concurrency} cpu"] = tokens / (group_cpu_seconds(pgid) - cpu)
     return out
 
 
@@ -142,15 +161,17 @@ def in_process_throughput(model: UnlearnedModel, questions: list[str], new_token
         return count
 
     out = {}
-    begin, tokens = time.perf_counter(), 0
+    begin, cpu, tokens = time.perf_counter(), time.process_time(), 0
     for q in questions[:concurrency // 2 or 1]:
         tokens += produced(model.generate_ids(*model.prompt_batch([q]), max_new_tokens=new_tokens))
     out["1"] = tokens / (time.perf_counter() - begin)
+    out["1 cpu"] = tokens / (time.process_time() - cpu)
     many = (questions * 4)[: 2 * concurrency]
-    begin, tokens = time.perf_counter(), 0
+    begin, cpu, tokens = time.perf_counter(), time.process_time(), 0
     for i in range(0, len(many), concurrency):
         tokens += produced(model.generate_ids(*model.prompt_batch(many[i:i + concurrency]), max_new_tokens=new_tokens))
     out[str(concurrency)] = tokens / (time.perf_counter() - begin)
+    out[f"{concurrency} cpu"] = tokens / (time.process_time() - cpu)
     return out
 
 
@@ -192,9 +213,9 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}/v1"
             starts["served unlearned"] = wait_ready(url, process, log)
             name = httpx.get(f"{url}/models").json()["data"][0]["id"]
-            served_throughput(url, name, prompts[:2], 8, 2)  # warm-up
+            served_throughput(url, name, prompts[:2], 8, 2, process.pid)  # warm-up
             results["served unlearned"] = median_of(args.rounds, lambda: served_throughput(
-                url, name, prompts, args.new_tokens, args.concurrency))
+                url, name, prompts, args.new_tokens, args.concurrency, process.pid))
         finally:
             stop(process)
         print("served unlearned:", results["served unlearned"], flush=True)
@@ -204,9 +225,10 @@ def main() -> None:
         with server:
             starts["served large alone"] = server.start_seconds or 0.0
             name = str(world["large"])
-            served_throughput(server.url, name, prompts[:2], 8, 2)  # warm-up
+            pgid = server.process.pid
+            served_throughput(server.url, name, prompts[:2], 8, 2, pgid)  # warm-up
             results["served large alone"] = median_of(args.rounds, lambda: served_throughput(
-                server.url, name, prompts, args.new_tokens, args.concurrency))
+                server.url, name, prompts, args.new_tokens, args.concurrency, pgid))
         print("served large alone:", results["served large alone"], flush=True)
 
     for phase in ((large_server, unlearned_server) if args.large_first else (unlearned_server, large_server)):
@@ -218,13 +240,19 @@ def main() -> None:
           f"{args.small[0]} ({sizes['small']:,}), {args.offsets} offset(s); {args.new_tokens} new tokens per request; "
           f"server threads {args.server_threads}, in-process threads {args.threads}; {platform.machine()}, "
           f"{os.cpu_count()} cores")
-    print(f"{'':24s} {'1 request':>12s} {c + ' concurrent':>14s}   (completion tokens/s)")
+    print(f"{'':24s} {'1 request':>12s} {c + ' concurrent':>14s}   (completion tokens per wall second)")
     for label, figures in results.items():
         print(f"{label:24s} {figures['1']:12.1f} {figures[c]:14.1f}")
-    ratios = {f"served unlearned / {peer}": {k: results["served unlearned"][k] / results[peer][k] for k in ("1", c)}
+    print(f"{'':24s} {'1 request':>12s} {c + ' concurrent':>14s}   (completion tokens per CPU second of the server, "
+          "or of this process in-process)")
+    for label, figures in results.items():
+        print(f"{label:24s} {figures['1 cpu']:12.1f} {figures[c + ' cpu']:14.1f}")
+    keys = ("1", c, "1 cpu", c + " cpu")
+    ratios = {f"served unlearned / {peer}": {k: results["served unlearned"][k] / results[peer][k] for k in keys}
               for peer in ("served large alone", "in-process unlearned")}
+    print(f"{'ratios':40s} {'1 wall':>8s} {c + ' wall':>8s} {'1 cpu':>8s} {c + ' cpu':>8s}")
     for label, figures in ratios.items():
-        print(f"{label:40s} {figures['1']:6.2f}x {figures[c]:8.2f}x")
+        print(f"{label:40s} " + " ".join(f"{figures[k]:7.2f}x" for k in keys))
     print("server start (s):", {k: round(v, 1) for k, v in starts.items()})
     print("1-minute load average before each round:", {k: [round(x, 1) for x in v["load"]] for k, v in results.items()})
     if args.out:
