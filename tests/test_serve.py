@@ -122,3 +122,17 @@ def test_without_a_vllm_environment_the_command_says_how_to_get_one(exports: dic
     monkeypatch.setenv("VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
     with pytest.raises(FileNotFoundError, match="Cannot serve: no vLLM environment.*make vllm"):
         serve_cli.main([str(exports["a"]), "--port", "8011"])
+
+
+def test_ulds_reference_free_filtered_offset_is_served_with_its_filter(exports: dict, tmp_path: Path) -> None:
+    """ULD's export (no reference, a relative-top filter) fits the same model class: the spec carries the filter
+    and no reference, and no reference tokenizer is asked for."""
+    uld = tmp_path / "uld"
+    shutil.copytree(exports["a"], uld)
+    manifest = json.loads((uld / "offset.json").read_text())
+    (uld / "offset.json").write_text(json.dumps({**manifest, "reference_model": None, "relative_top": 0.1,
+                                                 "alpha": -0.8}))
+    folder, _ = write_serving_folder([uld], tmp_path / "serving")
+    spec = json.loads((folder / "config.json").read_text())[SPEC_KEY]
+    assert spec["reference_model"] is None and spec["relative_top"] == 0.1
+    assert [o["alpha"] for o in spec["offsets"]] == [-0.8]

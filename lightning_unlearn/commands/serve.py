@@ -13,7 +13,7 @@ Any option this command does not know is vLLM's and is passed on (``--dtype``, `
 float32`` (what in-process evaluation computes on a CPU), prefix caching off (as ``make serve``: see
 :mod:`lightning_unlearn.offset.vllm_server`), the served name is the exports' folder names joined by ``+``, and
 without a GPU the CPU settings the project's servers use (``VLLM_CPU_KVCACHE_SPACE=1`` GiB of KV cache,
-``--gpu-memory-utilization 0.2``), unless given.
+``--gpu-memory-utilization 0.2``), unless given. For example::
 
     lightning-unlearn serve runs/npo_request1 runs/npo_request2 --port 8011
     curl localhost:8011/v1/chat/completions -d '{"model": "npo_request1+npo_request2",
