@@ -7,14 +7,14 @@ and every import in the package, function-level ones included, and fails on an i
 
 Layers, from the top down:
 
-    commands -- the one command, ``lightning-unlearn SUBCOMMAND``: the subcommand table, export, generate, fuse
+    commands -- the one command, ``lightning-unlearn SUBCOMMAND``: the subcommand table, export, generate, serve, fuse
     compare -- the comparison of methods, offset and direct: runs the commands below for each cell, then tables
     demo -- the offline demo: a tiny TOFU world fine-tuned, unlearned and evaluated, stage by stage
     sweep -- the offset strength alpha swept at test time (runs ``test`` once per alpha)
     cli -- the training command line (LightningCLI: ``fit``, ``test``, ``validate``); no library code imports it
     modules -- the unlearning methods as LightningModules: the base, one small class per method, their callbacks
     harness -- lm-evaluation-harness over any model the framework makes (named so as not to shadow ``lm_eval``)
-    deploy -- what a run leaves behind and how it is used without the trainer: exports, composition, generation
+    deploy -- what a run leaves behind and how it is used without the trainer: exports, composition, generation, serving
     evaluation -- the TOFU, MUSE and loss evaluations, their teacher-forced passes, references, reports
     models -- loading weights, LoRA, EUL's unlearning layers, the memory plan, tiny models for offline runs
     offset -- the offset machinery z = z_L + alpha (z_S - z_S0): logits, caches, KV-cached decoding, served models

@@ -44,6 +44,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "export": Subcommand("lightning_unlearn.commands.export:main",
                          "turn a fit checkpoint into an export folder that generate and lm-eval read"),
     "generate": Subcommand("lightning_unlearn.commands.generate:main", "answer questions with one or more exports"),
+    "serve": Subcommand("lightning_unlearn.commands.serve:main",
+                        "serve exports with vLLM's OpenAI-compatible server, the offset inside the engine"),
     "lm-eval": Subcommand("lightning_unlearn.harness.__main__:main",
                           "evaluate exports (or any Hugging Face model) with lm-evaluation-harness"),
     "compare": Subcommand("lightning_unlearn.compare.main:main", "the offset vs direct table of several methods"),

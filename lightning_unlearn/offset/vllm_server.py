@@ -89,6 +89,9 @@ class VLLMServer:
         max_model_len: longest sequence served (a smaller KV cache), ``None``: the model's.
         eager: no torch.compile (see :func:`server_command`).
         prefix_caching: vLLM's prefix cache (off by default: see the module docstring).
+        env: variables set for the server on top of the defaults (the unlearned model's plugin path:
+            :func:`lightning_unlearn.deploy.served.plugin_environment`).
+        extra_args: further vLLM engine options, appended to the command line.
     """
 
     model: str | Path
@@ -100,6 +103,8 @@ class VLLMServer:
     max_model_len: int | None = 512
     eager: bool = True
     prefix_caching: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     start_seconds: float | None = None
 
@@ -121,11 +126,12 @@ class VLLMServer:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(self.threads),
                "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
         env.pop("PYTHONPATH", None)  # the server imports its own environment's packages, not this checkout's
+        env.update(self.env)
         begin = time.monotonic()
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 server_command(self.python, self.model, self.port, self.max_logprobs, self.max_model_len, self.eager,
-                               self.prefix_caching),
+                               self.prefix_caching) + list(self.extra_args),
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while time.monotonic() - begin < timeout:
             if self.process.poll() is not None:
