@@ -54,6 +54,9 @@ def evaluate(
         bootstrap_iters: lm-eval's bootstrap resamples for standard errors of non-mean metrics (0: none).
         seed: lm-eval's random, numpy, torch and few-shot seeds.
 
+    ``lm.model_args`` (:class:`~lightning_unlearn.harness.model.UnlearnedLM` has it: the exports, alphas, large and
+    reference models) becomes the results' ``config.model_args``; lm-eval records ``null`` for a model object.
+
     When ``lm`` answered a log-likelihood request with NaN or infinity (its ``non_finite_requests``, as
     :class:`~lightning_unlearn.harness.model.UnlearnedLM` counts them), every metric of every task is NaN and
     ``results["non_finite_requests"]`` says how many: lm-eval ranks the choices with ``argmax``, which takes a NaN
@@ -68,7 +71,7 @@ def evaluate(
     manager = task_manager(list(tasks), include_path)
     try:
         results = simple_evaluate(
-            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+            model=lm, model_args=getattr(lm, "model_args", None), tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
             evaluation_tracker=evaluation_tracker, task_manager=manager, bootstrap_iters=bootstrap_iters,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
