@@ -90,14 +90,17 @@ def evaluate(
     return results
 
 
-def missing_data_error(tasks: Sequence[str], err: Exception) -> FileNotFoundError:
-    """The error for task data that is neither on this machine nor downloadable (``err``: datasets' error)."""
+def missing_data_error(tasks: Sequence[str], err: Exception, tasks_flag: str = "--tasks",
+                       include_flag: str = "--include_path") -> FileNotFoundError:
+    """The error for task data that is neither on this machine nor downloadable (``err``: datasets' error);
+    ``tasks_flag`` and ``include_flag`` are the options that choose tasks where the error is raised (the command
+    line's, or ``--data.lm_eval_tasks`` and ``--data.lm_eval_include_path`` in fit and test)."""
     hub = [t for t in tasks if t not in LOCAL_TASK_NAMES]
     return FileNotFoundError(
         f"The data of lm-eval task(s) {hub} is not on this machine and cannot be downloaded ({err}). Run "
-        "once with network access to fill the Hugging Face datasets cache (HF_DATASETS_CACHE), or evaluate "
-        f"tasks with local data: the package's {list(LOCAL_TASK_NAMES)}, or your own YAML with dataset_path "
-        "json and local data_files passed with --include_path."
+        "once with network access to fill the Hugging Face datasets cache (HF_DATASETS_CACHE), or choose other "
+        f"tasks with {tasks_flag}: the package's offline {list(LOCAL_TASK_NAMES)}, or your own YAML with "
+        f"dataset_path json and local data_files passed with {include_flag}."
     )
 
 
