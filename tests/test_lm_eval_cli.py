@@ -4,12 +4,11 @@ class registered as ``unlearned``."""
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import subprocess
 import sys
-from importlib.metadata import EntryPoint
+from importlib.metadata import distributions
 from pathlib import Path
 
 import pytest
@@ -71,11 +70,17 @@ def test_the_real_lm_eval_console_script_without_the_package_knows_no_unlearned_
         assert done.returncode != 0 and "no model for this name found" in done.stderr
 
 
-def test_the_declared_entry_point_is_the_class_registered_as_unlearned() -> None:
-    parser = configparser.ConfigParser()
-    parser.read(ROOT / "setup.cfg")
-    lines = [line.strip() for line in parser["options.entry_points"]["lm_eval.models"].splitlines() if line.strip()]
-    (declared,) = [EntryPoint(*(part.strip() for part in line.split("=")), group="lm_eval.models") for line in lines]
+def test_the_built_metadata_declares_the_entry_point_of_the_class_registered_as_unlearned(tmp_path: Path) -> None:
+    """The package metadata an install writes, built by setuptools from setup.cfg (PEP 517's
+    prepare_metadata_for_build_wheel, no install), holds the ``lm_eval.models`` entry point that lm-eval's plugin
+    discovery reads, and it loads the class lm-eval knows as ``unlearned``."""
+    build = ("import sys; from setuptools import build_meta; "
+             "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))")
+    done = _run([sys.executable, "-c", build, str(tmp_path)], cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name = done.stdout.strip().splitlines()[-1]  # the .dist-info folder (setuptools leaves an .egg-info beside it)
+    (dist,) = [d for d in distributions(path=[str(tmp_path)]) if getattr(d, "_path", Path()).name == name]
+    (declared,) = dist.entry_points.select(group="lm_eval.models")
     assert (declared.name, declared.value) == (MODEL_NAME, MODEL_TARGET)
     from lm_eval.api.registry import get_model
 
