@@ -164,6 +164,7 @@ class UnlearnCLI(LightningCLI):
                 section, user = section.get("init_args"), user.get("init_args")
             if isinstance(section, Namespace) and isinstance(user, Namespace):
                 _own_class_defaults(section, user)
+        _default_run_folder(config)
         if self._print_config_flags is not None:
             flags, in_subcommand = self._print_config_flags
             parser = self._parser(subcommand) if subcommand and in_subcommand else self.parser
@@ -207,6 +208,35 @@ class UnlearnCLI(LightningCLI):
                 text = ", ".join(m.name for m in methods_without_parts(QA_ONLY_PARTS))
                 raise QuestionsNeeded(f"{err} Methods that run on text: {text}.").with_traceback(
                     err.__traceback__) from None
+
+
+RUNS = "runs"
+"""The folder (relative to the working directory) that holds a run's folder when ``trainer.default_root_dir`` is
+not given: ``runs/<method>`` (``runs/npo``)."""
+
+
+def _default_run_folder(config: Namespace) -> None:
+    """Give a run without ``trainer.default_root_dir`` the folder ``runs/<method>``, in place in ``config``, and a
+    logger left without a folder (``save_dir`` unset or W&B's ``"."``) that run folder.
+
+    Lightning's default is the working directory: the TensorBoard logs went to ``./lightning_logs`` and, where no
+    logger writes a version folder (``fast_dev_run`` replaces the loggers), ``TOFU_HISTORY.json`` and the other result
+    files into whatever folder the command was started from, the repository root included. Set here, before
+    ``--print_config`` and the saved ``config.yaml``, so a saved config names the folder its run used.
+    """
+    trainer = config.get("trainer")
+    if not isinstance(trainer, Namespace):
+        return
+    if trainer.get("default_root_dir") is None:
+        model = config.get("model")
+        class_path = model.get("class_path") if isinstance(model, Namespace) else None
+        name = class_path.rsplit(".", 1)[-1].lower() if isinstance(class_path, str) else "run"
+        trainer.default_root_dir = f"{RUNS}/{name}"
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if isinstance(init_args, Namespace) and "save_dir" in init_args and init_args.save_dir in (None, "."):
+            init_args.save_dir = str(trainer.default_root_dir)
 
 
 def mode_line(model: UnlearnModule) -> str:

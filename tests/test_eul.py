@@ -323,7 +323,7 @@ def test_fit_command_trains_only_adapters_and_saves_the_request(tiny_world: dict
     trainable = {id(p) for p in get_adapters(module.model).parameters()}
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
     saved = load_adapter_set(module.adapters_path.parent)
-    assert saved.tokens > 0 and module.adapters_path.parent == tmp_cwd / "unlearning_layers"
+    assert saved.tokens > 0 and module.adapters_path.parent.resolve() == (tmp_cwd / "runs" / "eul" / "unlearning_layers").resolve()
     tested = main(["test", "--config", FAST, "--model", "EUL", "--model.small_model", tiny_world["small"],
                    "--model.adapters", str(module.adapters_path.parent)])
     assert "test/forget_nll" in tested.trainer.callback_metrics

@@ -317,7 +317,7 @@ def test_generate_until_stops_at_the_models_end_tokens(tiny_world: dict) -> None
     assert lm.generate_until(request) == [lm.tokenizer.decode([first], skip_special_tokens=True)]
 
 
-def test_command_line_composes_exports_and_writes_lm_eval_results(exports: dict, tmp_path: Path,
+def test_command_line_composes_exports_and_writes_lm_eval_results(exports: dict, tiny_world: dict, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     lm_eval_main([str(exports["first"]), str(exports["second"]), "--tasks", "tofu_real_authors_mc", "--limit", "5",
                   "--alpha", "1.0", "0.5", "--output_path", str(tmp_path), "--large_dtype", "float32"])
@@ -326,6 +326,19 @@ def test_command_line_composes_exports_and_writes_lm_eval_results(exports: dict,
     assert set(results["results"]) == {"tofu_real_authors_mc"} and results["n-samples"]["tofu_real_authors_mc"][
         "effective"] == 5
     assert "acc" in capsys.readouterr().out
+    args = results["config"]["model_args"]  # lm-eval wrote null here for a model object
+    assert args["pretrained"] == [str(exports["first"].resolve()), str(exports["second"].resolve())]
+    assert args["alpha"] == [1.0, 0.5], "the alphas used, not the manifests' 1.5 and 0.5"
+    assert args["large_model"] == str(Path(tiny_world["large"]).resolve())
+    assert args["method"] == ["NPO", "NPO"] and args["large_dtype"] == "float32"
+    assert results["config"]["unlearned"] == args
+
+
+def test_results_record_the_manifests_alpha_when_none_is_given(exports: dict) -> None:
+    lm = UnlearnedLM(str(exports["first"]), large_dtype="float32")
+    results = evaluate(lm, ["tofu_real_authors_mc"], limit=2)
+    assert results["config"]["model_args"]["alpha"] == 1.5
+    assert results["config"]["model_args"]["pretrained"] == str(exports["first"].resolve())
 
 
 def test_unknown_local_task_folder_and_missing_data_are_clear_errors(tiny_world: dict, tmp_path: Path) -> None:

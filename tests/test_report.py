@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(path, half_then_fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_a_result_file_has_the_mode_the_umask_gives_an_ordinary_file(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        written = atomic_write_json(tmp_path / "summary.json", {"forget_quality": 0.5})
+        copied = atomic_write(tmp_path / "copy.json", lambda tmp: shutil.copyfile(written, tmp))
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == expected, "the reference: what open() gives"
+    assert stat.S_IMODE(written.stat().st_mode) == expected
+    assert stat.S_IMODE(copied.stat().st_mode) == expected

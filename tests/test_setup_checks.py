@@ -197,3 +197,26 @@ def test_the_lm_eval_names_known_at_setup_are_those_logged_groups_included(tiny_
     names = task_metrics(LmEvalSettings(("tofu_mc_mean",), str(tmp_cwd / "group")))
     assert "tofu_mc_mean/acc" in names
     assert names == {k for k in summary if "/" in k}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_paper_config_offline_without_its_hub_tasks_data_stops_before_any_weight_loads(
+        tiny_world: dict, tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TOFU paper configs list the delta paper's four lm-eval tasks, whose data comes from the hub. Offline (the
+    suite is) with an empty datasets cache, fit stops when the trainer sets up: no training step, no model weight
+    loaded (a 8B download would come first otherwise), and the message names the option to change. Slow: an
+    unknown-to-the-package task makes lm-eval index its ~15,000 task files (10-70 s)."""
+    import datasets
+
+    from paper_configs import config_args, paper_stacks
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_cwd / "empty_cache")
+    stack = paper_stacks()["tofu/offset/npo"]
+    cli = main([*config_args(stack), "--model.small_model", tiny_world["small"], "--model.large_model",
+                tiny_world["large"], "--model.small_dtype", "float32", "--model.large_dtype", "float32",
+                "--model.gradient_checkpointing", "false", "--trainer.max_epochs", "1", "--data.forget_split",
+                "forget01", "--data.retain_split", "retain99", "--trainer.accumulate_grad_batches", "1"], run=False)
+    message = fit_fails_before_training(cli, FileNotFoundError, "arc_easy")
+    assert "--data.lm_eval_tasks" in message and "cannot be downloaded" in message
+    assert cli.model.model is None, "refused before any model weight was loaded"

@@ -6,10 +6,12 @@
 * :mod:`.run`: running tasks and flattening results to ``task/metric`` names.
 * :mod:`.hooks`: the same tasks beside the TOFU evaluation in ``fit`` (validation) and ``test``.
 * ``python -m lightning_unlearn.harness EXPORT_DIR ... --tasks ...``: the command line (:mod:`.__main__`).
+* :mod:`.lm_eval_cli`: lm-eval's own command line with ``--model unlearned`` (and the ``lm_eval.models`` entry point
+  for lm-eval releases that discover installed models).
 
 Named ``harness`` (for lm-evaluation-harness), not ``lm_eval``: a package of the library's own name would
 shadow it wherever ``lightning_unlearn/`` stands first on ``sys.path``. Users meet lm-eval's names: the model is
-registered as ``unlearned`` (``lm_eval --model unlearned``) and the offline task as ``tofu_general``.
+registered as ``unlearned`` (``--model unlearned``) and the offline task as ``tofu_general``.
 """
 
 from __future__ import annotations

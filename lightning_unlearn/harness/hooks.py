@@ -119,7 +119,8 @@ def task_metrics(settings: LmEvalSettings) -> frozenset[str]:
         try:
             loaded = manager.load([task])
         except ConnectionError as err:  # datasets' offline error: OfflineModeIsEnabled, or no network
-            raise missing_data_error([task], err) from err
+            raise missing_data_error([task], err, "--data.lm_eval_tasks (null for none)",
+                                     "--data.lm_eval_include_path") from err
         except FileNotFoundError as err:
             raise FileNotFoundError(f"lm-eval task {task!r} of data.lm_eval_tasks cannot load its data: {err}. Fix "
                                     "the task's data_files (or dataset_path) or remove the task.") from err

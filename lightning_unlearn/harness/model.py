@@ -50,7 +50,7 @@ from ..deploy.manifest import compose
 from ..numbers import finite
 from ..deploy.unlearned import UnlearnedModel
 
-__all__ = ["CombinedLM", "UnlearnedLM", "max_context_length"]
+__all__ = ["CombinedLM", "UnlearnedLM", "max_context_length", "model_description"]
 
 LLRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 
@@ -159,9 +159,20 @@ class UnlearnedLM(TemplateLM):
             if isinstance(module, ServedLargeModel):
                 check_served_context(module, self._max_length, "max_length (lm-eval's model_args)")
         self._max_gen_toks = int(max_gen_toks)
+        self.model_args: dict[str, Any] = {
+            **model_description(model, pretrained),
+            "batch_size": self.batch_size_per_gpu, "max_length": self._max_length, "device": device}
+        """What was evaluated, for lm-eval's results file (``config.model_args``): the export(s) as absolute paths,
+        the alpha of each offset as used (the manifests' or the ``alpha`` given), the large and reference models,
+        dtypes; without it lm-eval writes ``model_args: null`` for a model passed as an object."""
         self.non_finite_requests = 0
         """Log-likelihood requests answered with a NaN or infinite value so far (:func:`~.run.evaluate` reports
         every metric NaN when there is one: lm-eval would rank a NaN as a number)."""
+
+    def get_model_info(self) -> dict[str, Any]:
+        """lm-eval adds this to its results' ``config`` (``lm_eval --model unlearned`` included, where
+        ``model_args`` holds only what the user typed): the export(s) and the alphas actually used."""
+        return {"unlearned": dict(self.model_args)}
 
     # --- lm-eval's model properties ---------------------------------------------------------------------------
 
@@ -360,6 +371,34 @@ class UnlearnedLM(TemplateLM):
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
         return order.get_original(results)
+
+
+def _local(path: str | None) -> str | None:
+    """An existing local path made absolute (a results file must name it wherever it is read); hub ids as they are."""
+    return os.path.abspath(path) if path is not None and os.path.exists(path) else path
+
+
+def model_description(model: Any, pretrained: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """What a model is, as lm-eval's ``model_args`` of a results file: for an export (or composition) the export
+    paths (``pretrained``: one string, or a list when composed), each offset's ``alpha`` as used, ``method``, the
+    ``large_model`` and ``reference_model`` (``None`` for a direct model) and the dtypes; for anything else its
+    class name."""
+    composition = getattr(model, "composition", None)
+    if composition is None:
+        return {"pretrained": pretrained if isinstance(pretrained, str) or pretrained is None else list(pretrained),
+                "model": type(model).__name__}
+    paths = [_local(o.path) for o in composition.offsets]
+    alphas = composition.alphas
+    described: dict[str, Any] = {"pretrained": paths[0] if len(paths) == 1 else paths}
+    if not composition.is_direct:
+        described["alpha"] = alphas[0] if len(alphas) == 1 else alphas
+    described |= {"method": [o.method for o in composition.offsets] if len(paths) > 1 else composition.offsets[0].method,
+                  "large_model": _local(composition.large_model),
+                  "reference_model": _local(composition.reference_model),
+                  "large_dtype": composition.large_dtype, "small_dtype": composition.small_dtype}
+    if composition.relative_top:
+        described["relative_top"] = composition.relative_top
+    return described
 
 
 def load_unlearned(

@@ -54,6 +54,9 @@ def evaluate(
         bootstrap_iters: lm-eval's bootstrap resamples for standard errors of non-mean metrics (0: none).
         seed: lm-eval's random, numpy, torch and few-shot seeds.
 
+    ``lm.model_args`` (:class:`~lightning_unlearn.harness.model.UnlearnedLM` has it: the exports, alphas, large and
+    reference models) becomes the results' ``config.model_args``; lm-eval records ``null`` for a model object.
+
     When ``lm`` answered a log-likelihood request with NaN or infinity (its ``non_finite_requests``, as
     :class:`~lightning_unlearn.harness.model.UnlearnedLM` counts them), every metric of every task is NaN and
     ``results["non_finite_requests"]`` says how many: lm-eval ranks the choices with ``argmax``, which takes a NaN
@@ -68,7 +71,7 @@ def evaluate(
     manager = task_manager(list(tasks), include_path)
     try:
         results = simple_evaluate(
-            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+            model=lm, model_args=getattr(lm, "model_args", None), tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
             evaluation_tracker=evaluation_tracker, task_manager=manager, bootstrap_iters=bootstrap_iters,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
@@ -87,14 +90,17 @@ def evaluate(
     return results
 
 
-def missing_data_error(tasks: Sequence[str], err: Exception) -> FileNotFoundError:
-    """The error for task data that is neither on this machine nor downloadable (``err``: datasets' error)."""
+def missing_data_error(tasks: Sequence[str], err: Exception, tasks_flag: str = "--tasks",
+                       include_flag: str = "--include_path") -> FileNotFoundError:
+    """The error for task data that is neither on this machine nor downloadable (``err``: datasets' error);
+    ``tasks_flag`` and ``include_flag`` are the options that choose tasks where the error is raised (the command
+    line's, or ``--data.lm_eval_tasks`` and ``--data.lm_eval_include_path`` in fit and test)."""
     hub = [t for t in tasks if t not in LOCAL_TASK_NAMES]
     return FileNotFoundError(
         f"The data of lm-eval task(s) {hub} is not on this machine and cannot be downloaded ({err}). Run "
-        "once with network access to fill the Hugging Face datasets cache (HF_DATASETS_CACHE), or evaluate "
-        f"tasks with local data: the package's {list(LOCAL_TASK_NAMES)}, or your own YAML with dataset_path "
-        "json and local data_files passed with --include_path."
+        "once with network access to fill the Hugging Face datasets cache (HF_DATASETS_CACHE), or choose other "
+        f"tasks with {tasks_flag}: the package's offline {list(LOCAL_TASK_NAMES)}, or your own YAML with "
+        f"dataset_path json and local data_files passed with {include_flag}."
     )
 
 
