@@ -206,3 +206,14 @@ def gather_for_export(module: Any) -> dict[str, torch.Tensor] | None:
     if not is_sharded(module.model):
         return None
     return full_state_dict(module.model, trainable_only=module.hparams.get("lora_rank") is not None)
+
+
+def plan_sharding(trainer: Any) -> dict[str, Any] | None:
+    """The fsdp2 settings the memory plan needs (:func:`lightning_unlearn.models.memory.run_spec`'s ``sharding``),
+    or ``None`` when the trainer does not shard."""
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, FSDP2Strategy):
+        return None
+    policy = strategy.policy
+    return {"devices": strategy.num_nodes * strategy.num_processes, "gather_dtype": policy.param_dtype,
+            "offload_frozen": policy.offload_frozen, "activation_checkpointing": policy.activation_checkpointing}

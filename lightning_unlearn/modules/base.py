@@ -31,7 +31,7 @@ from ..numbers import finite
 from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
                               large_source)
-from ..distributed.strategy import gather_for_export, shard_unlearn_models
+from ..distributed.strategy import gather_for_export, plan_sharding, shard_unlearn_models
 from .divergence import DivergenceError, DivergenceGuard, non_finite, require_finite_weights
 from .eval_hooks import EvaluationHooks
 from .parts import MeanOver, PartOutput, RetainLoss, with_step_loss
@@ -237,7 +237,8 @@ class UnlearnModule(EvaluationHooks):
         memory.report({"hparams": self.hparams, "stage": stage, "batch_size": batch,
                        "max_length": d.get("max_length", 512), "parts": len(self.parts),
                        "device": str(self.trainer.strategy.root_device), "cache_sequences": sequences,
-                       "uses_reference": self.uses_reference},
+                       "uses_reference": self.uses_reference,
+                       "sharding": plan_sharding(self.trainer)},  # fsdp2 hook (issue 27): each device's share
                       verbose=self.global_rank == 0)
 
     def _connect_served_large(self) -> None:
