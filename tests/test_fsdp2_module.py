@@ -54,10 +54,12 @@ def test_two_sharded_processes_take_the_step_one_process_takes(tiny_world: dict,
 
 
 def fit_args(world: dict, root: Path, steps: int, *extra: str) -> list[str]:
+    """GD with AdamW (its moments must be restored too) and a schedule that does not depend on ``max_steps`` (a
+    linear decay to ``max_steps`` would differ between a 2-step run resumed to 4 and a 4-step run)."""
     return [
         "fit", "--model", "GD", "--model.small_model", world["small"], "--model.large_model", world["large"],
         "--model.large_dtype", "float32", "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "0.01",
-        "--model.lr_scheduler", "linear", "--model.warmup_steps", "1", "--model.export_dir", str(root / "export"),
+        "--model.lr_scheduler", "constant", "--model.warmup_steps", "1", "--model.export_dir", str(root / "export"),
         "--data.forget_split", "forget01", "--data.retain_split", "retain99", "--data.batch_size", "4",
         "--data.max_length", "96", "--data.evaluation", "loss", "--trainer.limit_val_batches", "0",
         "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps), "--trainer.num_sanity_val_steps", "0",
@@ -129,3 +131,19 @@ def test_fsdp2_is_a_registered_strategy_with_every_device_data_parallel() -> Non
     assert isinstance(strategy, FSDP2Strategy) and strategy._tensor_parallel_size == 1
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         FSDP2Strategy(tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("devices,nodes,batch", [("fsdp2_8gpu", 1, 4), ("fsdp2_2nodes", 2, 2)])
+def test_device_configs_stack_on_the_paper_configs(devices: str, nodes: int, batch: int) -> None:
+    from paper_configs import CONFIGS, config_args, paper_stacks
+    from test_configs import resolved
+
+    stack = [*paper_stacks()["tofu/offset/npo"], CONFIGS / "devices" / f"{devices}.yaml"]
+    config = resolved(config_args(stack))
+    trainer = config["trainer"]
+    assert trainer["strategy"]["class_path"] == "lightning_unlearn.distributed.strategy.FSDP2Strategy"
+    assert trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16"
+    assert (trainer["devices"], trainer["num_nodes"], config["data"]["batch_size"]) == (8, nodes, batch)
+    # the paper's effective batch of 32 (base: 8 x 4 accumulated x 1 device)
+    assert batch * trainer["accumulate_grad_batches"] * 8 * nodes == 32
+    assert config["model"]["init_args"]["large_model"] == "meta-llama/Llama-2-13b-chat-hf"

@@ -127,9 +127,11 @@ def shard_causal_lm(model: nn.Module, mesh: "torch.distributed.device_mesh.Devic
     options = {"mesh": mesh, "mp_policy": policy.mixed_precision(), "offload_policy": offload}
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard, **options)
+        layer.reshard_after_forward_setting = reshard  # read back by the evaluation's gather (strategy.reshard_all)
     # The root holds the embeddings and the head; it is used last in the backward, so keeping it gathered after the
     # forward costs nothing extra (FSDP2's own advice for the root).
-    fully_shard(model, reshard_after_forward=False if trainable else True, **options)
+    fully_shard(model, reshard_after_forward=not trainable, **options)
+    model.reshard_after_forward_setting = not trainable
     return model
 
 

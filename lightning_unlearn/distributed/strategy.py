@@ -16,6 +16,7 @@ checkpoint resumed under another strategy (which would fail reading a directory 
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -99,6 +100,23 @@ class FSDP2Strategy(ModelParallelStrategy):
     def data_parallel_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh":
         return self.device_mesh["data_parallel"]
 
+    # Evaluation runs generation, which stops when a rank's rows have all ended: ranks run different numbers of
+    # forwards, and a sharded forward all-gathers, so the ranks would wait on each other forever. During validation
+    # and test every model is gathered whole once (one collective per model, same on every rank) and kept gathered,
+    # so the evaluation's forwards run without collectives; the shards come back at the end. The cost is the full
+    # weights on every device while evaluating (no gradients, no optimizer state then).
+    def on_validation_start(self) -> None:
+        gather_whole(self.lightning_module)
+
+    def on_validation_end(self) -> None:
+        reshard_all(self.lightning_module)
+
+    def on_test_start(self) -> None:
+        gather_whole(self.lightning_module)
+
+    def on_test_end(self) -> None:
+        reshard_all(self.lightning_module)
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a distributed checkpoint that holds only the trained weights (the frozen models are not in it).
 
@@ -130,6 +148,28 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 StrategyRegistry.register(NAME, FSDP2Strategy, description="FSDP2 (fully_shard) over all devices, through "
                           "Lightning's ModelParallelStrategy (lightning_unlearn.distributed.strategy)", override=True)
+
+
+def _fsdp_modules(module: Any) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)] if module is not None else []
+
+
+def gather_whole(module: Any) -> None:
+    """Gather every sharded model of ``module`` whole and keep it gathered through forwards (a collective)."""
+    for fsdp in _fsdp_modules(module):
+        fsdp.set_reshard_after_forward(False, recurse=False)
+    for fsdp in _fsdp_modules(module):
+        fsdp.unshard()
+
+
+def reshard_all(module: Any) -> None:
+    """Back to shards after :func:`gather_whole`: every unit frees its gathered weights and reshards after forwards
+    as :func:`~lightning_unlearn.distributed.sharding.shard_causal_lm` set it."""
+    for fsdp in _fsdp_modules(module):
+        fsdp.reshard()
+        fsdp.set_reshard_after_forward(getattr(fsdp, "reshard_after_forward_setting", True), recurse=False)
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
@@ -185,6 +225,8 @@ def shard_unlearn_models(module: Any) -> bool:
         raise ValueError(f"large_device={hparams.large_device!r} with --trainer.strategy fsdp2: the large model is "
                          "sharded over all devices; set --model.large_device null.")
     mesh, policy = strategy.data_parallel_mesh, strategy.policy
+    if hparams.get("gradient_checkpointing") and not policy.activation_checkpointing:  # non-reentrant under FSDP2
+        policy = dataclasses.replace(policy, activation_checkpointing=True)
     device = strategy.root_device
     if hparams.get("lora_rank") is not None and torch.distributed.is_initialized():
         with torch.no_grad():
