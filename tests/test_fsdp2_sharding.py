@@ -81,8 +81,10 @@ def test_decoder_layers_of_each_family(family_models: dict[str, str]) -> None:
         decoder_layers(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("family,lora", [("llama3", False), ("gpt2", False), ("neox", False), ("chatml", False),
-                                         ("llama3", True)])
+# One architecture in the fast suite (about 20 s: two processes start); the others and LoRA are slow.
+@pytest.mark.parametrize("family,lora", [("llama3", False)] + [
+    pytest.param(family, lora, marks=pytest.mark.slow)
+    for family, lora in (("gpt2", False), ("neox", False), ("chatml", False), ("llama3", True))])
 def test_two_sharded_processes_take_the_step_one_process_takes(family_models: dict[str, str], family: str,
                                                                lora: bool, tmp_path: Path) -> None:
     launch(TESTS / "fsdp2_sharding_cases.py", [family_models[family], str(tmp_path), str(int(lora))], tmp_path)
