@@ -166,3 +166,25 @@ def test_two_sharded_processes_evaluate_what_one_process_evaluates(tiny_world: d
     assert_same_report(two, one)
     assert_same_report(json.loads((tmp_path / "fsdp2" / "TOFU_EVAL.json").read_text()),
                        json.loads((tmp_path / "single" / "TOFU_EVAL.json").read_text()))
+
+
+@pytest.mark.slow
+def test_sharded_fit_with_tofu_validation_equals_one_process(tiny_world: dict, tmp_path: Path) -> None:
+    """test_ddp's fit (NPO, 3 steps, then the TOFU validation with generation) under fsdp2 writing one checkpoint
+    file (``save_distributed_checkpoint: false``, read back like any other): the weights and the gathered TOFU
+    metrics of one process."""
+    from test_ddp import args, evaluated, trained
+
+    command = [sys.executable, "-m", "lightning_unlearn.cli", *args(tiny_world, tmp_path / "fsdp2", batch_size=2),
+               "--trainer.strategy", "lightning_unlearn.distributed.strategy.FSDP2Strategy",
+               "--trainer.strategy.save_distributed_checkpoint", "false", "--trainer.devices", "2"]
+    run_ddp(command, tmp_path, env(), timeout=600)
+    main(args(tiny_world, tmp_path / "single", batch_size=4))
+    two, one = trained(tmp_path / "fsdp2", 2), trained(tmp_path / "single", 1)
+    assert set(two) == set(one)
+    assert relative_difference(two, one) < 1e-5, relative_difference(two, one)
+    metrics_two, metrics_one = evaluated(tmp_path / "fsdp2"), evaluated(tmp_path / "single")
+    assert metrics_one["forget_truth_ratio"] is not None
+    numbers = {k for k, v in metrics_one.items() if isinstance(v, float)}
+    assert numbers and {k: metrics_two[k] for k in numbers} == pytest.approx({k: metrics_one[k] for k in numbers},
+                                                                             rel=1e-4, abs=1e-6)
