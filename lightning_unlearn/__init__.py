@@ -16,6 +16,7 @@ Layers, from the top down:
     harness -- lm-evaluation-harness over any model the framework makes (named so as not to shadow ``lm_eval``)
     deploy -- what a run leaves behind and how it is used without the trainer: exports, composition, generation, serving
     evaluation -- the TOFU, MUSE and loss evaluations, their teacher-forced passes, references, reports
+    distributed -- FSDP2: sharding the models over devices, the ``fsdp2`` strategy, sharded checkpoints and exports
     models -- loading weights, LoRA, EUL's unlearning layers, the memory plan, tiny models for offline runs
     offset -- the offset machinery z = z_L + alpha (z_S - z_S0): logits, caches, KV-cached decoding, served models
     data -- splits and where they come from, the tokenizer, prompt formatting, evaluation sets, the data module

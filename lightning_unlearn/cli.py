@@ -25,6 +25,7 @@ with collector_paused():  # torch, transformers and Lightning: see collector_pau
     from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
     from .data import UnlearnDataModule
     from .data.datasets import QA_ONLY_PARTS, QuestionsNeeded
+    from .distributed.strategy import METADATA, check_checkpoint_strategy, is_distributed_checkpoint
     from .modules import UnlearnModule
     from .modules.registry import UnknownMethod, all_methods, methods_without_parts, resolve
     from .tracking import SaveConfigToLoggers, finish_runs
@@ -177,9 +178,11 @@ class UnlearnCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        sharded = bool(ckpt_path) and is_distributed_checkpoint(ckpt_path)  # fsdp2: hyper-parameters in meta.pt
+        if not ckpt_path or not (Path(ckpt_path).is_file() or sharded):
             return
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        checkpoint = torch.load(Path(ckpt_path) / METADATA if sharded else ckpt_path, weights_only=True,
+                                map_location="cpu")
         config, given = self.config[subcommand], self._given[subcommand]
         update: dict[str, Any] = {}
         model = _checkpoint_model(checkpoint.get("hyper_parameters") or {}, given.get("model"), config.get("model"),
@@ -200,6 +203,8 @@ class UnlearnCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in ("fit", "validate", "test") and isinstance(self.model, UnlearnModule):
             _print_mode(self.model)
+        if subcommand in ("fit", "validate", "test"):  # a sharded checkpoint needs fsdp2: say so before any loading
+            check_checkpoint_strategy(self.config[subcommand].get("ckpt_path"), self.trainer.strategy)
         with warnings.catch_warnings():
             quiet_known_notices(fitting=subcommand == "fit")
             try:

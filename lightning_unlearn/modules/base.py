@@ -31,7 +31,8 @@ from ..numbers import finite
 from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
                               large_source)
-from .divergence import DivergenceGuard, require_finite_weights
+from ..distributed.strategy import gather_for_export, plan_sharding, shard_unlearn_models
+from .divergence import DivergenceError, DivergenceGuard, non_finite, require_finite_weights
 from .eval_hooks import EvaluationHooks
 from .parts import MeanOver, PartOutput, RetainLoss, with_step_loss
 from .rng import RestoreRNG
@@ -236,7 +237,8 @@ class UnlearnModule(EvaluationHooks):
         memory.report({"hparams": self.hparams, "stage": stage, "batch_size": batch,
                        "max_length": d.get("max_length", 512), "parts": len(self.parts),
                        "device": str(self.trainer.strategy.root_device), "cache_sequences": sequences,
-                       "uses_reference": self.uses_reference},
+                       "uses_reference": self.uses_reference,
+                       "sharding": plan_sharding(self.trainer)},  # fsdp2 hook (issue 27): each device's share
                       verbose=self.global_rank == 0)
 
     def _connect_served_large(self) -> None:
@@ -269,6 +271,7 @@ class UnlearnModule(EvaluationHooks):
             kwargs = {"use_reentrant": False} if self.uses_lora else None
             small.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model = small
+        shard_unlearn_models(self)  # fsdp2 hook (issue 27): shards the three models under --trainer.strategy fsdp2
 
     def _load_local_large(self) -> None:
         """Load the large model from ``large_model`` frozen as ``self.large``, on ``large_device`` if set."""
@@ -554,20 +557,29 @@ class UnlearnModule(EvaluationHooks):
             del state[key]
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
+        if not self.hparams.export_dir:
+            return
+        full = gather_for_export(self)  # fsdp2 hook (issue 27): every rank gathers the sharded weights; None unsharded
+        if self.trainer.is_global_zero:
+            self.export(self.hparams.export_dir, full)
 
-    def export(self, directory: str | Path) -> Path:
+    def export(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Save the trainable model (and the offset manifest) to ``directory``, replacing it atomically.
+
+        ``state_dict``: the model's full weights when the model itself is sharded (``fsdp2``: see
+        :func:`~lightning_unlearn.distributed.strategy.gather_for_export`), saved in place of its own.
 
         Raises:
             DivergenceError: if a trainable weight is non-finite (nothing is written).
         """
-        require_finite_weights(self, f"to export to {directory}")
+        if state_dict is None:
+            require_finite_weights(self, f"to export to {directory}")
+        elif bad := non_finite(state_dict):
+            raise DivergenceError(f"Non-finite weights {bad[:3]}: refusing to export to {directory}.")
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        self.model.save_pretrained(staging)  # with LoRA, peft saves the adapter and names its base model
+        self.model.save_pretrained(staging, state_dict=state_dict)  # with LoRA, peft saves the adapter only
         self.tokenizer.save_pretrained(staging)
         if self.offset_mode:
             manifest = portable_models(self.offset_manifest(), target)  # paths that survive moving the runs folder

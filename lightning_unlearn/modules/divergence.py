@@ -31,11 +31,15 @@ class DivergenceError(RuntimeError):
 
 
 def non_finite(tensors: dict[str, Tensor]) -> list[str]:
-    """Names of the tensors holding a NaN or an infinity (one device synchronisation for all of them)."""
+    """Names of the tensors holding a NaN or an infinity (one device synchronisation for all of them).
+
+    A sharded tensor (FSDP2's ``DTensor``) is checked in this rank's shard only, with no collective, so that a rank
+    may check alone; callers that act on all ranks reduce the decision (``DivergenceGuard``)."""
     names = list(tensors)
     if not names:
         return []
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors.values()]
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).tolist()
     return [name for name, ok in zip(names, finite) if not ok]
 
 
