@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging
 from .cli import main as cli_main
 from .atomic import atomic_write_json
 from .evaluation.report import print_table, summary_table
-from .evaluation.tradeoff_plot import FLOOR, save_tradeoff, series_figure
+from .evaluation.tradeoff_plot import FLOOR, TradeoffFigure, save_tradeoff, series_figure
 from .sweep import main as sweep_main
 from .models.tiny import make_tiny_pair
 from .modules.registry import UnknownMethod, resolve, unlearning_methods
@@ -271,10 +271,11 @@ def quiet_console() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def figures(root: Path, columns: dict[str, dict]) -> list[Path]:
+def figures(root: Path, columns: dict[str, dict]) -> dict[Path, TradeoffFigure]:
     """Draw the demo's trade-off figures in ``root`` with its reference models, the fine-tuned and retain columns:
     ``tradeoff_by_epoch.png`` (every evaluated epoch, the selected one marked) and, after an alpha sweep,
-    ``alpha_sweep.png`` (the selected epoch at each alpha, the selected alpha marked); return those written.
+    ``alpha_sweep.png`` (the selected epoch at each alpha, the selected alpha marked); return each figure written
+    with its path.
 
     The selected epoch is the one the sweep evaluated: ``best.ckpt``, the rule's pick with the floor of
     ``configs/demo/unlearn.yaml`` (0.9), or without a sweep (EUL, ``--quick``) ``last.ckpt``, the last epoch.
@@ -283,18 +284,17 @@ def figures(root: Path, columns: dict[str, dict]) -> list[Path]:
     history_file, sweep_file = root / "logs/unlearn/TOFU_HISTORY.json", root / "eval/unlearned/ALPHA_SWEEP.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
-    written = []
+    drawn = {}
     if history:
-        epoch = series_figure(history, "epoch", "unlearning, epoch by epoch: forget quality vs model utility",
-                              finetuned=columns["fine-tuned"], retain_utility=retain, floor=FLOOR,
-                              selected=None if sweep is not None else history[-1])
-        written.append(save_tradeoff(epoch, root / "tradeoff_by_epoch.png"))
+        drawn[root / "tradeoff_by_epoch.png"] = series_figure(
+            history, "epoch", "unlearning, epoch by epoch: forget quality vs model utility",
+            finetuned=columns["fine-tuned"], retain_utility=retain, floor=FLOOR,
+            selected=None if sweep is not None else history[-1])
     if sweep:
-        chosen = next((r for r in sweep if r.get("selected")), None)
-        alpha = series_figure(sweep, "alpha", "the selected epoch at each offset strength alpha",
-                              finetuned=columns["fine-tuned"], retain_utility=retain, floor=FLOOR, selected=chosen)
-        written.append(save_tradeoff(alpha, root / "alpha_sweep.png"))
-    return [p for p in written if p is not None]
+        drawn[root / "alpha_sweep.png"] = series_figure(
+            sweep, "alpha", "the selected epoch at each offset strength alpha", finetuned=columns["fine-tuned"],
+            retain_utility=retain, floor=FLOOR, selected=next((r for r in sweep if r.get("selected")), None))
+    return {path: figure for path, figure in drawn.items() if save_tradeoff(figure, path) is not None}
 
 
 def selected_alpha_dir(folder: Path) -> Path:

@@ -21,7 +21,7 @@ from .cli import main as cli_main
 from .evaluation.report import print_table, summary_table
 from .evaluation.selection import select
 from .evaluation.tofu import HEADLINE
-from .evaluation.tradeoff_plot import save_tradeoff, series_figure
+from .evaluation.tradeoff_plot import TradeoffFigure, save_tradeoff, series_figure
 from .numbers import finite, finite_float
 
 
@@ -71,10 +71,7 @@ def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str 
         if chosen is None:
             print("selected: none (no alpha has a finite forget quality and model utility)")
     atomic_write_json(out / "ALPHA_SWEEP.json", results)
-    chosen = next((r for r in results if r.get("selected")), None)
-    save_tradeoff(series_figure(results, "alpha", "offset strength alpha: forget quality vs model utility",
-                                finetuned=reference, floor=floor, selected=chosen),
-                  out / "alpha_sweep.png")
+    save_tradeoff(figure(results, floor, reference), out / "alpha_sweep.png")
     print_table(summary_table({f"alpha={r['alpha']:g}": r for r in results}, HEADLINE, "alpha sweep"))
     for r in results:
         if r.get("all_finite") is False:
@@ -83,6 +80,15 @@ def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str 
             print(f"selected: alpha={r['alpha']:g} (best forget quality with model utility >= {floor:g}x the retain "
                   "model's, or the closest to that floor)")
     return results
+
+
+def figure(results: list[dict], floor: float, finetuned: dict | None = None) -> TradeoffFigure:
+    """The sweep's figure: one point per alpha, the alpha marked ``"selected"`` ringed (none: none is), the retain
+    model (from the summaries' utility ratio), the fine-tuned model's summary ``finetuned`` if given, forget
+    quality 0.05 and the utility floor ``floor`` x the retain model's."""
+    chosen = next((r for r in results if r.get("selected")), None)
+    return series_figure(results, "alpha", "offset strength alpha: forget quality vs model utility",
+                         finetuned=finetuned, floor=floor, selected=chosen)
 
 
 def main(argv: list[str] | None = None) -> None:

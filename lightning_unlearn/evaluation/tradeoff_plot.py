@@ -49,6 +49,9 @@ class Mark:
     value: float | None = None
     """The point's number in its series (the epoch, the alpha), for the colour scale."""
 
+    def __post_init__(self) -> None:  # a log axis has no 0: an underflowed p-value is drawn at SMALLEST
+        object.__setattr__(self, "forget_quality", max(self.forget_quality, SMALLEST))
+
 
 @dataclass
 class TradeoffFigure:
