@@ -124,3 +124,16 @@ def test_no_progress_bars_silences_tqdm_even_when_told_to_draw() -> None:
     assert BAR.search(drawn())  # restored
     with no_progress_bars(active=False):
         assert BAR.search(drawn())
+
+
+def test_the_comparison_prints_a_line_per_cell_without_a_terminal(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from lightning_unlearn.compare import runner
+    from tests.test_compare import FakeMain, spec_in
+
+    cells = spec_in(tmp_path, ["GA"]).cells()
+    runner.run_cells(cells, "w", FakeMain())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[compare] cell")]
+    assert [line.split(",")[0] for line in lines] == [f"[compare] cell 1/2: {cells[0].name}",
+                                                      f"[compare] cell 2/2: {cells[1].name}"]
+    assert "1 left after it" in lines[0] and "0 left after it" in lines[1]
