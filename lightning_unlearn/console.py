@@ -76,6 +76,13 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _epoch(trainer: L.Trainer) -> str:
+    """``epoch 3 (4/12)``: Lightning's epoch index, as ``TOFU_HISTORY.json``, checkpoints and the per-epoch figure
+    name it (from 0), then how many of how many epochs that is."""
+    total = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else "?"
+    return f"epoch {trainer.current_epoch} ({trainer.current_epoch + 1}/{total})"
+
+
 def _number(value: float) -> str:
     """Four decimals, or three significant digits in exponent form for small p-values (``1.33e-06``)."""
     return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 or not math.isfinite(value) else f"{value:.3g}"
@@ -95,9 +102,9 @@ class ProgressLines(Callback):
 
     Each line starts with the stage and says where it is and for how long it has run, e.g.::
 
-        [fit] epoch 3/12, step 40/64 (global 168), loss 1.2345, elapsed 1m05s
-        [validation] epoch 3: batch 2/5, elapsed 1m20s
-        [validation] epoch 3 done: forget_quality 0.0412, model_utility 0.5831 (elapsed 1m31s)
+        [fit] epoch 2 (3/12), step 40/64 (global 168), loss 1.2345, elapsed 1m05s
+        [validation] epoch 2 (3/12): batch 2/5, elapsed 1m20s
+        [validation] epoch 2 (3/12) done in 11s: forget_quality 0.0412, model_utility 0.5831
         [test] batch 3/5, elapsed 12s
         [fit] done: 12 epochs, 768 steps in 2m37s
 
@@ -145,9 +152,8 @@ class ProgressLines(Callback):
                            batch_idx: int) -> None:
         if not self._due():
             return
-        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs is not None and trainer.max_epochs >= 0 else ""
         loss = _loss(outputs)
-        self._say(trainer, "fit", f"epoch {trainer.current_epoch + 1}{epochs}, step {batch_idx + 1}/"
+        self._say(trainer, "fit", f"{_epoch(trainer)}, step {batch_idx + 1}/"
                                   f"{trainer.num_training_batches} (global {trainer.global_step})"
                                   + (f", loss {loss:.4f}" if loss is not None else "")
                                   + f", elapsed {self._elapsed('fit')}")
@@ -168,7 +174,7 @@ class ProgressLines(Callback):
             return
         counts = trainer.num_val_batches
         total = counts[dataloader_idx] if dataloader_idx < len(counts) else "?"
-        where = f"epoch {trainer.current_epoch + 1}: " if trainer.state.fn == "fit" else ""
+        where = f"{_epoch(trainer)}: " if trainer.state.fn == "fit" else ""
         loader = f"loader {dataloader_idx + 1}/{len(counts)} " if len(counts) > 1 else ""
         self._say(trainer, "validation", f"{where}{loader}batch {batch_idx + 1}/{total}, elapsed "
                                          f"{self._elapsed('fit' if 'fit' in self._start else 'validation')}")
@@ -178,7 +184,7 @@ class ProgressLines(Callback):
             return
         metrics = trainer.callback_metrics
         shown = [f"{name} {_number(float(metrics[f'val/{name}']))}" for name in HEADLINE if f"val/{name}" in metrics]
-        where = f"epoch {trainer.current_epoch + 1} " if trainer.state.fn == "fit" else ""
+        where = f"{_epoch(trainer)} " if trainer.state.fn == "fit" else ""
         self._say(trainer, "validation", f"{where}done in {self._elapsed('validation')}"
                                          + (f": {', '.join(shown)}" if shown else ""))
 

@@ -42,8 +42,8 @@ def test_a_fit_without_a_terminal_prints_a_line_per_interval(tiny_world: dict, t
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     steps = [line for line in lines if line.startswith("[fit] epoch")]
     assert len(steps) == 6, lines
-    assert re.fullmatch(r"\[fit\] epoch 1/2, step 1/3 \(global 1\), loss \d+\.\d{4}, elapsed \d+s", steps[0])
-    assert steps[-1].startswith("[fit] epoch 2/2, step 3/3 (global 6), loss ")
+    assert re.fullmatch(r"\[fit\] epoch 0 \(1/2\), step 1/3 \(global 1\), loss \d+\.\d{4}, elapsed \d+s", steps[0])
+    assert steps[-1].startswith("[fit] epoch 1 (2/2), step 3/3 (global 6), loss ")
     assert lines[0].startswith("[fit] start: 2 epochs of 3 steps")
     assert re.fullmatch(r"\[fit\] done: 2 epochs, 6 steps in \d+s", lines[-1])
     done = [line for line in lines if line.startswith("[validation] epoch") and " done in " in line]
@@ -57,7 +57,7 @@ def test_a_long_interval_keeps_only_the_start_end_and_validation_lines(tiny_worl
     fit(tiny_world, tmp_path)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert [" ".join(line.split()[:3]) for line in lines] == [
-        "[fit] start: 2", "[validation] epoch 1", "[validation] epoch 2", "[fit] done: 2"]
+        "[fit] start: 2", "[validation] epoch 0", "[validation] epoch 1", "[fit] done: 2"]
 
 
 def test_test_prints_one_table_and_no_progress_bars(tiny_world: dict, tmp_path: Path,
