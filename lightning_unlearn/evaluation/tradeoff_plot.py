@@ -149,10 +149,12 @@ _OFFSETS = [(7, 5, "left", "bottom"), (7, -5, "left", "top"), (-7, 5, "right", "
 """Where a label may go around its point, in typographic points (x, y, alignment), nearest first."""
 
 
-def _place_labels(fig: Any, ax: Any, marks: Sequence[Mark], always: Sequence[str] = ()) -> dict[str, Any]:
+def _place_labels(fig: Any, ax: Any, marks: Sequence[Mark], always: Sequence[str] = (),
+                  lines: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
     """Annotate each mark at the first place of :data:`_OFFSETS` that stays inside the axes and overlaps no
-    marker and no label placed before; return ``{label: its box in display units}``. A label of ``always``
-    that finds no free place is still drawn at its first place (the references and the selected point)."""
+    marker, no reference line (``lines``: ``("h", y)`` or ``("v", x)`` in data units) and no label placed before;
+    return ``{label: its box in display units}``. A label of ``always`` that finds no free place is still drawn at
+    its first place."""
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
     r = 5 * fig.dpi / 72  # a marker's half width, in pixels
@@ -160,6 +162,9 @@ def _place_labels(fig: Any, ax: Any, marks: Sequence[Mark], always: Sequence[str
     for m in marks:
         x, y = ax.transData.transform((m.model_utility, m.forget_quality))
         dots.append((x - r, y - r, x + r, y + r))
+    for kind, at in lines:  # a thin band along each line: a label there would be struck through
+        x, y = ax.transData.transform((at, 1.0) if kind == "v" else (ax.get_xlim()[0], at))
+        dots.append((x - 2, inside.y0, x + 2, inside.y1) if kind == "v" else (inside.x0, y - 2, inside.x1, y + 2))
     taken: list[tuple[float, float, float, float]] = []
     placed: dict[str, Any] = {}
 
@@ -249,7 +254,10 @@ def draw(figure: TradeoffFigure) -> tuple[Any, dict[str, Any]]:
     fig.legend(loc="outside lower center", ncols=3, fontsize=7, frameon=False)  # below the axes: hides no point
     fig.canvas.draw()
     must = [m.label for m in figure.references] + ([figure.selected.label] if figure.selected else [])
-    placed = _place_labels(fig, ax, everything, must)
+    if len(series) <= 4:  # no colour bar names the points: every label must show
+        must += [m.label for m in figure.points]
+    lines = [("h", figure.quality_line)] + ([("v", figure.utility_floor)] if figure.utility_floor is not None else [])
+    placed = _place_labels(fig, ax, everything, must, lines)
     return fig, placed
 
 
