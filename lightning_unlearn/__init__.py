@@ -21,7 +21,7 @@ Layers, from the top down:
     offset -- the offset machinery z = z_L + alpha (z_S - z_S0): logits, caches, KV-cached decoding, served models
     data -- splits and where they come from, the tokenizer, prompt formatting, evaluation sets, the data module
     losses metrics -- pure tensor functions: the unlearning losses, the evaluation metrics
-    __init__ lazy_imports numbers atomic tracking -- tools that know nothing of unlearning
+    __init__ lazy_imports numbers atomic tracking console -- tools that know nothing of unlearning
 """
 
 import os

@@ -19,6 +19,7 @@ from .lazy_imports import collector_paused
 with collector_paused():  # torch, transformers and Lightning: see collector_paused
     import torch
     from jsonargparse import DefaultHelpFormatter, Namespace
+    from lightning.pytorch import Trainer
     from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -28,6 +29,7 @@ with collector_paused():  # torch, transformers and Lightning: see collector_pau
     from .distributed.strategy import METADATA, check_checkpoint_strategy, is_distributed_checkpoint
     from .modules import UnlearnModule
     from .modules.registry import UnknownMethod, all_methods, methods_without_parts, resolve
+    from .console import no_progress_bars, progress_settings
     from .tracking import SaveConfigToLoggers, finish_runs
 
 
@@ -126,7 +128,8 @@ class UnlearnCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """Build the model, data module and trainer; re-raise a refusal of this package's classes unwrapped."""
         try:
-            super().instantiate_classes()
+            with no_progress_bars():  # without a terminal, weight loading draws no bar (console.py)
+                super().instantiate_classes()
         except ValueError as err:
             own = _package_error(err)
             if own is None or own is err:
@@ -200,12 +203,20 @@ class UnlearnCLI(LightningCLI):
                 sys.stderr.write(f"The hyper-parameters stored in {ckpt_path} do not parse (see above).\n")
                 raise
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        """The trainer, with its progress display fitted to the console: without a terminal no bar, and progress
+        lines at a steady interval instead (:func:`~lightning_unlearn.console.progress_settings`)."""
+        return super()._instantiate_trainer(progress_settings(config), callbacks)
+
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in ("fit", "validate", "test") and isinstance(self.model, UnlearnModule):
             _print_mode(self.model)
         if subcommand in ("fit", "validate", "test"):  # a sharded checkpoint needs fsdp2: say so before any loading
             check_checkpoint_strategy(self.config[subcommand].get("ckpt_path"), self.trainer.strategy)
-        with warnings.catch_warnings():
+        if subcommand == "test" and self._given[subcommand].get("verbose") is None and getattr(
+                getattr(self.datamodule, "hparams", None), "evaluation", None) in ("tofu", "muse"):
+            self.config_init[subcommand]["verbose"] = False  # the TOFU/MUSE table is printed: not Lightning's too
+        with warnings.catch_warnings(), no_progress_bars():  # no lm-eval or transformers bars in a log
             quiet_known_notices(fitting=subcommand == "fit")
             try:
                 super()._run_subcommand(subcommand)

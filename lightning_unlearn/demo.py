@@ -10,7 +10,7 @@ Every stage is an ordinary command (printed before it runs) that works the same 
    evaluated every epoch (EUL: every 5);
 5. the selected epoch evaluated at each offset strength of :data:`ALPHAS` (EUL: the last epoch, once);
 6. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
-   and the per-epoch forget quality vs model utility plot.
+   and the forget quality vs model utility figures by epoch and by alpha (:func:`figures`).
 
 The selection protocol: the epoch with the highest forget quality among those keeping model
 utility >= 0.9x the retain model's (``UtilityFloorCheckpoint``, ``lightning_unlearn/evaluation/selection.py``),
@@ -44,6 +44,7 @@ from transformers.utils import logging as hf_logging
 from .cli import main as cli_main
 from .atomic import atomic_write_json
 from .evaluation.report import print_table, summary_table
+from .evaluation.tradeoff_plot import FLOOR, TradeoffFigure, save_tradeoff, series_figure
 from .sweep import main as sweep_main
 from .models.tiny import make_tiny_pair
 from .modules.registry import UnknownMethod, resolve, unlearning_methods
@@ -270,6 +271,32 @@ def quiet_console() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def figures(root: Path, columns: dict[str, dict]) -> dict[Path, TradeoffFigure]:
+    """Draw the demo's trade-off figures in ``root`` with its reference models, the fine-tuned and retain columns:
+    ``tradeoff_by_epoch.png`` (every evaluated epoch, the selected one marked) and, after an alpha sweep,
+    ``alpha_sweep.png`` (the selected epoch at each alpha, the selected alpha marked); return each figure written
+    with its path.
+
+    The selected epoch is the one the sweep evaluated: ``best.ckpt``, the rule's pick with the floor of
+    ``configs/demo/unlearn.yaml`` (0.9), or without a sweep (EUL, ``--quick``) ``last.ckpt``, the last epoch.
+    """
+    retain = columns["retain model"].get("model_utility")
+    history_file, sweep_file = root / "logs/unlearn/TOFU_HISTORY.json", root / "eval/unlearned/ALPHA_SWEEP.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
+    drawn = {}
+    if history:
+        drawn[root / "tradeoff_by_epoch.png"] = series_figure(
+            history, "epoch", "unlearning, epoch by epoch: forget quality vs model utility",
+            finetuned=columns["fine-tuned"], retain_utility=retain, floor=FLOOR,
+            selected=None if sweep is not None else history[-1])
+    if sweep:
+        drawn[root / "alpha_sweep.png"] = series_figure(
+            sweep, "alpha", "the selected epoch at each offset strength alpha", finetuned=columns["fine-tuned"],
+            retain_utility=retain, floor=FLOOR, selected=next((r for r in sweep if r.get("selected")), None))
+    return {path: figure for path, figure in drawn.items() if save_tradeoff(figure, path) is not None}
+
+
 def selected_alpha_dir(folder: Path) -> Path:
     """Where a model's ``TOFU_SUMMARY.json`` is: ``folder``, or after an alpha sweep the selected alpha's run."""
     sweep = folder / "ALPHA_SWEEP.json"
@@ -294,11 +321,9 @@ def report(root: Path, retain_rows: int) -> dict[str, dict]:
     history = root / "logs/unlearn/TOFU_HISTORY.json"
     atomic_write_json(root / "DEMO_SUMMARY.json", {"models": columns,
                                                    "epochs": json.loads(history.read_text()) if history.is_file() else []})
-    plot = root / "logs/unlearn/tradeoff_by_epoch.png"
-    if plot.is_file():
-        shutil.copyfile(plot, root / "tradeoff_by_epoch.png")
+    plots = figures(root, columns)
     print_table(summary_table(columns, TABLE_KEYS, "TOFU, tiny world: before and after offset unlearning"))
-    print(f"[demo] summaries: {root / 'DEMO_SUMMARY.json'}; plot: {root / 'tradeoff_by_epoch.png'}")
+    print(f"[demo] summaries: {root / 'DEMO_SUMMARY.json'}; plots: {', '.join(map(str, plots)) or 'none'}")
     return columns
 
 

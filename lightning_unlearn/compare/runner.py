@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json
+from ..console import on_terminal
 from .spec import Cell
 
 Runner = Callable[[list[str]], None]
@@ -116,7 +117,8 @@ def _remove(path: Path) -> None:
 
 def run_cells(cells: list[Cell], upstream: str = "", runner: Runner = in_process, force: bool = False,
               progress: bool = True) -> list[dict[str, Any]]:
-    """Run every cell not already done (same key, ``ok``), with a progress bar of cells done and left.
+    """Run every cell not already done (same key, ``ok``), with a progress bar of cells done and left (without a
+    terminal, a line per cell instead).
 
     Returns the results in the order of ``cells`` (skipped cells: their stored result).
     """
@@ -130,10 +132,15 @@ def run_cells(cells: list[Cell], upstream: str = "", runner: Runner = in_process
         print(f"[compare] {skipped} of {len(cells)} cells already done with the same configuration: skipped")
     columns = (TextColumn("[compare] cells"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    lines = progress and not on_terminal()  # a log: a line per cell, not a bar redrawn in place
+    start = time.perf_counter()
+    with Progress(*columns, disable=not progress or lines, transient=False) as bar:
         task = bar.add_task("", total=len(cells), completed=skipped)
-        for i in todo:
+        for n, i in enumerate(todo):
             bar.update(task, description=f"now {cells[i].name}, {len(todo) - todo.index(i) - 1} left after it")
+            if lines:
+                print(f"[compare] cell {skipped + n + 1}/{len(cells)}: {cells[i].name}, {len(todo) - n - 1} left "
+                      f"after it, elapsed {time.perf_counter() - start:.0f} s", flush=True)
             results[i] = run_cell(cells[i], keys[i], runner)
             bar.advance(task)
         bar.update(task, description="done")

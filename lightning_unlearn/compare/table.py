@@ -1,4 +1,5 @@
-"""The comparison's outputs: ``COMPARE.md`` (the table), ``COMPARE.json`` (everything) and the trade-off plot.
+"""The comparison's outputs: ``COMPARE.md`` (the table), ``COMPARE.json`` (everything) and the trade-off plot
+``COMPARE.png`` (the cells, the reference models, forget quality 0.05, the utility floor and the rule's pick).
 
 Each row is one cell (method x mode) or a reference model (fine-tuned, retain); columns are the TOFU summary's
 ``forget_quality``, ``model_utility`` and ROUGE on the forget, retain, real-authors and world-facts sets, the
@@ -9,12 +10,18 @@ below the table with its NaN metrics. Every file is written atomically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json, atomic_write_text
-from ..evaluation.report import save_figure
+from ..evaluation.selection import select
+from ..evaluation.tradeoff_plot import FLOOR, SMALLEST, Mark, TradeoffFigure, reference_marks, save_tradeoff
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 COLUMNS = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
            ("forget_Q_A_ROUGE", "forget ROUGE"), ("retain_Q_A_ROUGE", "retain ROUGE"),
@@ -86,35 +93,35 @@ def markdown(table: Sequence[Mapping[str, Any]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(table: Sequence[Mapping[str, Any]], title: str, floor: float = FLOOR) -> TradeoffFigure:
+    """The comparison as a :class:`~lightning_unlearn.evaluation.tradeoff_plot.TradeoffFigure`: one point per cell
+    with both numbers (``"NPO offset"``: circles for offset, squares for direct), the reference rows as stars (the
+    retain model at forget quality 1, by definition), forget quality 0.05, the utility floor ``floor`` x the
+    retain model's and the cell the selection rule picks among all cells with that floor (``selected``)."""
+    retain = next((r["model_utility"] for r in table if r["mode"] == "reference" and r["method"] == "retain model"
+                   and _finite(r["model_utility"])), None)
+    cells = [r for r in table if r["mode"] != "reference"]
+    finetuned = next((r for r in table if r["mode"] == "reference" and r["method"] == "fine-tuned"), None)
+    points = [Mark(f"{r['method']} {r['mode']}", float(r["model_utility"]), max(float(r["forget_quality"]), SMALLEST),
+                   r["mode"]) for r in cells if _finite(r["forget_quality"]) and _finite(r["model_utility"])]
+    skipped = [f"{r['method']} {r['mode']}" for r in cells
+               if not (_finite(r["forget_quality"]) and _finite(r["model_utility"]))]
+    chosen = None
+    if retain is not None and retain > 0:
+        scored = [{**r, "model_utility_vs_retain": r["model_utility"] / retain if _finite(r["model_utility"]) else None}
+                  for r in cells]
+        pick = select(scored, floor) if scored else None
+        if pick is not None:
+            chosen = next(p for p in points if p.label == f"{pick['method']} {pick['mode']}")
+    return TradeoffFigure(title, points, reference_marks(finetuned, retain),
+                          utility_floor=floor * retain if retain is not None else None,
+                          floor_ratio=floor if retain is not None else None, selected=chosen,
+                          selected_caption=f"the rule's pick (floor {floor:g})", skipped=skipped)
+
+
 def plot(table: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path | None:
-    """Forget quality (log scale) against model utility, offset cells as circles, direct as squares,
-    references as stars, each labelled with its method; None when no row has both numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    usable = [r for r in table if r["forget_quality"] is not None and r["model_utility"] is not None]
-    if not usable:
-        return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    styles = {"offset": ("o", "tab:blue"), "direct": ("s", "tab:orange"), "reference": ("*", "tab:gray")}
-    for mode, (marker, color) in styles.items():
-        points = [r for r in usable if r["mode"] == mode]
-        if points:
-            ax.scatter([r["model_utility"] for r in points], [max(r["forget_quality"], 1e-300) for r in points],
-                       marker=marker, color=color, label=mode, s=60 if mode == "reference" else 36)
-        for r in points:
-            ax.annotate(r["method"], (r["model_utility"], max(r["forget_quality"], 1e-300)),
-                        textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xlabel("model utility")
-    ax.set_ylabel("forget quality (KS p-value)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    """Draw :func:`figure` of ``table`` to ``path`` (PNG); None when no cell has both numbers."""
+    return save_tradeoff(figure(table, title), path)
 
 
 def write_outputs(root: Path, results: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]],
@@ -124,5 +131,5 @@ def write_outputs(root: Path, results: Sequence[Mapping[str, Any]], references: 
     atomic_write_text(root / "COMPARE.md", markdown(table, header))
     atomic_write_json(root / "COMPARE.json", {**meta, "table": table, "cells": list(results),
                                               "references": dict(references)})
-    plot(table, root / "COMPARE.png", "forget quality vs model utility: offset (o) and direct (s)")
+    plot(table, root / "COMPARE.png", "forget quality vs model utility: offset (circles) and direct (squares)")
     return table

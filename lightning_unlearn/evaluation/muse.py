@@ -214,7 +214,8 @@ class MuseEvaluation(nn.Module):
         return summary, report
 
     @staticmethod
-    def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
-        """Forget verbmem ROUGE against retain knowmem ROUGE, one point per evaluated epoch."""
+    def plot_history(history: list[dict[str, Any]], path: Path, floor: float | None = None) -> Path | None:
+        """Forget verbmem ROUGE against retain knowmem ROUGE, one point per evaluated epoch. ``floor`` (the TOFU
+        selection rule's, which reads forget quality) does not apply to MUSE's metrics and is not drawn."""
         return plot_history(history, "retain_knowmem_ROUGE", "forget_verbmem_ROUGE", "epoch", path,
                             "forget verbatim memorization vs retain knowledge by epoch")

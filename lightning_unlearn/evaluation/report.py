@@ -1,4 +1,5 @@
-"""Writing evaluation results: the summary table, plots, and what in a summary is not finite (files are written
+"""Writing evaluation results: the summary table, plots of one metric against another (the TOFU trade-off figure is
+:mod:`~lightning_unlearn.evaluation.tradeoff_plot`), and what in a summary is not finite (files are written
 whole or not at all: :mod:`lightning_unlearn.atomic`)."""
 
 from __future__ import annotations
@@ -58,36 +59,6 @@ def print_warning(message: str) -> None:
 def _finite(value: Any) -> bool:
     """A finite number (not None, not NaN or infinite): what a plot can place."""
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def plot_tradeoff(points: Sequence[Mapping[str, float | None]], label_key: str, path: str | Path, title: str) -> Path | None:
-    """Scatter forget quality (log scale) against model utility, each point labelled; saved as PNG.
-
-    Points missing either number, or with one that is not finite, are skipped (the summary says why: its
-    ``non_finite``); returns None when nothing can be drawn.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    usable = [p for p in points if _finite(p.get("forget_quality")) and _finite(p.get("model_utility"))]
-    if not usable:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    xs = [p["model_utility"] for p in usable]
-    ys = [max(p["forget_quality"], 1e-300) for p in usable]
-    ax.plot(xs, ys, marker="o")
-    for x, y, p in zip(xs, ys, usable):
-        ax.annotate(f"{label_key}={p[label_key]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("model utility")
-    ax.set_ylabel("forget quality (KS p-value)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_ylim(bottom=min(min(ys) / 10, 0.1), top=2)
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def plot_history(points: Sequence[Mapping[str, Any]], x_key: str, y_key: str, label_key: str, path: str | Path,

@@ -100,3 +100,10 @@ def select(summaries: list[dict[str, Any]], floor: float = 0.9, quality: str = "
         raise ValueError("select() needs at least one evaluation summary.")
     best = max(summaries, key=lambda s: selection_score(s.get(quality), s.get(utility_ratio), floor))
     return best if selection_score(best.get(quality), best.get(utility_ratio), floor) > -math.inf else None
+
+
+def rule_floor(callbacks: list[Any]) -> float | None:
+    """The floor of the run's selection rule: that of its first :class:`UtilityFloorCheckpoint` among ``callbacks``
+    (a trainer's), None when it has none (it selects by another rule, or not at all). The per-epoch figure draws
+    this floor and the epoch the rule picks (:mod:`~lightning_unlearn.evaluation.tradeoff_plot`)."""
+    return next((c.floor for c in callbacks if isinstance(c, UtilityFloorCheckpoint)), None)

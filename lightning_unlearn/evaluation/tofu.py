@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..metrics import functional as F
 from .monitors import MetricPlan
 from .passes import DEFAULT_TOKEN_BUDGET, continuation_fn_of, score_rows
-from .report import plot_tradeoff
+from .tradeoff_plot import save_tradeoff, series_figure
 from ..metrics.tofu import (
     AnswerProbability,
     ExactMemorization,
@@ -362,10 +362,14 @@ class TofuEvaluation(nn.Module):
             question, truth, generation = texts[int(idx)]
             entry.update(input=question, ground_truth=truth, generation=generation)
 
-    @staticmethod
-    def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
-        """Forget quality against model utility, one point per evaluated epoch."""
-        return plot_tradeoff(history, "epoch", path, "forget quality vs model utility by epoch")
+    def plot_history(self, history: list[dict[str, Any]], path: Path, floor: float | None = None) -> Path | None:
+        """Forget quality against model utility, one point per evaluated epoch, with the retain model (when
+        ``model.retain_reference`` gives it), forget quality 0.05, the utility floor ``floor`` x the retain model's
+        and the epoch the selection rule picks with that floor (:mod:`~lightning_unlearn.evaluation.tradeoff_plot`).
+        ``floor`` None (a run without ``UtilityFloorCheckpoint``) draws neither: the run selects by another rule."""
+        retain = self.reference.model_utility if self.reference is not None else None
+        return save_tradeoff(series_figure(history, "epoch", "forget quality vs model utility by epoch",
+                                           retain_utility=retain, floor=floor), path)
 
     def _add_derived(self, summary: dict[str, float | None], report: dict[str, Any]) -> None:
         """Forget quality, privleak and ``model_utility_vs_retain`` (model utility / the retain model's) need the

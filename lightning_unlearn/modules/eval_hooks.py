@@ -37,6 +37,7 @@ from ..evaluation.report import (
 from ..evaluation.loss import LossEvaluation
 from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
+from ..evaluation.selection import rule_floor
 from ..evaluation.tofu import RetainReference, TofuEvaluation
 from ..data.formatting import stop_token_ids
 from ..data.tofu_eval import EvalCollection
@@ -257,7 +258,8 @@ class EvaluationHooks(L.LightningModule):
     def _write_history(self) -> None:
         out = self.output_dir()
         atomic_write_json(out / f"{self.evaluation.benchmark}_HISTORY.json", self.history)
-        self.evaluation.plot_history(self.history, out / "tradeoff_by_epoch.png")
+        self.evaluation.plot_history(self.history, out / "tradeoff_by_epoch.png",
+                                     floor=rule_floor(self.trainer.callbacks))
 
     @rank_zero_only
     def _write_test_results(self, summary: dict[str, Any]) -> None:

@@ -292,13 +292,16 @@ def test_non_finite_names_metrics_samples_and_sets() -> None:
 def test_plots_skip_non_finite_points_instead_of_failing(tmp_path: Path) -> None:
     """A validation whose forget quality was NaN at the first epoch made the epoch plot fail (NaN axis limits),
     and with it the run."""
-    from lightning_unlearn.evaluation.report import plot_history, plot_tradeoff
+    from lightning_unlearn.evaluation.report import plot_history
+    from lightning_unlearn.evaluation.tradeoff_plot import save_tradeoff, series_figure
 
     points = [{"epoch": 0, "forget_quality": NAN, "model_utility": 0.5, "x": NAN},
               {"epoch": 1, "forget_quality": 0.3, "model_utility": 0.4, "x": 0.2}]
-    assert plot_tradeoff(points, "epoch", tmp_path / "a.png", "t") == tmp_path / "a.png"
+    figure = series_figure(points, "epoch", "t")
+    assert [p.label for p in figure.points] == ["epoch 1"] and figure.skipped == ["epoch 0"]
+    assert save_tradeoff(figure, tmp_path / "a.png") == tmp_path / "a.png"
     assert plot_history(points, "x", "model_utility", "epoch", tmp_path / "b.png", "t") == tmp_path / "b.png"
-    assert plot_tradeoff(points[:1], "epoch", tmp_path / "c.png", "t") is None
+    assert save_tradeoff(series_figure(points[:1], "epoch", "t"), tmp_path / "c.png") is None
 
 
 def test_comparison_lists_cells_whose_results_are_not_finite() -> None:
