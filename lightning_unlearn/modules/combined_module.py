@@ -229,6 +229,22 @@ class CombinedModule(L.LightningModule):
         return self.combined.generate_texts(input_ids, attention_mask, self.tokenizer, self.stop_ids(),
                                             max_new_tokens or self.hparams.max_new_tokens)
 
+    @property
+    def continuation_fn(self) -> Any:
+        """The combined model's shared-prefix scoring (:attr:`.CombinedModel.continuation_fn`), so that the module
+        itself can be handed to the evaluation as its logits function."""
+        return self.combined.continuation_fn
+
+    @property
+    def evaluation(self) -> Any:
+        """The evaluator's metric object (:attr:`.Evaluator.evaluation`), ``None`` before setup."""
+        return self.evaluator.evaluation
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every validation's summary so far (:attr:`.Evaluator.history`)."""
+        return self.evaluator.history
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.evaluator.update(batch, self.combined, self.generate_texts)
 
