@@ -244,12 +244,12 @@ def test_longest_first_evaluation_reports_as_dataset_order(tiny_world) -> None:
     assert first["index"].tolist() != list(range(len(first["index"]))), "the data module did not sort"
     reports = {}
     for name, loader in loaders.items():
-        module.evaluator.evaluation.reset()
+        module.evaluation.reset()
         with torch.inference_mode():
             for batch in loader:
                 for part in batch["parts"]:
-                    module.evaluator.evaluation.update(part, module.combined, module.generate_texts)
-            reports[name] = module.evaluator.evaluation.compute()[1]
+                    module.evaluation.update(part, module, module.generate_texts)
+            reports[name] = module.evaluation.compute()[1]
     plain_report, sorted_report = reports["plain"], reports["sorted"]
     assert list(sorted_report) == list(plain_report)
     for key, entry in plain_report.items():

@@ -190,15 +190,15 @@ def run_driver(model_dir: str, reference: str, eval_batch_size: int) -> tuple[di
     dm.setup("test")
     module.configure_model()
     module.build_evaluation([spec.name for spec in dm.eval_specs()])
-    module.evaluator.evaluation.min_k = MIN_K
+    module.evaluation.min_k = MIN_K
     module.eval()
     with torch.inference_mode():
         for batch in dm.test_dataloader()[0]:
             for part in batch["parts"]:
-                module.evaluator.evaluation.update(part, module.combined, module.generate_texts)
-        summary, report = module.evaluator.evaluation.compute()
+                module.evaluation.update(part, module, module.generate_texts)
+        summary, report = module.evaluation.compute()
     mia = {}
-    for key, metric in module.evaluator.evaluation.mia.items():
+    for key, metric in module.evaluation.mia.items():
         scores, holdout = metric.per_sample(), metric.holdout_mask()
         mia[key] = {"forget": scores[~holdout].tolist(), "holdout": scores[holdout].tolist()}
     return summary, report, mia

@@ -71,7 +71,7 @@ def test_fit_evaluates_every_epoch_and_keeps_the_best(tiny_world: dict, world: s
     assert (tmp_cwd / "run" / "tradeoff_by_epoch.png").is_file()
     assert cli.trainer.checkpoint_callback.best_model_path
     logged = {k.removeprefix("val/") for k in cli.trainer.logged_metrics if k.startswith("val/")}
-    assert cli.model.evaluator.evaluation.plan(True).logged == logged, "the setup check of monitors knows what is logged"
+    assert cli.model.evaluation.plan(True).logged == logged, "the setup check of monitors knows what is logged"
 
 
 def test_a_monitor_on_muse_rouge_without_generation_is_refused_at_setup(tiny_world: dict, world: str,

@@ -46,7 +46,7 @@ def fit_fails_before_training(cli, error: type[Exception], match: str) -> str:
     with pytest.raises(error, match=match) as caught:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0, "refused before the first training step"
-    assert cli.model.evaluator.history == [], "no validation ran"
+    assert cli.model.history == [], "no validation ran"
     return str(caught.value)
 
 
@@ -87,7 +87,7 @@ def test_a_limit_on_validation_batches_that_cuts_the_utility_sets_off_is_refused
     cli = built(tiny_world, "--model.retain_reference", reference, "--trainer.limit_val_batches", "2",
                 "--trainer.callbacks+", FLOOR)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.model.evaluator.history[0]["model_utility_vs_retain"] is not None
+    assert cli.model.history[0]["model_utility_vs_retain"] is not None
 
 
 def test_a_reference_without_model_utility_is_named_for_the_utility_floor(
@@ -104,7 +104,7 @@ def test_monitors_that_the_evaluation_logs_train(tiny_world: dict, tmp_cwd: Path
                 "--trainer.callbacks+", EARLY_STOPPING, "--trainer.callbacks.monitor", "train/loss",
                 "--trainer.callbacks.patience", "5")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 2 and len(cli.model.evaluator.history) == 1
+    assert cli.trainer.global_step == 2 and len(cli.model.history) == 1
 
 
 @pytest.mark.parametrize("max_new_tokens, lm_eval, limit", [(8, True, None), (0, False, None), (8, False, "1")])
@@ -125,7 +125,7 @@ def test_the_plan_is_what_the_validation_logs(tiny_world: dict, tmp_cwd: Path, r
     logged = {k.removeprefix("val/") for k in cli.trainer.logged_metrics if k.startswith("val/")}
     served, _ = _served_sets(cli.trainer)
     assert (served is None) == (limit is None), served
-    plan = cli.model.evaluator.evaluation.plan(max_new_tokens > 0, served)
+    plan = cli.model.evaluation.plan(max_new_tokens > 0, served)
     if lm_eval:
         plan = plan | MetricPlan(task_metrics(LmEvalSettings(("tofu_general",))))
         assert {"tofu_world_facts_mc/acc", "tofu_real_authors_mc/acc_norm"} <= plan.logged

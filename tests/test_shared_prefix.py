@@ -152,7 +152,7 @@ def test_the_modules_shared_prefix_scoring_equals_its_forward(tiny_world: dict, 
                 p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     module.train(kind == "training")
     if kind in ("eul", "training"):
-        assert module.combined.continuation_fn is None
+        assert module.continuation_fn is None
         return
     formatter = PromptFormatter(load_tokenizer(tiny_world["tokenizer"]), max_length=64)
     answers = [formatter.encode(q, a) for q, a in zip(QUESTIONS, ANSWERS)]
@@ -161,8 +161,8 @@ def test_the_modules_shared_prefix_scoring_equals_its_forward(tiny_world: dict, 
               (pad_batch(perturbed, formatter.tokenizer.pad_token_id), scorer)]
     with torch.no_grad():
         whole = score_rows(module, groups, 10_000)
-        shared = score_rows(module, groups, 10_000, module.combined.continuation_fn)
-    assert module.combined.continuation_fn is not None
+        shared = score_rows(module, groups, 10_000, module.continuation_fn)
+    assert module.continuation_fn is not None
     for g in range(2):
         for key in whole[g]:
             atol = 1e-3 if key == "mkpp" else 1e-5
