@@ -98,8 +98,8 @@ def test_stored_precision_and_size(tiny_world: dict, tmp_path: Path) -> None:
     module = built(NPO, tiny_world, large_dtype="float32", logit_cache="disk", logit_cache_dir=str(tmp_path))
     batch = make_batch(tiny_world, ("forget",))["forget"]
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    exact = [module._large_logits(ids, mask), module._reference_logits(ids, mask)]
-    cached = module._frozen_parts(ids, mask)
+    exact = [module.combined.large_logits(ids, mask), module.combined.reference_logits(ids, mask)]
+    cached = module.combined.frozen_parts(ids, mask)
     real = mask.bool()
     for got, want in zip(cached, exact):
         assert torch.equal(got[real], want[real].half().float()), "float16 rounding, no more"
@@ -112,7 +112,7 @@ def test_stored_precision_and_size(tiny_world: dict, tmp_path: Path) -> None:
     assert (tmp_path / "rank0" / DATA_FILE).stat().st_size == tokens * 2 * vocab * 2
 
     exact32 = built(NPO, tiny_world, large_dtype="float32", logit_cache="memory", logit_cache_dtype="float32")
-    for got, want in zip(exact32._frozen_parts(ids, mask), exact):
+    for got, want in zip(exact32.combined.frozen_parts(ids, mask), exact):
         assert torch.equal(got[real], want[real])
 
 
@@ -124,10 +124,10 @@ def test_duplicate_rows_are_computed_once_and_eval_mode_bypasses_the_cache(tiny_
     rows = []
     module.large.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
                                        with_kwargs=True)
-    module._frozen_parts(torch.cat([ids, ids]), torch.cat([mask, mask]))
+    module.combined.frozen_parts(torch.cat([ids, ids]), torch.cat([mask, mask]))
     assert rows == [3] and len(module.logit_cache) == 3
     module.eval()
-    module._frozen_parts(ids, mask)
+    module.combined.frozen_parts(ids, mask)
     assert calls == {"large": 2, "reference": 2} and len(module.logit_cache) == 3
 
 
@@ -176,7 +176,7 @@ def test_later_epochs_run_only_the_trainable_model(retain: bool, tiny_world: dic
 def fingerprinted(world: dict, cache_dir: Path, **kwargs) -> UnlearnModule:
     module = built(GA, world, logit_cache="disk", logit_cache_dir=str(cache_dir), **kwargs)
     batch = make_batch(world, ("forget",))["forget"]
-    module._frozen_parts(batch["input_ids"], batch["attention_mask"])
+    module.combined.frozen_parts(batch["input_ids"], batch["attention_mask"])
     return module
 
 
@@ -221,7 +221,7 @@ def test_weights_replaced_with_the_same_size_and_time_rebuild_the_cache(tiny_wor
     cache_dir = tmp_path / "cache"
     first = fingerprinted({**tiny_world, "large": str(large)}, cache_dir)
     batch = make_batch(tiny_world, ("forget",))["forget"]
-    old = first._frozen_parts(batch["input_ids"], batch["attention_mask"])[0]
+    old = first.combined.frozen_parts(batch["input_ids"], batch["attention_mask"])[0]
     first.teardown("fit")
     weights = next(large.glob("*.safetensors"))
     stat = weights.stat()
@@ -235,8 +235,8 @@ def test_weights_replaced_with_the_same_size_and_time_rebuild_the_cache(tiny_wor
     assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     again = fingerprinted({**tiny_world, "large": str(large)}, cache_dir)
     assert again.logit_cache.cleared and again.logit_cache.hits == 0
-    new = again._frozen_parts(batch["input_ids"], batch["attention_mask"])[0]
-    expected = again._compute_frozen(batch["input_ids"], batch["attention_mask"])[0]
+    new = again.combined.frozen_parts(batch["input_ids"], batch["attention_mask"])[0]
+    expected = again.combined.frozen_logits(batch["input_ids"], batch["attention_mask"])[0]
     attended = batch["attention_mask"].bool()
     assert (new - old)[attended].abs().max() > 0.01, "the old model's logits are not read back"
     torch.testing.assert_close(new[attended].float(), expected[attended].float(), atol=0.01, rtol=0)
@@ -295,8 +295,8 @@ def test_lora_reference_is_cached_too(tiny_world: dict) -> None:
     module = built(NPO, tiny_world, lora_rank=4, logit_cache="memory", retain_loss="none")
     batch = make_batch(tiny_world, ("forget",))
     calls = []
-    original = module._reference_logits
-    module._reference_logits = lambda *a: calls.append(1) or original(*a)
+    original = module.combined.reference_logits
+    module.combined.reference_logits = lambda *a: calls.append(1) or original(*a)
     module.compute_losses(batch)
     module.compute_losses(batch)
     assert calls == [1]

@@ -72,17 +72,17 @@ def test_reference_is_the_base_model_with_the_adapter_off(tiny_world: dict) -> N
     base = load_causal_lm(tiny_world["small"]).eval()
     with torch.no_grad():
         expected = base(input_ids=ids, attention_mask=mask).logits
-    reference = module._reference_logits(ids, mask)
+    reference = module.combined.reference_logits(ids, mask)
     assert torch.equal(reference, expected)
     assert reference.grad_fn is None
     assert module.model.training, "the trainable model is back in training mode"
     assert {n: p.requires_grad for n, p in module.model.named_parameters()} == flags
     module.eval()
     with torch.no_grad():
-        assert not torch.allclose(module._logits(module.model, ids, mask), expected), "the adapter is back on"
+        assert not torch.allclose(module.combined.offset_logits(ids, mask)[0], expected), "the adapter is back on"
     out = module.run_parts(make_batch(tiny_world["tokenizer"]), with_reference=True)
-    z_l = module._large_logits(ids, mask)
-    torch.testing.assert_close(out["forget"].logits, z_l + (module._logits(module.model, ids, mask) - expected))
+    z_l = module.combined.large_logits(ids, mask)
+    torch.testing.assert_close(out["forget"].logits, z_l + (module.combined.offset_logits(ids, mask)[0] - expected))
 
 
 def test_gradients_reach_only_the_adapter(tiny_world: dict) -> None:
@@ -228,9 +228,9 @@ def test_composed_adapters_share_one_small_model(tiny_world: dict, lora_exports:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     real = mask.bool()
     with torch.no_grad():
-        z_l = lora_exports["first"][0]._large_logits(ids, mask)
-        z_s0 = lora_exports["first"][0]._reference_logits(ids, mask)
-        offsets = [(m.alpha, m._logits(m.model, ids, mask) - z_s0) for m, _ in (lora_exports[n] for n in
+        z_l = lora_exports["first"][0].combined.large_logits(ids, mask)
+        z_s0 = lora_exports["first"][0].combined.reference_logits(ids, mask)
+        offsets = [(m.alpha, m.combined.offset_logits(ids, mask)[0] - z_s0) for m, _ in (lora_exports[n] for n in
                                                                                  ("first", "second", "full"))]
     manual = z_l + sum(alpha * d for alpha, d in offsets)
     torch.testing.assert_close(model.logits(ids, mask)[real], manual[real], rtol=0, atol=1e-5)

@@ -13,7 +13,7 @@ from lightning_unlearn.models.lora import add_lora
 from lightning_unlearn.models.memory import (GIB, MemoryPlanError, RunSpec, check, eul_parameters, load_config,
                                              lora_parameters, model_shape, plan)
 from lightning_unlearn.models.tiny import build_tiny_llama, tiny_llama_config
-from lightning_unlearn.modules import base
+from lightning_unlearn.models import build
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
 PUBLISHED = {"Llama-3.2-1B-Instruct": 1_235_814_400, "Llama-3.2-3B-Instruct": 3_212_749_824,
@@ -87,9 +87,9 @@ def test_fit_refuses_before_loading_when_free_memory_is_too_small(tiny_world: di
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
     loaded = []
-    measured, load = memory.free_memory, base.load_causal_lm
+    measured, load = memory.free_memory, build.load_causal_lm
     monkeypatch.setattr(memory, "free_memory", lambda device: 1000)
-    monkeypatch.setattr(base, "load_causal_lm", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(build, "load_causal_lm", lambda *a, **k: loaded.append(a))
     args = ["fit", "--model", "NPO", "--model.large_model", tiny_world["large"], "--model.small_model",
             tiny_world["small"], "--data.forget_split", "forget01", "--data.retain_split", "retain99",
             "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--data.evaluation", "loss"]
@@ -97,7 +97,7 @@ def test_fit_refuses_before_loading_when_free_memory_is_too_small(tiny_world: di
         main(args)
     assert loaded == [], "the plan is checked before any weight is loaded"
     monkeypatch.setattr(memory, "free_memory", measured)
-    monkeypatch.setattr(base, "load_causal_lm", load)
+    monkeypatch.setattr(build, "load_causal_lm", load)
     capsys.readouterr()
     main(args)  # with the machine's free memory the same run goes through, its plan printed first
     assert "memory plan (before loading" in capsys.readouterr().out

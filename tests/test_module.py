@@ -46,9 +46,10 @@ def test_offset_reference_is_the_large_model_and_shifts_only_by_the_offset(tiny_
     batch = make_batch(tiny_world["tokenizer"])
     out = module.run_parts(batch, with_reference=True)
     ids, mask = batch["forget"]["input_ids"], batch["forget"]["attention_mask"]
-    z_l = module._frozen_logits(module.large, ids, mask)
-    z_s = module._frozen_logits(module.model, ids, mask)
-    z_s0 = module._frozen_logits(module.reference, ids, mask)
+    with torch.no_grad():
+        z_l = module.combined.large_logits(ids, mask).float()
+        (z_s,) = module.combined.offset_logits(ids, mask)
+        z_s0 = module.combined.reference_logits(ids, mask)
     assert torch.equal(out["forget"].ref_logits, z_l)
     torch.testing.assert_close(out["forget"].logits, z_l + 2.0 * (z_s - z_s0))
     assert not torch.equal(out["forget"].logits, z_l)
@@ -69,7 +70,7 @@ def test_gradients_reach_only_the_trainable_model(tiny_world: dict) -> None:
 def test_large_logits_keep_no_autograd_graph(tiny_world: dict) -> None:
     module = built(GA, small_model=tiny_world["small"], large_model=tiny_world["large"])
     batch = make_batch(tiny_world["tokenizer"])["forget"]
-    z_l = module._frozen_logits(module.large, batch["input_ids"], batch["attention_mask"])
+    z_l = module.combined.large_logits(batch["input_ids"], batch["attention_mask"])
     assert z_l.grad_fn is None and not z_l.requires_grad
 
 

@@ -210,7 +210,7 @@ def test_other_weights_behind_the_same_name_rebuild_the_disk_cache(served: dict,
     def loss(large: str, **kwargs: object) -> tuple[float, FrozenLogitCache | None]:
         module = _module(served, large, **kwargs).train()
         value = float(module.compute_losses(batch)["loss"].detach())
-        cache = module._logit_cache
+        cache = module.logit_cache
         module.teardown("fit")
         return value, cache
 

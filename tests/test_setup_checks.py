@@ -115,7 +115,7 @@ def test_the_plan_is_what_the_validation_logs(tiny_world: dict, tmp_cwd: Path, r
     that would fail."""
     from lightning_unlearn.evaluation.monitors import MetricPlan
     from lightning_unlearn.harness.hooks import LmEvalSettings, task_metrics
-    from lightning_unlearn.modules.eval_hooks import _served_sets
+    from lightning_unlearn.modules.evaluator import _served_sets
 
     tasks = ["--data.lm_eval_tasks", "[tofu_general]"] if lm_eval else []
     limits = ["--trainer.limit_val_batches", limit] if limit else []

@@ -8,8 +8,10 @@ model -- logits, log-probabilities of answers, greedy generations -- with the pr
 as during training (:class:`~lightning_unlearn.data.formatting.PromptFormatter`), so that what the model
 forgot in training is what it has forgotten here.
 
-Generation keeps one KV cache per model (:func:`~lightning_unlearn.offset.generation.greedy_generate`):
-a shared cache would make each model attend to the others' keys and values.
+The models are held by one :class:`~lightning_unlearn.offset.combined.CombinedModel` (``combined``), the class the
+training module holds, so an export computes what training measured. Generation keeps one KV cache per model
+(:func:`~lightning_unlearn.offset.generation.greedy_generate`): a shared cache would make each model attend to the
+others' keys and values.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from ..data.formatting import (
 from ..data.tofu_eval import left_pad
 from ..losses.functional import sequence_logp, token_nll
 from ..offset.sources import ServedLargeModel, check_served_context, check_served_tokenizer, is_served
-from ..offset.generation import OffsetCausalLM, StopFn, decode_answers, offset_components
-from ..offset.filtered import FilteredOffset
+from ..offset.combined import CombinedModel
+from ..offset.generation import StopFn, decode_answers, position_ids_from_mask
+from ..offset.filtered import FilteredCombined
 from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm
 from ..data.tokenizer import load_tokenizer
 from ..models.lora import AdapterComponent, adapter_base_model, attach_adapters
@@ -112,27 +115,34 @@ class UnlearnedModel(nn.Module):
         self.composition = composition
         self.tokenizer = tokenizer
         self.formatter = formatter or PromptFormatter(tokenizer)
-        self.large = large
-        self.reference = reference
-        self.offsets = nn.ModuleList(offsets)
         self.stop_ids = stop_token_ids(tokenizer, [m for m in (large, *offsets) if m is not None])
-        self._set_combined()
+        self.combined = self._combine(offsets, large, reference)
 
-    def _set_combined(self) -> None:
-        # The weighted sum only refers to the models registered above; registering it too would list
-        # every model twice (in repr, named_modules) for nothing. ``.to()`` moves parameters in place,
-        # so it still reaches the models through their registration.
-        object.__setattr__(self, "combined", self._combine())
+    def _combine(self, offsets: Sequence[nn.Module], large: nn.Module | None,
+                 reference: nn.Module | None) -> CombinedModel:
+        """The one combined model training also uses: ULD's filtered offsets, a weighted sum, or the model alone."""
+        vocab, c = len(self.tokenizer), self.composition
+        if c.is_direct:
+            return CombinedModel(offsets, vocab_size=vocab)
+        if reference is None or c.relative_top > 0:  # ULD: the filter is not a weighted sum
+            return FilteredCombined(offsets, c.alphas, large=large, reference=reference, vocab_size=vocab,
+                                    relative_top=c.relative_top)
+        return CombinedModel(offsets, c.alphas, large=large, reference=reference, vocab_size=vocab)
 
-    def _combine(self) -> OffsetCausalLM:
-        vocab = len(self.tokenizer)
-        if self.composition.is_direct:
-            return OffsetCausalLM([(self.offsets[0], 1.0)], vocab_size=vocab)
-        pairs = list(zip(self.offsets, self.composition.alphas))
-        if self.reference is None or self.composition.relative_top > 0:  # ULD: the filter is not a weighted sum
-            filtered = FilteredOffset(self.large, pairs, self.reference, self.composition.relative_top, vocab)
-            return OffsetCausalLM([(filtered, 1.0)], vocab_size=vocab)
-        return OffsetCausalLM(offset_components(self.large, self.reference, pairs), vocab_size=vocab)
+    @property
+    def large(self) -> nn.Module | None:
+        """The large model (``None`` for a direct model)."""
+        return self.combined.large
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The reference ``S0`` (a LoRA composition's: the shared base with every adapter off)."""
+        return self.combined.reference
+
+    @property
+    def offsets(self) -> nn.ModuleList:
+        """The offsets' models, in the composition's order (a direct model's one)."""
+        return self.combined.offsets
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -217,7 +227,7 @@ class UnlearnedModel(nn.Module):
             ValueError: not one finite alpha per offset.
         """
         self.composition = self.composition.with_alphas(alphas, "set_alphas")
-        self._set_combined()
+        self.combined.alphas = self.composition.alphas
 
     def save_manifest(self, path: PathLike) -> Path:
         """Write ``composition.json`` listing the offsets and alphas; :meth:`from_export` reloads it."""
@@ -246,7 +256,8 @@ class UnlearnedModel(nn.Module):
         Position ids skip left padding, so a prompt scores the same padded or not; on a right-padded
         batch (as in training) every unpadded position equals the training module's ``forward``.
         """
-        return self.combined(input_ids.to(self.device), attention_mask.to(self.device))
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        return self.combined(input_ids, attention_mask, position_ids_from_mask(attention_mask))
 
     forward = logits
 

@@ -1,7 +1,7 @@
 """lm-eval tasks beside the TOFU evaluation in ``fit`` (every validation) and ``test``.
 
-The tasks are listed in the data config (``data.lm_eval_tasks``); the training module's evaluation hooks
-(:mod:`lightning_unlearn.modules.eval_hooks`) call :func:`lm_eval_metrics` when an evaluation epoch ends and log
+The tasks are listed in the data config (``data.lm_eval_tasks``); the training module's evaluator
+(:mod:`lightning_unlearn.modules.evaluator`) calls :func:`lm_eval_metrics` when an evaluation epoch ends and logs
 its ``task/metric`` values under ``val/`` or ``test/`` beside the TOFU metrics, so that they reach the history,
 the test summary, the loggers (W&B) and any ``ModelCheckpoint`` monitoring them (``val/tofu_world_facts_mc/acc``).
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..losses.functional import kl_on_labelled, nll_mean
 from ..models.adapters import (
     ATTRIBUTE, Activation, adapters_disabled, apply_adapter_set, collect_grams, extract_adapter_set,
     insert_adapters, load_adapter_set, load_grams, recording_grams, save_adapter_set,
 )
-from ..models.loading import DType, freeze, load_causal_lm, resolve_dtype
+from ..models.build import load_small
+from ..models.loading import DType, resolve_dtype
+from ..offset.combined import CombinedModel
 from .base import PartOutput, UnlearnModule, with_step_loss
 from .divergence import ForgetNLLBound
 
@@ -50,6 +53,41 @@ def eul_objective(
         "loss": forget_loss + retain_loss, "forget_loss": forget_loss, "retain_loss": retain_loss,
         "kl_forget": kl_f, "nll_forget": nll_f, "kl_retain": kl_r, "nll_retain": nll_r,
     }
+
+
+class UnlearningLayersCombined(CombinedModel):
+    """EUL's combined model: the student ``F'`` (the model with its unlearning layers on) as the one model, and the
+    teacher ``F`` (the same weights with them off) as its reference; no copy, no large model.
+
+    While :attr:`recording` is set (EUL's training steps), the student's forward adds its inputs to the layers' Gram
+    matrices (over attended tokens), which fusion needs. Shared-prefix scoring is not offered: the evaluation scores
+    whole rows through :meth:`forward`, as it always has for EUL.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int) -> None:
+        super().__init__([model], vocab_size=vocab_size)
+        self.recording = False
+
+    def logits_and_reference(self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False,
+                             use_cache: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """Student logits (float32; Gram matrices recorded while :attr:`recording`) and, if asked, the teacher's
+        (layers off, eval mode, no gradient)."""
+        model = self.trainable
+        with recording_grams(model, attention_mask if self.recording else None):
+            logits = self.offset_logits(input_ids, attention_mask)[0]
+        if not with_reference:
+            return logits, None
+        was_training = model.training
+        model.eval()  # a deterministic teacher, whatever dropout the model has
+        try:
+            with adapters_disabled(model), torch.no_grad():
+                return logits, self.offset_logits(input_ids, attention_mask)[0]
+        finally:
+            model.train(was_training)
+
+    @property
+    def continuation_fn(self) -> None:
+        return None
 
 
 class EUL(ForgetNLLBound, UnlearnModule):
@@ -112,7 +150,6 @@ class EUL(ForgetNLLBound, UnlearnModule):
             raise ValueError(f"EUL does not take {sorted(unsupported)}: its unlearning layers are the only trainable "
                              "parameters and its teacher is the same model with them off.")
         super().__init__(alpha=alpha, gamma=gamma, retain_weight=retain_weight, large_model=None, **kwargs)
-        self._recording = False
         self._pending_grams: dict[str, Tensor] | None = None
         self.adapters_path: Path | None = None
 
@@ -120,12 +157,10 @@ class EUL(ForgetNLLBound, UnlearnModule):
     def parts(self) -> tuple[str, ...]:
         return ("forget", "retain")
 
-    def configure_model(self) -> None:
-        """Load the model frozen and insert the only trainable parameters: the unlearning layers."""
-        if self.model is not None:
-            return
+    def build_combined(self) -> UnlearningLayersCombined:
+        """The model loaded frozen with the only trainable parameters inserted: the unlearning layers."""
         h = self.hparams
-        model = freeze(load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code, "--model.small_model"))
+        model = load_small(h, frozen=True)
         if h.adapters:
             apply_adapter_set(model, load_adapter_set(h.adapters), dtype=resolve_dtype(h.adapter_dtype))
         else:
@@ -134,25 +169,15 @@ class EUL(ForgetNLLBound, UnlearnModule):
         model.train()  # Hugging Face checkpoints layers only in training mode
         if h.gradient_checkpointing:  # reentrant checkpointing would cut the gradient to adapters behind frozen layers
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model
-        if self._pending_grams is not None:  # a checkpoint loaded before the model was built
-            load_grams(model, self._pending_grams)
+        return UnlearningLayersCombined(model, self.vocab_size)
 
-    def logits_and_reference(
-        self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """Student logits (adapters on, Gram matrices recorded while training) and teacher logits (off)."""
-        with recording_grams(self.model, attention_mask if self._recording else None):
-            logits = self._logits(self.model, input_ids, attention_mask)
-        if not with_reference:
-            return logits, None
-        was_training = self.model.training
-        self.model.eval()  # a deterministic teacher, whatever dropout the model has
-        try:
-            with adapters_disabled(self.model):
-                return logits, self._frozen_logits(self.model, input_ids, attention_mask)
-        finally:
-            self.model.train(was_training)
+    def configure_model(self) -> None:
+        """Build the model, then resume Gram sums a checkpoint loaded before it was built."""
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self._pending_grams is not None:
+            load_grams(self.model, self._pending_grams)
 
     def active_parts(self) -> tuple[str, ...]:
         """The data parts whose terms this step optimises (see ``schedule``)."""
@@ -162,11 +187,11 @@ class EUL(ForgetNLLBound, UnlearnModule):
 
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         parts = {name: batch[name] for name in self.active_parts()}
-        self._recording = self.training and self.hparams.record_grams
+        self.combined.recording = self.training and self.hparams.record_grams
         try:
             out = self.run_parts(parts, with_reference=True)
         finally:
-            self._recording = False
+            self.combined.recording = False
         h = self.hparams
         forget, retain = out.get("forget"), out.get("retain")
         losses = eul_objective(forget, retain, h.alpha, h.retain_weight, h.gamma)

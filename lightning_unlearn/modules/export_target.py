@@ -1,6 +1,6 @@
 """Where ``model.export_dir`` may be written, checked when ``fit`` sets up rather than when it ends.
 
-The export replaces its folder at the end of ``fit`` (:meth:`~lightning_unlearn.modules.base.UnlearnModule.export`).
+The export (:func:`write_export`) replaces its folder at the end of ``fit``.
 A target that is a file failed only then, after the whole training; a target that is, or holds, a model the run
 reads (the small model, which an offset export's ``offset.json`` names as its reference, the large model or the
 tokenizer) was silently replaced by the trained weights, so the export named a reference that no longer exists.
@@ -8,11 +8,19 @@ tokenizer) was silently replaced by the trained weights, so the export named a r
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["check_export_dir"]
+from transformers import PreTrainedTokenizerBase
+
+from ..models.files import portable_models
+
+__all__ = ["check_export_dir", "write_export"]
 
 
 def check_export_dir(export_dir: str | None, sources: Mapping[str, str | None]) -> None:
@@ -48,3 +56,24 @@ def check_export_dir(export_dir: str | None, sources: Mapping[str, str | None]) 
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"model.export_dir {export_dir}: {existing} is not writable, so the export at the end of "
                               "fit would fail. Give a folder you can write.")
+
+
+def write_export(model: Any, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any] | None,
+                 directory: str | os.PathLike, state_dict: dict[str, Any] | None = None) -> Path:
+    """Save the trained model (a Hugging Face model, or with LoRA a peft model: the adapter only, peft's format),
+    the tokenizer and, for an offset, ``offset.json`` (``manifest``, its model paths made to survive moving the
+    runs folder; :mod:`lightning_unlearn.deploy.manifest` reads it) to ``directory``, replacing it atomically: the
+    files are written beside it and the folder renamed into place, so a crash leaves the old export or the new one.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    model.save_pretrained(staging, state_dict=state_dict)  # with LoRA, peft saves the adapter only
+    tokenizer.save_pretrained(staging)
+    if manifest is not None:
+        (staging / "offset.json").write_text(json.dumps(portable_models(manifest, target), indent=2),
+                                             encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target

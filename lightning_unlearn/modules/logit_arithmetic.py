@@ -21,15 +21,43 @@ from torch import Tensor
 
 from ..losses.functional import nll_mean
 from ..losses.logit_arithmetic import (
-    filtered_offset, soft_cross_entropy_on_labelled, uniform_kl_on_labelled, whp_generic_logits,
+    soft_cross_entropy_on_labelled, uniform_kl_on_labelled, whp_generic_logits,
 )
+from ..models.build import load_large, load_small
 from ..models.loading import check_same_tokenizer, freeze, load_causal_lm
 from ..data.tokenizer import load_tokenizer
 from ..numbers import finite, in_range
-from ..offset.filtered import FilteredOffset
+from ..offset.combined import CombinedModel
+from ..offset.generation import as_component
+from ..offset.filtered import FilteredCombined
 from .base import MeanOver, PartOutput, RetainLoss, UnlearnModule, with_step_loss
 
 Target = Literal["hard", "soft"]
+
+
+class ReinforcedCombined(CombinedModel):
+    """WHP's combined model: the usual one (``z_L + alpha (z_S - z_S0)`` or ``z_S``) and the frozen reinforced model
+    ``R`` its targets read (:meth:`generic_targets`); ``R`` never enters the combined logits.
+
+    Args:
+        reinforced: ``R``, ``S0`` fine-tuned further on the forget data (frozen here).
+        args, kwargs: as :class:`~lightning_unlearn.offset.combined.CombinedModel`.
+    """
+
+    def __init__(self, *args: Any, reinforced: torch.nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reinforced = freeze(reinforced)
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        return [*super().frozen_models(), self.reinforced]
+
+    @torch.no_grad()
+    def generic_targets(self, input_ids: Tensor, attention_mask: Tensor, z_base: Tensor, coeff: float) -> Tensor:
+        """``v = z_base - coeff * ReLU(z_R - z_S0)`` ``[B, T, V]`` float32; ``z_base`` is the model before
+        unlearning (``z_L``, or ``z_S0`` in direct mode, which then serves as ``z_S0`` too)."""
+        z_reinforced = self._run(as_component(self.reinforced), input_ids, attention_mask, None).float()
+        z_ref = z_base if self.is_direct else self.reference_logits(input_ids, attention_mask)
+        return whp_generic_logits(z_base, z_reinforced, z_ref, coeff)
 
 
 class ULD(UnlearnModule):
@@ -89,25 +117,15 @@ class ULD(UnlearnModule):
     def parts(self) -> tuple[str, ...]:
         return ("forget", "retain")
 
-    def configure_model(self) -> None:
-        """The trainable assistant and the frozen large model; no reference (``z_S0 = 0``)."""
-        if self.model is not None:
-            return
-        self._load_local_large()
+    def build_combined(self) -> FilteredCombined:
+        """ULD's combined model: the trainable assistant (whole) over the frozen large model, no reference
+        (``z_S0 = 0``), behind the relative-top filter."""
         h = self.hparams
-        small = load_causal_lm(h.small_model, h.small_dtype, h.trust_remote_code, "--model.small_model")
+        small = load_small(h)
         if h.gradient_checkpointing:
             small.gradient_checkpointing_enable()
-        self.model = small.train()
-
-    def logits_and_reference(
-        self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """The unlearned model's logits ``z_L + keep(z_L) * alpha * z_A`` (float32) and, if asked, ``z_L``."""
-        z_large = self._large_logits(input_ids, attention_mask).float()
-        z = filtered_offset(z_large, self.alpha * self._logits(self.model, input_ids, attention_mask),
-                            self.hparams.relative_top)
-        return z, z_large if with_reference else None
+        return FilteredCombined([small.train()], [self.alpha], large=load_large(h), vocab_size=self.vocab_size,
+                                relative_top=h.relative_top, large_device=h.get("large_device"))
 
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         """The assistant's forget NLL and retain KL to uniform (token means of the micro-batch), their weighted
@@ -116,23 +134,13 @@ class ULD(UnlearnModule):
         out = {}
         for name in self.parts:  # the assistant alone: the combined model is an inference-time construction
             part = batch[name]
-            logits = self._logits(self.model, part["input_ids"], part["attention_mask"])
+            logits = self.combined.offset_logits(part["input_ids"], part["attention_mask"])[0]
             out[name] = PartOutput(logits, None, part["labels"], *self.step_scales(part))
         forget = nll_mean(out["forget"].logits, out["forget"].labels)
         retain = uniform_kl_on_labelled(out["retain"].logits, out["retain"].labels)
         losses = {"loss": h.gamma * forget + h.retain_weight * retain, "forget_loss": forget, "retain_loss": retain}
         return with_step_loss(losses, [(h.gamma * forget, out["forget"], "tokens"),
                                        (h.retain_weight * retain, out["retain"], "tokens")])
-
-    def combined_component(self) -> FilteredOffset:
-        """The unlearned model as one generation component (one KV cache per model)."""
-        return FilteredOffset(self.large_component(), [(self.model, self.alpha)], None, self.hparams.relative_top,
-                              self.vocab_size)
-
-    def logit_components(self) -> list[tuple[FilteredOffset, float]]:
-        """The filtered combination as the one component the base class's :meth:`generate` decodes: ULD answers
-        the same generation interface as every method (``stop`` included, as lm-eval's ``until`` needs)."""
-        return [(self.combined_component(), 1.0)]
 
     def offset_manifest(self) -> dict[str, Any]:
         """An offset without reference, filtered: ``reference_model`` null and ``relative_top`` recorded."""
@@ -187,17 +195,17 @@ class WHP(UnlearnModule):
         check_same_tokenizer(load_tokenizer(h.reinforced_model, h.trust_remote_code), self.tokenizer,
                              h.reinforced_model, h.tokenizer or h.small_model)
 
-    def configure_model(self) -> None:
-        """The usual models, plus the frozen reinforced model (in the small models' dtype)."""
-        if self.model is not None:
-            return
-        super().configure_model()
+    def build_combined(self) -> ReinforcedCombined:
+        """The usual combined model, holding the frozen reinforced model too (in the small models' dtype)."""
         h = self.hparams
-        self.reinforced = freeze(load_causal_lm(h.reinforced_model, h.small_dtype, h.trust_remote_code,
-                                              "--model.reinforced_model"))
+        reinforced = load_causal_lm(h.reinforced_model, h.small_dtype, h.trust_remote_code, "--model.reinforced_model")
+        return super().build_combined(ReinforcedCombined, reinforced=reinforced)
 
-    def frozen_models(self) -> list[torch.nn.Module]:
-        return [*super().frozen_models(), *([self.reinforced] if self.reinforced is not None else [])]
+    def configure_model(self) -> None:
+        """Build the combined model and register the reinforced model beside the others."""
+        if self.model is None:
+            super().configure_model()
+            self.reinforced = self.combined.reinforced
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the reinforced model out of checkpoints too: it is frozen and reloaded from its path."""
@@ -206,13 +214,10 @@ class WHP(UnlearnModule):
         for key in [k for k in state if k.startswith("reinforced.")]:
             del state[key]
 
-    @torch.no_grad()
     def generic_targets(self, part: dict[str, Tensor], z_base: Tensor) -> Tensor:
         """``v = z_base - a * ReLU(z_R - z_S0)`` on one data part ``[B, T, V]`` float32."""
-        ids, mask = part["input_ids"], part["attention_mask"]
-        z_reinforced = self._frozen_logits(self.reinforced, ids, mask)
-        z_ref = z_base if self.large is None else self._reference_logits(ids, mask)
-        return whp_generic_logits(z_base, z_reinforced, z_ref, self.hparams.reinforce_coeff)
+        return self.combined.generic_targets(part["input_ids"], part["attention_mask"], z_base,
+                                             self.hparams.reinforce_coeff)
 
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         """``gamma * CE(model, v)_forget + retain_weight * retain_term`` (token means), and ``step_loss``."""

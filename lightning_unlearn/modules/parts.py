@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
-__all__ = ["MeanOver", "PartOutput", "RetainLoss", "with_step_loss"]
+from ..losses.functional import IGNORE_INDEX, step_scale
+
+__all__ = ["MeanOver", "PartOutput", "RetainLoss", "step_scales", "with_step_loss"]
 
 RetainLoss = Literal["none", "nll", "kl"]
 MeanOver = Literal["tokens", "sequences"]
@@ -57,3 +60,31 @@ def with_step_loss(
     if any(share is None for share in shares):
         raise ValueError("Some data parts of the batch carry the counts of their optimizer step and others do not.")
     return {**losses, "step_loss": sum(shares[1:], shares[0])}
+
+
+def step_scales(part: dict[str, Tensor], accumulate: int, world_size: int) -> tuple[Tensor | None, Tensor | None]:
+    """The factors of a training part's token and sequence means that make them shares of the optimizer step's means.
+
+    They need the step's counts, which the data module's training batches carry (``step_tokens``,
+    ``step_sequences``), and the trainer's ``accumulate_grad_batches x world_size``; ``(None, None)`` without counts
+    (plain means over the micro-batch).
+
+    Raises:
+        RuntimeError: if the data was planned for another number of micro-batches per step than the trainer runs
+            (e.g. ``accumulate_grad_batches`` changed by a scheduler during the epoch).
+    """
+    if "step_tokens" not in part:
+        return None, None
+    micro_batches = accumulate * world_size
+    planned = int(part["step_micro_batches"])
+    if planned != micro_batches:
+        raise RuntimeError(
+            f"The training batches were planned for {planned} micro-batches per optimizer step, but the trainer "
+            f"runs {micro_batches} (accumulate_grad_batches x devices): token means over the step would be "
+            "wrong. Keep accumulate_grad_batches fixed during an epoch."
+        )
+    labels = part["labels"]
+    tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+    sequences = torch.tensor(labels.shape[0], device=labels.device)
+    return (step_scale(tokens, part["step_tokens"], micro_batches),
+            step_scale(sequences, part["step_sequences"], micro_batches))

@@ -10,7 +10,8 @@ a filter and without a reference:
 The filter is not linear in the components, so the weighted sum of :func:`~.generation.greedy_generate` cannot
 express it; :class:`FilteredOffset` is one component holding the large model, the offsets and the optional
 reference, each with its own KV cache (:class:`CacheGroup`), and returns the filtered sum. With
-``relative_top = 0`` and a reference it is the plain offset.
+``relative_top = 0`` and a reference it is the plain offset. :class:`FilteredCombined` is ULD's combined model
+(:mod:`.combined`): teacher-forced logits, decoding and scoring through that one component.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from transformers import DynamicCache
 
 from ..losses.logit_arithmetic import filtered_offset
 from ..numbers import finite, in_range
+from .combined import CombinedModel
 from .generation import ComponentFn, LogitsComponent, as_component, next_logits
 
-__all__ = ["CacheGroup", "FilteredOffset"]
+__all__ = ["CacheGroup", "FilteredCombined", "FilteredOffset"]
 
 
 class CacheGroup(list):
@@ -90,3 +92,53 @@ class FilteredOffset(LogitsComponent):
         logits = [z[..., : self.vocab_size] for z in logits]
         delta = sum(w * z.float() for w, z in zip(self.weights, logits[1:]))
         return filtered_offset(logits[0], delta, self.relative_top)
+
+
+class FilteredCombined(CombinedModel):
+    """The combined model of ULD: ``z_L + keep(z_L) * sum_i alpha_i (z_S_i - z_S0)``, ``z_S0 = 0`` without a
+    reference; the same questions answered as :class:`~.combined.CombinedModel` (teacher-forced logits, one
+    component for decoding and shared prefixes).
+
+    Args:
+        relative_top: ``tau`` of the relative-top filter on ``z_L`` (in ``[0, 1]``; 0 keeps every token).
+        others: as :class:`~.combined.CombinedModel`; ``large`` is required, ``reference`` optional.
+
+    Raises:
+        ValueError: no large model, or ``relative_top`` outside ``[0, 1]``.
+    """
+
+    def __init__(self, offsets: Sequence[nn.Module | ComponentFn], alphas: Sequence[float] | None = None, *,
+                 large: nn.Module | ComponentFn | None = None, reference: nn.Module | ComponentFn | None = None,
+                 vocab_size: int, relative_top: float, large_device: str | None = None) -> None:
+        if large is None:
+            raise ValueError("a filtered offset needs the large model whose distribution the filter reads.")
+        super().__init__(offsets, alphas, large=large, reference=reference, vocab_size=vocab_size,
+                         large_device=large_device)
+        self.relative_top = in_range(relative_top, "relative_top", 0.0, 1.0)
+
+    def logits_and_reference(self, input_ids: Tensor, attention_mask: Tensor, with_reference: bool = False,
+                             use_cache: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """The filtered logits (float32) and, if asked, ``z_L``; the frozen logits are always computed (ULD trains
+        its assistant alone, so there is nothing to cache)."""
+        z_large = self.large_logits(input_ids, attention_mask).float()
+        delta = sum(alpha * z for alpha, z in zip(self.alphas, self.offset_logits(input_ids, attention_mask)))
+        if self._reference_fn is not None:
+            delta = delta - sum(self.alphas) * self.reference_logits(input_ids, attention_mask)
+        return filtered_offset(z_large, delta, self.relative_top), z_large if with_reference else None
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Filtered logits ``[B, T, V]`` float32; ``position_ids`` as :meth:`.CombinedModel.forward`."""
+        if position_ids is None:
+            return self.logits_and_reference(input_ids, attention_mask)[0]
+        (component, _), = self.components()
+        return component(input_ids, attention_mask, position_ids, None)
+
+    def components(self) -> list[tuple[LogitsComponent, float]]:
+        """One component, :class:`FilteredOffset` (the filter is not a weighted sum), with a cache per model."""
+        offsets = list(zip(self._offset_fns, self.alphas))
+        return [(FilteredOffset(self._large_fn, offsets, self._reference_fn, self.relative_top, self.vocab_size), 1.0)]
+
+    @property
+    def continuation_fn(self) -> None:
+        """``None``: the evaluation scores whole rows through :meth:`forward` (as before the combined model)."""
+        return None

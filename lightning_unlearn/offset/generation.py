@@ -356,7 +356,11 @@ def greedy_generate(
 
 
 class OffsetCausalLM(nn.Module):
-    """A weighted sum of causal LMs usable where one model is expected.
+    """A weighted sum of any components, usable where one model is expected: the bare primitive.
+
+    The unlearned model itself -- large model, reference, offsets with their alphas, the logit cache -- is
+    :class:`~lightning_unlearn.offset.combined.CombinedModel`, which training, exports, lm-eval and ``generate`` all
+    hold; this class sums whatever ``(component, weight)`` pairs it is given (tests, experiments).
 
     The components are registered as submodules so ``.to()``/``.eval()`` reach
     them; freezing (``requires_grad_(False)`` on the large and reference models)

@@ -29,10 +29,13 @@ class DeviceComponent(LogitsComponent):
         self.device = torch.device(device)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values: DynamicCache | None
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None,
+        past_key_values: DynamicCache | None,
     ) -> Tensor:
+        """Logits on the inputs' device; ``position_ids`` None lets the model number the positions (teacher forcing)."""
         device = self.device
-        logits = self.inner(input_ids.to(device), attention_mask.to(device), position_ids.to(device), past_key_values)
+        positions = position_ids.to(device) if position_ids is not None else None
+        logits = self.inner(input_ids.to(device), attention_mask.to(device), positions, past_key_values)
         return logits.to(input_ids.device)
 
     def new_cache(self) -> DynamicCache:

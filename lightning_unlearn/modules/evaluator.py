@@ -1,6 +1,8 @@
-"""Validation and test for unlearning modules: the TOFU or MUSE evaluation, generation, and result files.
+"""Validation and test of an unlearning run: the TOFU, MUSE or loss evaluation, its logs and result files.
 
-Kept apart from the training logic in ``base.py``; the module mixes it in. Validation runs the same
+:class:`Evaluator` is an object the training module holds (composed, not mixed in): its steps and epoch ends hand
+it the batch, the combined model (:class:`~lightning_unlearn.offset.combined.CombinedModel`) and the greedy texts,
+and it uses nothing of the module but what it is passed. Validation runs the same
 evaluation as ``test`` (on ``data.eval_subset`` samples if set) every ``trainer.check_val_every_n_epoch``
 epochs, logs every metric under ``val/`` and appends the summary to ``TOFU_HISTORY.json`` (``MUSE_HISTORY.json``),
 which is what a checkpoint callback monitoring ``val/forget_quality`` (``val/forget_verbmem_ROUGE``) and the
@@ -21,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from torch import Tensor
 
 from ..atomic import atomic_write_json
 from ..evaluation.report import (
@@ -39,11 +39,9 @@ from ..evaluation.muse import MuseEvaluation, MuseReference
 from ..evaluation.passes import DEFAULT_TOKEN_BUDGET
 from ..evaluation.selection import rule_floor
 from ..evaluation.tofu import RetainReference, TofuEvaluation
-from ..data.formatting import stop_token_ids
 from ..data.tofu_eval import EvalCollection
 from ..evaluation.monitors import MetricPlan, check_monitors, monitored_metrics
 from ..harness.hooks import LmEvalSettings, lm_eval_metrics, task_metrics
-from ..offset.generation import StopFn, decode_answers, greedy_generate
 from .export_target import check_export_dir
 from ..tracking import publish_summary
 
@@ -86,39 +84,57 @@ def _served_sets(trainer: L.Trainer) -> tuple[list[str] | None, str]:
                     "or lower data.eval_subset")
 
 
-class EvaluationHooks(L.LightningModule):
-    """Validation/test steps, offset-aware greedy generation, and the TOFU report files."""
+class Evaluator(L.Callback):
+    """The evaluation of one training module: built when the data module says which sets it serves, fed at every
+    validation or test step (the module's steps call :meth:`update`), computed, logged and written at each epoch
+    end (as a callback the module returns from ``configure_callbacks``).
 
-    evaluation: TofuEvaluation | MuseEvaluation | LossEvaluation | None
-    history: list[dict[str, Any]]
+    Args:
+        retain_reference: ``model.retain_reference``, the retain-only model's ``TOFU_EVAL.json`` or ``MUSE_EVAL.json``
+            (forget quality and privleak are computed against it; reported missing without it).
+        max_new_tokens: ``model.max_new_tokens``; 0 skips generation (and ROUGE).
 
-    def build_evaluation(self, set_names: list[str], benchmark: str = "tofu", token_budget: int | None = None) -> None:
-        """Create the metric objects once the data module has said which sets it serves, then check the run
-        (:meth:`_check_setup`).
+    Attributes:
+        evaluation: the metric object (TOFU, MUSE or loss), ``None`` until :meth:`build`.
+        history: one summary per validation, written to ``TOFU_HISTORY.json`` (``MUSE_HISTORY.json``).
+    """
+
+    def __init__(self, retain_reference: str | None = None, max_new_tokens: int = 200) -> None:
+        super().__init__()
+        self.retain_reference = retain_reference
+        self.max_new_tokens = max_new_tokens
+        self.evaluation: TofuEvaluation | MuseEvaluation | LossEvaluation | None = None
+        self.history: list[dict[str, Any]] = []
+        self.last_report: dict[str, Any] | None = None
+
+    def build(self, set_names: list[str], benchmark: str = "tofu", token_budget: int | None = None) -> None:
+        """Create the metric objects once the data module has said which sets it serves (once: a second call keeps
+        them).
 
         ``set_names`` are the sets of ``benchmark`` (``tofu`` or ``muse``, the data module's ``evaluation``);
         none means ``data.evaluation: loss``, scored by the forget and retain answer NLL. ``token_budget``: padded
         tokens per teacher-forced pass (the data module's ``eval_token_budget()``; ``None``:
         :data:`~lightning_unlearn.evaluation.passes.DEFAULT_TOKEN_BUDGET`).
         """
-        if self.evaluation is None:
-            ref, budget = self.hparams.retain_reference, token_budget or DEFAULT_TOKEN_BUDGET
-            if set_names and benchmark == "muse":
-                self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
-                                                 self.hparams.max_new_tokens, budget)
-            elif set_names:
-                self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None,
-                                                 token_budget=budget)
-            else:
-                self.evaluation = LossEvaluation(["forget", "retain"], budget)
-        self._check_setup()
+        if self.evaluation is not None:
+            return
+        ref, budget = self.retain_reference, token_budget or DEFAULT_TOKEN_BUDGET
+        if set_names and benchmark == "muse":
+            self.evaluation = MuseEvaluation(set_names, MuseReference.from_file(ref) if ref else None,
+                                             self.max_new_tokens, budget)
+        elif set_names:
+            self.evaluation = TofuEvaluation(set_names, RetainReference.from_file(ref) if ref else None,
+                                             token_budget=budget)
+        else:
+            self.evaluation = LossEvaluation(["forget", "retain"], budget)
 
-    def _check_setup(self) -> None:
+    def check_setup(self, trainer: L.Trainer, sources: dict[str, str | None], export_dir: str | None) -> None:
         """Refuse at setup, before any training step, what would otherwise fail only at the first validation or
         the end of ``fit``: lm-eval tasks of ``data.lm_eval_tasks`` that are unknown or whose data cannot be loaded
         (every stage); in ``fit`` an export folder that cannot be written or would replace a model the run reads
-        (:func:`~.export_target.check_export_dir`), and a checkpoint or early-stopping monitor naming a metric the
-        configured validation never logs (:func:`~lightning_unlearn.evaluation.monitors.check_monitors`).
+        (``sources``, the run's model options; :func:`~.export_target.check_export_dir`), and a checkpoint or
+        early-stopping monitor naming a metric the configured validation never logs
+        (:func:`~lightning_unlearn.evaluation.monitors.check_monitors`).
 
         Raises:
             ValueError: an unknown lm-eval task, an export folder that is a file or holds a model the run reads, or
@@ -127,20 +143,16 @@ class EvaluationHooks(L.LightningModule):
             FileNotFoundError: an lm-eval task's data is missing (offline without a cached copy).
             PermissionError: the export folder is not writable.
         """
-        if self._trainer is None:
-            return
-        trainer = self.trainer
         settings = LmEvalSettings.from_datamodule(getattr(trainer, "datamodule", None))
         lm_eval = task_metrics(settings) if settings is not None else frozenset()
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        h = self.hparams
-        check_export_dir(h.get("export_dir"), {k: h.get(k) for k in ("small_model", "large_model", "tokenizer")})
+        check_export_dir(export_dir, sources)
         if trainer.fast_dev_run or not _validates(trainer):
             return  # no monitor reads a validation metric (Lightning disables checkpointing in fast_dev_run)
         if not any(monitored_metrics(c) for c in trainer.callbacks):
             return
-        generates = self.hparams.max_new_tokens > 0
+        generates = self.max_new_tokens > 0
         plan = self.evaluation.plan(generates)
         served, note = _served_sets(trainer)
         if served is not None:  # the later sets get no sample: their metrics (and those built on them) are missing
@@ -148,45 +160,18 @@ class EvaluationHooks(L.LightningModule):
             plan = MetricPlan(cut.logged, {**cut.missing, **{k: note for k in plan.logged - cut.logged}})
         check_monitors(trainer.callbacks, plan | MetricPlan(lm_eval))
 
-    def stop_ids(self) -> list[int]:
-        """Where generated answers end: EOS, the models' ``generation_config`` stops and the template's end of turn."""
-        if getattr(self, "_stop_ids", None) is None:
-            models = [self.model] if self.large is None else [self.large, self.model]
-            self._stop_ids = stop_token_ids(self.tokenizer, models)
-        return self._stop_ids
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                 stop: StopFn | None = None, nonfinite: Tensor | None = None) -> Tensor:
-        """Greedy new tokens for a left-padded batch, over the tokenizer's vocabulary (an embedding padded past it,
-        as GPT-NeoX's, must not yield ids no token has), stopping at :meth:`stop_ids` (or when ``stop`` says, as
-        lm-eval's ``until`` strings): one KV cache per model. ``nonfinite`` (bool ``[B]``) is set for the rows that
-        read non-finite logits (:func:`~lightning_unlearn.offset.generation.greedy_generate`)."""
-        return greedy_generate(
-            self.logit_components(), input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
-            pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, stop=stop, nonfinite=nonfinite,
-        )
-
-    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor,
-                       max_new_tokens: int | None = None) -> list[str | None]:
-        """Greedy texts of a left-padded batch, at most ``max_new_tokens`` (default ``model.max_new_tokens``) each.
-
-        A text is ``None`` where its generation read non-finite logits: its tokens are an argmax over NaN, and
-        ROUGE scores ``None`` as NaN instead of scoring that text.
-        """
-        nonfinite = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = self.generate(input_ids, attention_mask, max_new_tokens or self.hparams.max_new_tokens,
-                            nonfinite=nonfinite)
-        texts = decode_answers(self.tokenizer, new, self.stop_ids())
-        return [None if bad else text for text, bad in zip(texts, nonfinite.tolist())]
-
     # --- steps ----------------------------------------------------------------------------------------------
 
-    def _eval_step(self, batch: Batch, stage: str) -> None:
-        """Feed the evaluation; every result is computed once per epoch from per-sample values (``_finish``).
+    def update(self, batch: Batch, logits_fn: Any, generate_fn: Any) -> None:
+        """Feed the evaluation one batch: ``logits_fn`` gives teacher-forced logits (and, as the combined model,
+        its shared-prefix scoring), ``generate_fn`` greedy texts (``None``: no generation). Every result is computed
+        once per epoch from per-sample values (:meth:`finish`).
 
         Nothing is logged per step: a mean of step values would count the samples that DDP's sampler repeats
         to even out the ranks, and would depend on the batch size.
+
+        Raises:
+            ValueError: a batch that is not an evaluation batch of the data module, or no :meth:`build` yet.
         """
         if "parts" not in batch or self.evaluation is None:
             raise ValueError(
@@ -194,26 +179,22 @@ class EvaluationHooks(L.LightningModule):
                 "'answer', ...}]}), with the data module attached to the trainer; got keys "
                 f"{sorted(batch)}."
             )
-        generate = self.generate_texts if self.hparams.max_new_tokens > 0 else None
+        generate = generate_fn if self.max_new_tokens > 0 else None
         for part in batch["parts"]:
-            self.evaluation.update(part, self, generate)
+            self.evaluation.update(part, logits_fn, generate)
 
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test")
-
-    def _finish(self, stage: str) -> dict[str, Any] | None:
-        """Compute, reset and log the evaluation; returns the summary with its ``all_finite`` and ``non_finite``."""
+    def finish(self, module: L.LightningModule, stage: str) -> dict[str, Any] | None:
+        """Compute, reset and log (through ``module``) the evaluation, with the lm-eval tasks of the data module;
+        returns the summary with its ``all_finite`` and ``non_finite``."""
         if self.evaluation is None:
             return None
+        trainer = module.trainer
         summary, report = self.evaluation.compute()
         self.evaluation.reset()
-        if not self.trainer.sanity_checking:  # lm-eval tasks (data.lm_eval_tasks) as "task/metric", beside TOFU's
-            summary.update(lm_eval_metrics(self, LmEvalSettings.from_datamodule(self.trainer.datamodule)))
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in summary.items() if v is not None}, sync_dist=False)
-        self._last_report = report
+        if not trainer.sanity_checking:  # lm-eval tasks (data.lm_eval_tasks) as "task/metric", beside TOFU's
+            summary.update(lm_eval_metrics(module, LmEvalSettings.from_datamodule(trainer.datamodule)))
+        module.log_dict({f"{stage}/{k}": float(v) for k, v in summary.items() if v is not None}, sync_dist=False)
+        self.last_report = report
         found = non_finite(summary, report, getattr(self.evaluation, "sets_of", lambda key: ()))
         return {**summary, "all_finite": not found["metrics"], "non_finite": found}
 
@@ -223,53 +204,60 @@ class EvaluationHooks(L.LightningModule):
         if message:
             rank_zero_warn(f"{message} ({where})")
 
-    def on_validation_epoch_end(self) -> None:
-        summary = self._finish("val")
-        if summary is None or self.trainer.sanity_checking:
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """A validation epoch's end: log, warn on non-finite results, append to the history file."""
+        summary = self.finish(module, "val")
+        trainer = module.trainer
+        if summary is None or trainer.sanity_checking:
             return
-        self._say_non_finite(summary, f"validation at epoch {self.current_epoch}")
+        self._say_non_finite(summary, f"validation at epoch {trainer.current_epoch}")
         if not hasattr(self.evaluation, "benchmark"):
             return
-        self.history.append({"epoch": self.current_epoch, "step": self.global_step, **summary})
-        self._write_history()
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **summary})
+        self._write_history(trainer)
 
-    def on_test_epoch_end(self) -> None:
-        summary = self._finish("test")
+    def on_test_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """A test's end: log and write the summary (with the offset strength ``alpha`` of the module's combined
+        model, ``None`` for a direct model) and the per-sample report, print the table."""
+        summary = self.finish(module, "test")
         if summary is None:
             return
+        combined = getattr(module, "combined", None)
+        alpha = combined.alphas[0] if combined is not None and not combined.is_direct else None
         if hasattr(self.evaluation, "benchmark"):
-            self._write_test_results(summary)
+            self._write_test_results(module.trainer, {"alpha": alpha, **summary}, type(module).__name__)
         else:
             self._say_non_finite(summary, "test")
 
     # --- files ----------------------------------------------------------------------------------------------
 
-    def output_dir(self) -> Path:
+    @staticmethod
+    def output_dir(trainer: L.Trainer) -> Path:
         """The run's log directory (the logger's version folder, else ``default_root_dir``).
 
         Not ``trainer.log_dir``: that broadcasts from rank 0, and the rank-zero-only writers below calling it
         hung every DDP run at its first validation.
         """
-        logger = self.trainer.loggers[0] if self.trainer.loggers else None
+        logger = trainer.loggers[0] if trainer.loggers else None
         directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-        return Path(directory or self.trainer.default_root_dir)
+        return Path(directory or trainer.default_root_dir)
 
     @rank_zero_only
-    def _write_history(self) -> None:
-        out = self.output_dir()
+    def _write_history(self, trainer: L.Trainer) -> None:
+        out = self.output_dir(trainer)
         atomic_write_json(out / f"{self.evaluation.benchmark}_HISTORY.json", self.history)
         self.evaluation.plot_history(self.history, out / "tradeoff_by_epoch.png",
-                                     floor=rule_floor(self.trainer.callbacks))
+                                     floor=rule_floor(trainer.callbacks))
 
     @rank_zero_only
-    def _write_test_results(self, summary: dict[str, Any]) -> None:
-        out, name = self.output_dir(), self.evaluation.benchmark
-        summary = {"alpha": self.alpha if self.large is not None else None, **summary}
+    def _write_test_results(self, trainer: L.Trainer, summary: dict[str, Any], method: str) -> None:
+        out, name = self.output_dir(trainer), self.evaluation.benchmark
         atomic_write_json(out / f"{name}_SUMMARY.json", summary)
-        atomic_write_json(out / f"{name}_EVAL.json", self._last_report)
-        publish_summary(self.loggers, summary, [out / f"{name}_SUMMARY.json", out / f"{name}_EVAL.json"], name.lower())
+        atomic_write_json(out / f"{name}_EVAL.json", self.last_report)
+        publish_summary(trainer.loggers, summary, [out / f"{name}_SUMMARY.json", out / f"{name}_EVAL.json"],
+                        name.lower())
         lm_eval_keys = tuple(k for k in summary if "/" in k)  # data.lm_eval_tasks' "task/metric"
-        print_table(summary_table({type(self).__name__: summary}, tuple(self.evaluation.headline) + lm_eval_keys,
+        print_table(summary_table({method: summary}, tuple(self.evaluation.headline) + lm_eval_keys,
                                   f"{name} evaluation"))
         message = non_finite_message(name, summary["non_finite"])
         if message:
