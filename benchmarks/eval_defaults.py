@@ -9,8 +9,9 @@ jobs add wall time, not CPU time.
 
 Each timed run is split into: generation (``generate_texts``: greedy decoding and decoding the tokens to
 text), teacher-forced passes (``score_rows``: every answer variant's forward passes and the per-token
-statistics), ROUGE (``RougeLRecall.update``), building the loader's sets (reading and tokenizing, once per
-run) and the rest (collation, metric bookkeeping, ``compute``: Python overhead).
+statistics), building the loader's sets (reading and tokenizing, once per run) and the rest (ROUGE,
+collation, metric bookkeeping, ``compute``; torchmetrics binds ``update`` when a metric is built, so ROUGE
+cannot be wrapped from outside and is counted here).
 
 Every setting's per-sample values are checked against the first setting's: identical generations and ROUGE,
 every numeric value within ``--rtol``/``--atol`` (float rounding: a row's logits do not depend on what else is
@@ -78,14 +79,11 @@ def build(model: str, batch: int | None, budget: int | None, subset: int | None,
 def run(dm: Any, module: Any, profile: bool) -> tuple[float, float, dict[str, float], dict[str, Any], str | None]:
     """One timed evaluation: wall s, CPU s, CPU s by part, the report, and the cProfile text if asked."""
     import lightning_unlearn.evaluation.tofu as tofu
-    from lightning_unlearn.metrics.tofu import RougeLRecall
-
     watch = Stopwatch()
     dm._eval_sets = None  # each run reads and tokenizes its sets, as a fresh ``test`` does
-    saved = (tofu.score_rows, RougeLRecall.update, dm._eval_collections)
-    tofu.score_rows = watch.wrap("teacher-forced", saved[0])
-    RougeLRecall.update = watch.wrap("rouge", saved[1])
-    dm._eval_collections = watch.wrap("sets", saved[2])
+    saved = tofu.score_rows
+    tofu.score_rows = watch.wrap("teacher-forced", saved)
+    dm._eval_collections = watch.wrap("sets", dm._eval_collections)
     generate = watch.wrap("generation", module.generate_texts)
     profiler = cProfile.Profile() if profile else None
     try:
@@ -101,7 +99,7 @@ def run(dm: Any, module: Any, profile: bool) -> tuple[float, float, dict[str, fl
             profiler.disable()
         wall, cpu = clock.stop()
     finally:
-        tofu.score_rows, RougeLRecall.update = saved[:2]
+        tofu.score_rows = saved
         del dm._eval_collections
     module.evaluation.reset()
     parts = dict(watch.cpu)
