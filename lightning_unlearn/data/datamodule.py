@@ -54,9 +54,9 @@ class UnlearnDataModule(L.LightningDataModule):
         eval_batch_size: samples per evaluation batch (validation and ``test``): the rows generated together for
             ROUGE, and the answer variants pooled into teacher-forced passes (those are cut by
             ``eval_token_budget``, so the batch does not set their size). ``null`` uses ``batch_size``. The default,
-            32 (open-unlearning's), was measured fastest of 8-128 on CPU with memorised tiny models of several
-            shapes, and gives the same values as any other batch up to float rounding
-            (``docs/results/benchmarks.md``); fewer generation rows only save memory.
+            32 (open-unlearning's), evaluated 1.4x faster than 8 on memorised tiny models (fewer decoding steps);
+            64 gained 2-13% more at twice the generation memory (KV caches), so it is not the default. Every
+            batch gives the same values up to float rounding (``docs/results/benchmarks.md``).
         max_length: longest sequence in tokens; longer answers are truncated with a warning, text documents are
             cut into windows of this many tokens.
         text_stride: tokens between the starts of a text document's windows; ``null`` means ``max_length`` (no
