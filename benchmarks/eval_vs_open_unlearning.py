@@ -382,11 +382,13 @@ def exact_probabilities(model_dir: Path, data_dir: Path, forget: str, ou: dict[s
 
 
 def compare_round(folder: Path, model: Path, data: Path, forget: str, tolerance: float,
-                  offset: bool) -> tuple[list[dict[str, Any]], bool]:
-    """Print the agreement of one round's reports (``folder/{ou,ours,offset}/TOFU_EVAL.json``).
+                  offset: bool, others: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], bool]:
+    """Print the agreement of one round's reports (``folder/{ou,ours,offset,<others>}/TOFU_EVAL.json``).
 
     Returns the table's rows and whether everything agrees; on disagreement also prints the largest
-    answer-probability differences against float64 (:func:`exact_probabilities`).
+    answer-probability differences against float64 (:func:`exact_probabilities`). ``others`` (this framework at
+    other batch sizes) and offset mode are compared with ``ours``: the same generations, and every value within
+    ``tolerance`` (``ok`` covers the ``others``).
     """
     ou_report = json.loads((folder / "ou" / "TOFU_EVAL.json").read_text())
     ours_report = json.loads((folder / "ours" / "TOFU_EVAL.json").read_text())
@@ -406,6 +408,12 @@ def compare_round(folder: Path, model: Path, data: Path, forget: str, tolerance:
         worst = max((r["max_abs_diff"] or 0.0) for r in same)
         gens = sum(int(r["generations"].split("/")[0]) for r in same if r["generations"])
         print(f"offset (zero offset) vs direct: max per-sample |diff| {worst:.3g}, {gens} differing generations")
+    for other in others:
+        same = agreement(ours_report, json.loads((folder / other / "TOFU_EVAL.json").read_text()))
+        scaled = max((r["max_scaled_diff"] or 0.0) for r in same)
+        gens = sum(int(r["generations"].split("/")[0]) for r in same if r["generations"])
+        ok &= scaled <= tolerance and gens == 0
+        print(f"{other} vs ours: max per-sample scaled |diff| {scaled:.3g}, {gens} differing generations")
     return rows, ok
 
 
@@ -428,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ou-batch-size", type=int, default=None, help="eval.tofu.batch_size (default: its 32)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="this framework's data.eval_batch_size (default: the data module's)")
+    parser.add_argument("--also-batch-size", type=int, nargs="*", default=[],
+                        help="also time this framework at these data.eval_batch_size values in the same rounds "
+                             "(e.g. the old default, 8), each against the same open-unlearning runs")
     parser.add_argument("--offset", action="store_true", help="also time offset mode (the model thrice, zero offset)")
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest per-sample difference counted equal (relative for values above 1)")
@@ -457,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     if args.compare_only:
         _, ok = compare_round(work / f"round{args.rounds - 1}", model, data, args.forget_split, args.tolerance,
-                              args.offset)
+                              args.offset, tuple(f"ours@{b}" for b in args.also_batch_size))
         return 0 if ok else 1
     shims = work / "ou_shims"
     start = time.perf_counter()
@@ -473,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
           f"greedy, max {args.max_new_tokens} new tokens; 1 thread each; {platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
 
-    kinds = ["ou", "ours"] + (["offset"] if args.offset else [])
+    extra = {f"ours@{b}": b for b in args.also_batch_size}
+    kinds = ["ou", "ours", *extra] + (["offset"] if args.offset else [])
     runs: dict[str, list[Run]] = {k: [] for k in kinds}
     for r in range(args.rounds):
         order = kinds if r % 2 == 0 else kinds[::-1]
@@ -487,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                                      args.max_new_tokens)
                 run = timed("open-unlearning", command, ou, ou_env, out / "log.txt")
             else:
-                command = ours_command(args.python, model, out, args.forget_split, holdout, str(data), args.batch_size,
-                                       args.max_new_tokens, offset=kind == "offset")
+                command = ours_command(args.python, model, out, args.forget_split, holdout, str(data),
+                                       extra.get(kind, args.batch_size), args.max_new_tokens, offset=kind == "offset")
                 run = timed(kind, command, ROOT, ours_env, out / "log.txt")
             runs[kind].append(run)
             print(f"round {r + 1}/{args.rounds} {run.label:16s} wall {run.wall_s:7.1f} s  cpu {run.cpu_s:7.1f} s  "
@@ -496,25 +508,31 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {k: {f: statistics.median(getattr(x, f) for x in v) for f in ("wall_s", "cpu_s", "peak_mib")}
            for k, v in runs.items()}
-    print(f"\n{'':18s} {'median wall s':>14s} {'median cpu s':>13s} {'peak RSS MiB':>13s}")
-    names = {"ou": "open-unlearning", "ours": "this framework", "offset": "offset (3 models)"}
+    print(f"\n{'':36s} {'median wall s':>14s} {'median cpu s':>13s} {'peak RSS MiB':>13s}")
+    default = "default batch" if args.batch_size is None else f"batch {args.batch_size}"
+    names = {"ou": "open-unlearning (its default batch)" if args.ou_batch_size is None else
+             f"open-unlearning (batch {args.ou_batch_size})", "ours": f"this framework ({default})",
+             "offset": "offset (3 models)", **{k: f"this framework (batch {b})" for k, b in extra.items()}}
     for k in kinds:
-        print(f"{names[k]:18s} {med[k]['wall_s']:14.1f} {med[k]['cpu_s']:13.1f} {med[k]['peak_mib']:13.0f}")
-    ratios = [o.wall_s / m.wall_s for o, m in zip(runs["ou"], runs["ours"])]
-    wall_ratio = med["ou"]["wall_s"] / med["ours"]["wall_s"]
-    print(f"speed-up open-unlearning / this framework: median wall ratio {wall_ratio:.2f}x "
-          f"(per round {', '.join(f'{x:.2f}' for x in ratios)}), median CPU ratio "
-          f"{med['ou']['cpu_s'] / med['ours']['cpu_s']:.2f}x")
+        print(f"{names[k]:36s} {med[k]['wall_s']:14.1f} {med[k]['cpu_s']:13.1f} {med[k]['peak_mib']:13.0f}")
+    for k in ["ours", *extra]:
+        walls = [o.wall_s / m.wall_s for o, m in zip(runs["ou"], runs[k])]
+        cpus = [o.cpu_s / m.cpu_s for o, m in zip(runs["ou"], runs[k])]
+        print(f"speed-up open-unlearning / {names[k]}: median wall ratio {med['ou']['wall_s'] / med[k]['wall_s']:.2f}x "
+              f"(per round {', '.join(f'{x:.2f}' for x in walls)}), median CPU ratio "
+              f"{med['ou']['cpu_s'] / med[k]['cpu_s']:.2f}x (per round {', '.join(f'{x:.2f}' for x in cpus)})")
     if args.offset:
         print(f"offset mode / direct: wall {med['offset']['wall_s'] / med['ours']['wall_s']:.2f}x, CPU "
               f"{med['offset']['cpu_s'] / med['ours']['cpu_s']:.2f}x (three models' forward passes vs one: 3x "
               "would be no sharing of the rest)")
 
     rows, ok = compare_round(work / f"round{args.rounds - 1}", model, data, args.forget_split, args.tolerance,
-                             args.offset)
+                             args.offset, tuple(extra))
     summary = {"model": str(model), "forget_split": args.forget_split, "max_new_tokens": args.max_new_tokens,
                "runs": {k: [vars(x) for x in v] for k, v in runs.items()}, "median": med,
-               "median_wall_ratio": med["ou"]["wall_s"] / med["ours"]["wall_s"], "agreement": rows,
+               "median_wall_ratio": med["ou"]["wall_s"] / med["ours"]["wall_s"],
+               "median_cpu_ratio": med["ou"]["cpu_s"] / med["ours"]["cpu_s"],
+               "batch_size": args.batch_size, "also_batch_size": args.also_batch_size, "agreement": rows,
                "identical_within_tolerance": ok}
     (work / "SUMMARY.json").write_text(json.dumps(summary, indent=2))
     print(f"\nper-sample agreement within {args.tolerance:g} (relative above 1) and identical generations: "

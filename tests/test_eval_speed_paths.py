@@ -284,3 +284,49 @@ def test_limited_evaluation_keeps_dataset_order_and_budget_is_checked(tiny_world
         orders[limit] = next(iter(dm.val_dataloader()[0]))["parts"][0]["index"].tolist()
     assert orders[2] == list(range(5))
     assert sorted(orders[1.0]) == list(range(5)) and orders[1.0] != orders[2]
+
+
+def test_the_default_evaluation_batch_is_the_measured_one_and_gives_the_values_of_batch_8(tiny_world) -> None:
+    """A user who changes nothing evaluates 32 samples per batch (open-unlearning's batch, measured fastest:
+    docs/results/benchmarks.md), not the training batch of 8; and every per-sample value, generation and ROUGE
+    score is the one batches of 8 give (a row's logits do not depend on the other rows of its batch or pass,
+    beyond float rounding)."""
+    from lightning_unlearn.data.datamodule import UnlearnDataModule
+    from lightning_unlearn.modules import GA
+
+    reports, sizes = {}, {}
+    for batch in (None, 8):
+        options = {} if batch is None else {"eval_batch_size": batch}
+        dm = UnlearnDataModule(forget_split="forget01", retain_split="retain99", evaluation="tofu", eval_subset=7,
+                               max_length=128, **options)
+        module = GA(small_model=tiny_world["large"], max_new_tokens=6)
+        module.setup("test")
+        dm.connect(module.tokenizer, module.parts)
+        dm.setup("test")
+        module.configure_model()
+        module.build_evaluation([spec.name for spec in dm.eval_specs()], "tofu", dm.eval_token_budget())
+        module.eval()
+        with torch.inference_mode():
+            batches = list(dm.test_dataloader()[0])
+            for loader_batch in batches:
+                for part in loader_batch["parts"]:
+                    module.evaluation.update(part, module, module.generate_texts)
+            reports[batch] = module.evaluation.compute()[1]
+        sizes[batch] = [sum(len(part["index"]) for part in b["parts"]) for b in batches]
+    assert dm.hparams.batch_size == 8
+    assert sizes[None] == [32, 3] and sizes[8] == [8, 8, 8, 8, 3], sizes
+    default, eight = reports[None], reports[8]
+    assert list(default) == list(eight)
+    for key, entry in eight.items():
+        if "value_by_index" not in entry:
+            value = entry["agg_value"]  # forget quality and privleak are None without a retain reference
+            assert default[key]["agg_value"] == (value if value is None else pytest.approx(value, rel=1e-5)), key
+            continue
+        assert list(default[key]["value_by_index"]) == list(entry["value_by_index"])
+        for i, values in entry["value_by_index"].items():
+            for field, value in values.items():
+                got = default[key]["value_by_index"][i][field]
+                if isinstance(value, float) and "ROUGE" not in key:
+                    assert got == pytest.approx(value, rel=1e-5, abs=1e-5, nan_ok=True), (key, i, field)
+                else:
+                    assert got == value, (key, i, field)  # generations and their ROUGE: identical
