@@ -228,7 +228,8 @@ def test_lm_eval_local_completions_through_the_server_scores_as_in_process(serve
                                    torch.tensor(local_ll, dtype=torch.float64), rtol=0, atol=1e-4)
         for metric in ("acc,none", "acc_norm,none"):
             assert got["results"][task][metric] == want["results"][task][metric], (task, metric)
-        print(f"{task}: acc {want['results'][task]['acc,none']:.4f} on {len(local_docs)} questions, "
+        print(f"{task}: acc {want['results'][task]['acc,none']:.4f}, acc_norm {want['results'][task]['acc_norm,none']:.4f} "
+              f"on {len(local_docs)} questions, "
               f"{len(local_ll)} log-likelihoods, largest difference "
               f"{max(abs(a - b) for a, b in zip(remote_ll, local_ll)):.2e}")
 
