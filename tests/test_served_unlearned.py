@@ -5,7 +5,8 @@ composition of two offset exports of a chat-template pair whose head sizes diffe
 heads of 32, as Llama-3.1-8B's and Llama-3.2-1B's differ). Every claim is checked against
 :class:`~lightning_unlearn.deploy.unlearned.UnlearnedModel` in float32: greedy chat and plain completions of TOFU
 forget and retain questions token for token, their log-probabilities within 1e-4 (seen within 1e-6), concurrent
-requests batched by the engine, streaming. Without the vLLM environment the tests are skipped, with the reason.
+requests batched by the engine, streaming, and lm-eval's own ``local-completions`` model pointed at the server
+scoring the offline TOFU multiple-choice tasks as the in-process ``unlearned`` lm-eval model does. Without the vLLM environment the tests are skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 from lightning_unlearn.data.sources import load_split
 from lightning_unlearn.deploy.served import PLUGIN_DIR
 from lightning_unlearn.deploy.unlearned import UnlearnedModel
+from lightning_unlearn.harness.model import UnlearnedLM
+from lightning_unlearn.harness.run import evaluate
 from lightning_unlearn.losses.logit_arithmetic import relative_top_mask
 from lightning_unlearn.models.families import make_family_pair
 from lightning_unlearn.modules import NPO
@@ -188,6 +191,47 @@ def test_streamed_chat_completion_equals_the_whole_one(served: dict) -> None:
                 delta = json.loads(line[6:])["choices"][0]["delta"]
                 pieces.append(delta.get("content") or "")
     assert len([p for p in pieces if p]) > 1 and "".join(pieces) == whole
+
+
+LM_EVAL_TASKS = ("tofu_world_facts_mc", "tofu_real_authors_mc")
+LM_EVAL_LIMIT: int | None = None  # every question: 117 world facts and 100 real authors, 868 requests
+
+
+def test_lm_eval_local_completions_through_the_server_scores_as_in_process(served: dict) -> None:
+    """lm-eval's own ``local-completions`` model (its ``api`` extra: ``max_tokens`` 1, ``echo``, ``logprobs`` 1 on
+    token ids, four requests in flight) against the in-process ``unlearned`` lm-eval model on the same two exports:
+    every choice's log-likelihood within 1e-4 and its is-greedy flag equal, hence the same acc and acc_norm. The
+    prompt log-probabilities vLLM echoes come from the plugin's combined logits, as the sampled ones do."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    world = served["world"]
+    remote = LocalCompletionsAPI(base_url=f"{served['url']}/completions", model=served["name"],
+                                 tokenizer_backend="huggingface", tokenizer=str(world["request_a"]),
+                                 num_concurrent=4, max_retries=1, timeout=120)
+    local = UnlearnedLM(model=served["model"], batch_size=8)
+    got = evaluate(remote, LM_EVAL_TASKS, limit=LM_EVAL_LIMIT, log_samples=True, bootstrap_iters=0)
+    want = evaluate(local, LM_EVAL_TASKS, limit=LM_EVAL_LIMIT, log_samples=True, bootstrap_iters=0)
+    for task in LM_EVAL_TASKS:
+        remote_docs = {s["doc_id"]: s for s in got["samples"][task]}
+        local_docs = {s["doc_id"]: s for s in want["samples"][task]}
+        assert sorted(remote_docs) == sorted(local_docs) and len(local_docs) == {"tofu_world_facts_mc": 117,
+                                                                                  "tofu_real_authors_mc": 100}[task]
+        remote_ll, local_ll = [], []
+        for doc_id, sample in local_docs.items():
+            assert remote_docs[doc_id]["arguments"] == sample["arguments"], "lm-eval asked the two models other requests"
+            for (theirs,), (ours,) in zip(remote_docs[doc_id]["resps"], sample["resps"], strict=True):
+                remote_ll.append(theirs[0])
+                local_ll.append(ours[0])
+                assert theirs[1] == ours[1], (task, doc_id, "is_greedy differs")
+        assert all(ll < 0 for ll in local_ll)
+        torch.testing.assert_close(torch.tensor(remote_ll, dtype=torch.float64),
+                                   torch.tensor(local_ll, dtype=torch.float64), rtol=0, atol=1e-4)
+        for metric in ("acc,none", "acc_norm,none"):
+            assert got["results"][task][metric] == want["results"][task][metric], (task, metric)
+        print(f"{task}: acc {want['results'][task]['acc,none']:.4f}, acc_norm {want['results'][task]['acc_norm,none']:.4f} "
+              f"on {len(local_docs)} questions, "
+              f"{len(local_ll)} log-likelihoods, largest difference "
+              f"{max(abs(a - b) for a, b in zip(remote_ll, local_ll)):.2e}")
 
 
 def test_plugin_imports_without_lightning_and_refuses_a_missing_model_at_load(tmp_path: Path) -> None:
