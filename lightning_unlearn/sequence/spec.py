@@ -305,9 +305,8 @@ class SequenceSpec:
                 "--model.large_model", "null", *[self.fill(a) for a in self.args], *self._eval_args(requests),
                 "--data.forget_split", _split_arg(requests.union(len(requests))),
                 *[self.fill(a) for a in self.test_args], *self._general()]
-        reference = self.retain_reference_path(retain)
-        if reference and series != "retain":
-            test += ["--model.retain_reference", reference]
+        reference = None if series == "retain" else self.retain_reference_path(retain)
+        test += ["--model.retain_reference", reference or "null"]  # not the base config's: the retain model has none
         test += ["--trainer.callbacks", "null", "--trainer.default_root_dir", str(folder / "test"),
                  "--verbose", "false"]
         return Step(series, series, "reference", 0, folder, None, test, depends=[retain] if retain else [],
@@ -324,8 +323,7 @@ class SequenceSpec:
         for key, value in models.items():
             model_args += [f"--model.{key}", "null" if value is None else str(self.fill(value))]
         reference = self.retain_reference_path(retain)
-        if reference:
-            model_args += ["--model.retain_reference", reference]
+        model_args += ["--model.retain_reference", reference or "null"]  # none: not the base config's either
         split = requests.union(k) if strategy == "all_at_once" else requests.items[k - 1].split
         budget = {**self.budget, **opts.get("budget", {})}
         budget_args: list[str] = []
