@@ -325,3 +325,17 @@ def test_the_subcommand_is_listed_and_answers_help(capsys: pytest.CaptureFixture
 def test_requests_know_their_names() -> None:
     requests = Requests("splits", (Request(1, "a"), Request(2, "b")))
     assert len(requests) == 2 and requests.items[1].name == "request 2 (b)"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sequence").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sequence_config_loads_and_makes_its_steps(path: Path) -> None:
+    """The real-model configs too (their data is on the hub: the requests are parsed without reading it)."""
+    spec = SequenceSpec.load(path)
+    requests = parse_requests(spec.requests, lambda split: 40)
+    chains = spec.steps(requests, (spec.reference_steps(requests) or [None])[0])
+    assert len(chains) == len(spec.series()) >= 4 and all(len(c) == len(requests) >= 3 for c in chains.values())
+    for chain in chains.values():
+        for step in chain:
+            assert Path(flag(step.fit, "--config")).is_file()
+    if "muse" in path.stem:
+        assert spec.benchmark() == "MUSE" and requests.eval_forget_split() is None
