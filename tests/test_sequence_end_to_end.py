@@ -57,29 +57,39 @@ def test_every_strategy_runs_its_real_commands_and_a_second_run_reruns_nothing(t
     assert {p: p.stat().st_mtime for p in steps.rglob("RESULT.json")} == stamps, "a done step was rerun"
 
 
-# Measured on the tiny world (seed 0, configs/sequence/tiny.yaml, 2026-12-08): see docs/results/sequence-tiny.md.
+# Measured on the tiny world (seed 0, configs/sequence/tiny.yaml, 2026-12-08; docs/results/sequence-tiny.md), one
+# seed only (the run takes ~1 h on the loaded 2-core machine): the bounds leave a wide margin.
 FORGOTTEN = 0.5
 """A requested fold counts as forgotten when its forget ROUGE is at most this fraction of its ROUGE before any
-request (the model knows every fold: ROUGE ~0.9 before)."""
+request (the model knows every fold: ROUGE 0.96-0.99 before). Measured: at most 0.29 (compose, fold 2 after
+request 2 of 3)."""
 KEPT = 0.6
-"""A pending fold counts as kept when its forget ROUGE is at least this fraction of its ROUGE before any request."""
+"""A pending fold of the other TOFU author counts as kept when its forget ROUGE is at least this fraction of its
+ROUGE before any request. Measured: 0.82 (compose, fold 3 after request 1)."""
+AUTHOR_ROWS = 20
+"""TOFU rows per author: forget01's folds of 13, 14 and 13 rows are author A, A and B, B: unlearning an author's
+rows also unlearns its other rows (measured: fold 2 falls to 0.28 when fold 1 is requested), so "kept until
+requested" is asserted only for a fold whose author no request so far has touched."""
 
 
 def test_composed_offsets_and_fused_layers_keep_each_request_forgotten(tmp_path: Path) -> None:
     """The tiny world's three requests (folds of forget01's 40 rows), compose and fuse: after request k, folds 1..k
-    are forgotten and folds k+1.. keep their answers (the bounds above, from the measured run, with margin)."""
+    stay forgotten, and a pending fold of an author not yet requested keeps its answers."""
     out = tmp_path / "sequence"
     table = main(["--world", "tiny", "--strategies", "compose", "fuse", "--output", str(out)])
     assert not any(r["error"] for r in table), [r["error"] for r in table if r["error"]]
+    bounds = [(0, 13), (13, 27), (27, 40)]
+    authors = [{a // AUTHOR_ROWS for a in range(lo, hi)} for lo, hi in bounds]
     for series in ("compose", "fuse"):
         rows = {r["k"]: r for r in table if r["series"] == series}
         before = rows[0]["fold_rouge"]
-        assert min(before) > 0.7, f"the world's model should know every fold first: {before}"
+        assert min(before) > 0.9, f"the world's model should know every fold first: {before}"
         for k in (1, 2, 3):
             rouge = rows[k]["fold_rouge"]
+            touched = set().union(*authors[:k])
             for fold in range(3):
                 ratio = rouge[fold] / before[fold]
                 if fold < k:
                     assert ratio <= FORGOTTEN, (series, k, fold, rouge, before)
-                else:
+                elif not authors[fold] & touched:
                     assert ratio >= KEPT, (series, k, fold, rouge, before)

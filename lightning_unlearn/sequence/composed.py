@@ -13,6 +13,7 @@ greedy generation cut at the model's stop ids, and the lm-eval tasks through
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,7 +46,8 @@ def evaluate_composition(exports: Sequence[str | os.PathLike], data: Mapping[str
     from ..evaluation.report import non_finite
     from ..offset.generation import decode_answers
 
-    options = {k: v for k, v in data.items() if k in UnlearnDataModule.__init__.__code__.co_varnames}
+    accepted = set(inspect.signature(UnlearnDataModule.__init__).parameters) - {"self"}
+    options = {k: v for k, v in data.items() if k in accepted}
     datamodule = UnlearnDataModule(**options)
     h = datamodule.hparams
     if h.evaluation not in ("tofu", "muse"):
