@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--epochs", type=int, help="override the budget's max_epochs per request")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny world")
     parser.add_argument("--force", action="store_true", help="rerun steps that are done")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: write the table and figure from the steps done so far (the others: not run)")
     parser.add_argument("--subprocess", action="store_true",
                         help="run each command as its own process (real models: device memory freed between steps)")
     args = parser.parse_args(argv)
@@ -81,16 +83,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         requests = replace(requests, items=requests.items[: args.requests])
     benchmark = spec.benchmark()
     folds = folds_of(spec, requests)
-    check_general_tasks(spec)  # type: ignore[arg-type]  (reads general_tasks only)
-    upstream = build_world(spec, args.seed, args.force) if spec.world else ""  # type: ignore[arg-type]
+    if not args.table_only:
+        check_general_tasks(spec)  # type: ignore[arg-type]  (reads general_tasks only)
+    upstream = ""
+    if spec.world and not args.table_only:
+        upstream = build_world(spec, args.seed, args.force)  # type: ignore[arg-type]  (reads world fields only)
     print(f"[sequence] {len(requests)} requests: {', '.join(r.split for r in requests.items)}; strategies: "
           f"{', '.join(f'{s}-{m}' for s, m in spec.series())}")
     steps = StepRunner(benchmark, folds, in_subprocess if args.subprocess else in_process, upstream, args.force)
     references = spec.reference_steps(requests)
     retain = references[0] if spec.retain_model else None
-    reference_results = run_series(references, steps.run)  # retain first: "before" reads its report
+    run = stored if args.table_only else steps.run
+    reference_results = run_series(references, run)  # retain first: "before" reads its report
     before = reference_results[-1]
-    series = {f"{s}-{m}" if s in ("continue", "all_at_once") else s: run_series(chain, steps.run)
+    series = {f"{s}-{m}" if s in ("continue", "all_at_once") else s: run_series(chain, run)
               for (s, m), chain in spec.steps(requests, retain).items()}
     command = "lightning-unlearn sequence " + " ".join(argv if argv is not None else sys.argv[1:])
     wall = time.perf_counter() - start
@@ -110,3 +116,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"[sequence] {spec.root / 'SEQUENCE.md'}, {spec.root / 'SEQUENCE.json'}, {spec.root / 'SEQUENCE.png'}")
     return table
 
+
+def stored(step: Any) -> dict[str, Any]:
+    """A step's recorded result (whatever its key: ``--table-only`` redraws what was run), or a ``not run`` row."""
+    from ..compare.runner import read_result
+
+    return read_result(step.folder) or {"series": step.series, "k": step.k, "status": "missing",
+                                        "error": "not run yet"}

@@ -47,7 +47,7 @@ def row(series: str, k: int, result: Mapping[str, Any] | None) -> dict[str, Any]
         "general_accuracy": general_accuracy(summary),
     }
     ok = result.get("status") == "ok"
-    return {"series": series, "k": k, **values,
+    return {"series": series, "k": k, "status": result.get("status", "missing"), **values,
             "fold_rouge": [f.get("forget_Q_A_ROUGE") for f in result.get("folds") or []] or None,
             "train_s": result.get("train_s"), "error": None if ok else result.get("error", "not run")}
 
@@ -82,9 +82,11 @@ def markdown(table: Sequence[Mapping[str, Any]], header: str, benchmark: str = "
         cells = [r["series"], str(r["k"]), *(_fmt(r[k]) for k, _ in cols)]
         if benchmark == "TOFU":
             cells.append(" / ".join(_fmt(v) for v in r["fold_rouge"] or []))
-        cells.append("FAILED" if r["error"] else "" if r["train_s"] is None else f"{r['train_s']:.0f}")
+        late = r.get("status") == "missing"  # --table-only before the step ran
+        cells.append("not run" if late else "FAILED" if r["error"] else "" if r["train_s"] is None
+                     else f"{r['train_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    failed = [r for r in table if r["error"]]
+    failed = [r for r in table if r["error"] and r.get("status") != "missing"]
     if failed:
         lines += ["", "Failed steps:", ""] + [f"- {r['series']} after {r['k']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
