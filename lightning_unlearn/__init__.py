@@ -8,6 +8,7 @@ and every import in the package, function-level ones included, and fails on an i
 Layers, from the top down:
 
     commands -- the one command, ``lightning-unlearn SUBCOMMAND``: the subcommand table, export, generate, serve, fuse
+    sequence -- a stream of deletion requests: each strategy's steps run as the comparison's cells, then tables
     compare -- the comparison of methods, offset and direct: runs the commands below for each cell, then tables
     demo -- the offline demo: a tiny TOFU world fine-tuned, unlearned and evaluated, stage by stage
     sweep -- the offset strength alpha swept at test time (runs ``test`` once per alpha)

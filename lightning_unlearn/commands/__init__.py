@@ -49,6 +49,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "lm-eval": Subcommand("lightning_unlearn.harness.__main__:main",
                           "evaluate exports (or any Hugging Face model) with lm-evaluation-harness"),
     "compare": Subcommand("lightning_unlearn.compare.main:main", "the offset vs direct table of several methods"),
+    "sequence": Subcommand("lightning_unlearn.sequence.main:main",
+                           "a stream of deletion requests: continue, compose, fuse and all-at-once, request by request"),
     "memory": Subcommand("lightning_unlearn.commands.memory:main",
                          "print a run's memory plan from model configs, without loading weights"),
     "fuse": Subcommand("lightning_unlearn.commands.fuse:main",

@@ -58,8 +58,9 @@ def find_one(folder: Path, pattern: str) -> Path:
     return Path(found[-1])
 
 
-def read_result(cell: Cell) -> dict[str, Any] | None:
-    path = cell.folder / "RESULT.json"
+def read_result(cell: Cell | Path) -> dict[str, Any] | None:
+    """The ``RESULT.json`` of a cell (or of a folder), None when there is none or it is not JSON."""
+    path = (cell if isinstance(cell, Path) else cell.folder) / "RESULT.json"
     if not path.is_file():
         return None
     try:
@@ -68,21 +69,41 @@ def read_result(cell: Cell) -> dict[str, Any] | None:
         return None
 
 
-def is_done(cell: Cell, key: str) -> bool:
-    """Whether the cell has an ``ok`` result made with this key."""
+def is_done(cell: Cell | Path, key: str) -> bool:
+    """Whether the cell (or folder) has an ``ok`` result made with this key."""
     result = read_result(cell)
     return result is not None and result.get("status") == "ok" and result.get("key") == key
+
+
+def run_recorded(folder: Path, result: dict[str, Any], work: Callable[[dict[str, Any]], None],
+                 name: str = "", tag: str = "compare") -> dict[str, Any]:
+    """Run ``work(result)``, which fills ``result`` in; write it to ``folder/RESULT.json`` (atomically) with
+    ``status`` ``ok``, or ``failed`` with the error (type, message, last traceback lines) when ``work`` raised.
+
+    The one place a cached unit of work (a comparison's cell, a sequence's step) is run and recorded: any
+    exception is caught, so one failure becomes a row of the table instead of ending the run, and a unit whose
+    ``RESULT.json`` is ``ok`` with the same ``key`` is known to be done (:func:`is_done`).
+    """
+    result["status"] = "failed"
+    try:
+        work(result)
+        result["status"] = "ok"
+    except Exception as err:  # noqa: BLE001  (a failure of any kind is reported in the table)
+        lines = traceback.format_exception(err)
+        result["error"] = f"{type(err).__name__}: {err}"
+        result["traceback"] = "".join(lines[-6:])
+        print(f"[{tag}] {name}: FAILED: {result['error']}", flush=True)
+    atomic_write_json(folder / "RESULT.json", result)
+    return result
 
 
 def run_cell(cell: Cell, key: str, runner: Runner = in_process) -> dict[str, Any]:
     """Fit and test one cell; return (and write atomically) its result, ``status`` ``ok`` or ``failed``.
 
-    Any exception of either command is caught and recorded (type, message, last traceback lines), so one
-    failing cell does not stop the comparison.
+    Any exception of either command is caught and recorded (:func:`run_recorded`), so one failing cell does not
+    stop the comparison.
     """
-    result: dict[str, Any] = {"method": cell.method, "mode": cell.mode, "key": key, "status": "failed",
-                              "fit_command": "python main.py " + shlex.join(cell.fit)}
-    try:
+    def work(result: dict[str, Any]) -> None:
         if cell.folder.exists():
             for stale in ("fit", "test"):
                 _remove(cell.folder / stale)
@@ -100,14 +121,10 @@ def run_cell(cell: Cell, key: str, runner: Runner = in_process) -> dict[str, Any
         if cell.general_tasks and not any("/" in key for key in result["summary"]):
             raise RuntimeError(f"the test ran lm-eval tasks {cell.general_tasks} but its TOFU_SUMMARY.json has no "
                                "task/metric entries: the general accuracy would be missing")
-        result["status"] = "ok"
-    except Exception as err:  # noqa: BLE001  (a cell's failure of any kind is reported in the table)
-        lines = traceback.format_exception(err)
-        result["error"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = "".join(lines[-6:])
-        print(f"[compare] {cell.name}: FAILED: {result['error']}", flush=True)
-    atomic_write_json(cell.folder / "RESULT.json", result)
-    return result
+
+    result: dict[str, Any] = {"method": cell.method, "mode": cell.mode, "key": key,
+                              "fit_command": "python main.py " + shlex.join(cell.fit)}
+    return run_recorded(cell.folder, result, work, cell.name)
 
 
 def _remove(path: Path) -> None:

@@ -82,11 +82,17 @@ class Cell:
     def key(self, upstream: str = "") -> str:
         """Hash of both commands, every config file they read and ``upstream`` (the world's stage keys): the
         full configuration of the cell, so an edited config or a rebuilt world reruns it."""
-        digest = hashlib.sha256(json.dumps([self.fit, self.test, upstream]).encode())
-        for arg in self.fit + self.test:
-            if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
-                digest.update(Path(arg).read_bytes())
-        return digest.hexdigest()[:16]
+        return command_key([self.fit, self.test], upstream)
+
+
+def command_key(commands: list[list[str]], upstream: str = "") -> str:
+    """A 16-hex-digit digest of command lines, the content of every YAML file they name and ``upstream``: what a
+    cached run (a comparison's cell, a sequence's step) was made with, so that an edited config reruns it."""
+    digest = hashlib.sha256(json.dumps([*commands, upstream]).encode())
+    for arg in (a for command in commands for a in command):
+        if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
+            digest.update(Path(arg).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass

@@ -12,7 +12,14 @@ config        splits                                                          fi
               ``retain_qa_icl`` (Books: ``retain2_qa``, ``retain2_qa_icl``)
 ``verbmem``   ``forget``                                                      ``prompt``, ``gt``
 ``privleak``  ``forget``, ``retain``, ``holdout``                             ``text``
+``sust``      ``forget_1`` .. ``forget_4`` (News: four disjoint folds of the  ``text``
+              forget corpus, requested one after the other)
+``scal``      ``forget_1`` .. ``forget_4`` (News: growing forget sets, each   ``text``
+              holding the one before)
 ============  ==============================================================  ======================
+
+``sust`` and ``scal`` are MUSE's sustainability and scalability configurations (``lightning-unlearn sequence`` runs
+them as a stream of deletion requests, :mod:`lightning_unlearn.sequence`).
 
 A split is named ``config/split`` (``knowmem/forget_qa``); a bare name is a ``raw`` split, so that
 ``--data.forget_split forget --data.retain_split retain1`` picks the corpora to unlearn and keep. The hub
@@ -36,9 +43,12 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "knowmem": ("forget_qa", "forget_qa_icl", "retain_qa", "retain_qa_icl", "retain2_qa", "retain2_qa_icl"),
     "verbmem": ("forget",),
     "privleak": ("forget", "retain", "holdout"),
+    "sust": ("forget_1", "forget_2", "forget_3", "forget_4"),
+    "scal": ("forget_1", "forget_2", "forget_3", "forget_4"),
 }
 FIELDS: dict[str, tuple[str, ...]] = {
     "raw": ("text",), "knowmem": ("question", "answer"), "verbmem": ("prompt", "gt"), "privleak": ("text",),
+    "sust": ("text",), "scal": ("text",),
 }
 BUILD_HINT = "python -m lightning_unlearn.data.muse_world OUT builds a small folder in MUSE's layout"
 

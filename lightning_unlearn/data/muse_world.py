@@ -17,6 +17,9 @@ configurations, splits and fields (:mod:`.muse_sources`), for tests, the demo an
   and what follows it in the document), as MUSE cuts a prompt and its true continuation from the corpus.
 * ``privleak``: ``forget``, ``retain`` and ``holdout``: one text per row of the forget, retain1 and holdout
   authors (members, members, non-members of the training corpus).
+* ``sust`` and ``scal``: the forget rows cut into ``folds`` contiguous folds (4, as MUSE-News), each written as
+  documents: ``sust/forget_k`` the ``k``-th fold, ``scal/forget_k`` folds ``1..k`` (MUSE's sustainability and
+  scalability configurations, :mod:`lightning_unlearn.sequence`).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 def build_muse_world(out: str | Path, forget: str = "forget01", retain1: str = "retain_perturbed[:40]",
                      retain2: str = "retain_perturbed[40:80]", holdout: str = "holdout01", icl: int = 3,
-                     books: bool = False, rows_per_document: int = 20, gt_words: int = 48) -> Path:
+                     books: bool = False, rows_per_document: int = 20, gt_words: int = 48,
+                     folds: int = 4) -> Path:
     """Write the folder (see the module docstring); the split arguments are bundled TOFU splits. Returns ``out``.
 
     Raises:
@@ -94,6 +98,15 @@ def build_muse_world(out: str | Path, forget: str = "forget01", retain1: str = "
     _write_jsonl(out / "verbmem" / "forget.jsonl", verbmem_rows(rows["forget"], rows_per_document, gt_words))
     for name, source in (("forget", "forget"), ("retain", "retain1"), ("holdout", "holdout")):
         _write_jsonl(out / "privleak" / f"{name}.jsonl", [{"text": row_text(r)} for r in rows[source]])
+    forget_rows, count = rows["forget"], len(rows["forget"])
+    if not 1 <= folds <= count:
+        raise ValueError(f"cannot cut the {count} forget rows into {folds} folds (sust/scal).")
+    cuts = [round(i * count / folds) for i in range(folds + 1)]
+    for k in range(1, folds + 1):
+        fold = forget_rows[cuts[k - 1] : cuts[k]]
+        _write_jsonl(out / "sust" / f"forget_{k}.jsonl", [{"text": d} for d in documents(fold, rows_per_document)])
+        grown = forget_rows[: cuts[k]]
+        _write_jsonl(out / "scal" / f"forget_{k}.jsonl", [{"text": d} for d in documents(grown, rows_per_document)])
     return out
 
 
