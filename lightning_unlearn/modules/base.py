@@ -26,7 +26,7 @@ from ..models.loading import DType, check_same_tokenizer, freeze, load_causal_lm
 from ..data.tokenizer import load_tokenizer
 from ..offset.logit_cache import CacheMode, FrozenLogitCache, model_fingerprint, tokenizer_fingerprint
 from ..models.lora import DEFAULT_TARGETS, AdapterComponent, add_lora, reference_mode
-from ..models.files import portable_models, refuse_offset_export
+from ..models.files import check_model_path, portable_models
 from ..numbers import finite
 from ..offset.logits import cached_offset_logits, offset_logits
 from ..offset.sources import (ServedLargeModel, check_served_context, check_served_tokenizer, is_served,
@@ -149,7 +149,7 @@ class UnlearnModule(EvaluationHooks):
             finite(value, name, f"--model.{name}")
         for name, path in (("small_model", small_model), ("large_model", large_model)):
             if path is not None:  # before any data or evaluation is built: a plain model is expected there
-                refuse_offset_export(path, f"--model.{name}")
+                check_model_path(path, f"--model.{name}")
         self.large: PreTrainedModel | None = None
         self.reference: PreTrainedModel | None = None
         self.model: PreTrainedModel | None = None
