@@ -189,11 +189,10 @@ def doc_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     config.write_text(TINY_CONFIG)
     bin_dir = world / ".bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    (bin_dir / "python3").symlink_to(sys.executable)
-    launcher = bin_dir / "lightning-unlearn"
-    launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "main.py"}" "$@"\n')
-    launcher.chmod(0o755)
+    # Scripts, not links: a virtual environment's python finds its site-packages from the path it is called by.
+    for name, target in (("python", ""), ("python3", ""), ("lightning-unlearn", f' "{ROOT / "main.py"}"')):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}"{target} "$@"\n')
+        (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -208,7 +207,8 @@ def doc_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         for request in ("eul1", "eul2"):  # two deletion requests' unlearning layers, for fuse
             command(["fit", "--config", str(config), "--model", "EUL", "--model.small_model", "runs/tiny/large",
                      "--model.large_model", "null", "--trainer.fast_dev_run", "1",
-                     "--model.export_dir", f"runs/{request}"])
+                     "--trainer.default_root_dir", f"runs/{request}_run"])
+            shutil.copytree(runs / f"{request}_run" / "unlearning_layers", runs / request)
     finally:
         os.chdir(cwd)
     shutil.copytree(runs / "tiny" / "large", runs / "demo" / "models" / "large_ft")
