@@ -130,7 +130,7 @@ def export_source(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     checkpoint = source.get("checkpoint")
     if isinstance(checkpoint, str) and not os.path.isabs(checkpoint):
-        source["checkpoint"] = os.path.relpath((directory / checkpoint).resolve())
+        source["checkpoint"] = os.path.normpath(directory / checkpoint)  # as the export was named: no link resolved
     return source
 
 
