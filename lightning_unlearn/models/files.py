@@ -145,7 +145,8 @@ def evaluation_command(export: str | os.PathLike) -> str | None:
         return None
     alpha = source.get("alpha")
     at_alpha = f" --model.alpha {alpha:g}" if isinstance(alpha, (int, float)) else ""
-    out = Path(export).resolve().parent / f"eval_{Path(export).resolve().name}"
+    named = Path(os.path.normpath(Path(export).absolute()))  # as given: a runs folder behind a link stays named so
+    out = named.parent / f"eval_{named.name}"
     return (f"lightning-unlearn test --ckpt_path {shlex.quote(checkpoint)}{at_alpha} "
             f"--trainer.default_root_dir {shlex.quote(os.path.relpath(out))}")
 
