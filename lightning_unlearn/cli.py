@@ -25,6 +25,7 @@ with collector_paused():  # torch, transformers and Lightning: see collector_pau
 
     from . import modules  # noqa: F401  (registers the loss classes so ``--model NPO`` resolves)
     from .data import UnlearnDataModule
+    from .models.files import refuse_export_as_checkpoint
     from .data.datasets import QA_ONLY_PARTS, QuestionsNeeded
     from .distributed.strategy import METADATA, check_checkpoint_strategy, is_distributed_checkpoint
     from .modules import UnlearnModule
@@ -182,10 +183,16 @@ class UnlearnCLI(LightningCLI):
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
         sharded = bool(ckpt_path) and is_distributed_checkpoint(ckpt_path)  # fsdp2: hyper-parameters in meta.pt
+        if not sharded:
+            check_ckpt_path(ckpt_path)
         if not ckpt_path or not (Path(ckpt_path).is_file() or sharded):
             return
-        checkpoint = torch.load(Path(ckpt_path) / METADATA if sharded else ckpt_path, weights_only=True,
-                                map_location="cpu")
+        try:
+            checkpoint = torch.load(Path(ckpt_path) / METADATA if sharded else ckpt_path, weights_only=True,
+                                    map_location="cpu")
+        except Exception as err:  # a config, an export's weights...: say so, not the unpickler's message
+            raise ValueError(f"--ckpt_path {ckpt_path} is not a checkpoint written by fit ({type(err).__name__}); "
+                             "give <run folder>/checkpoints/*.ckpt.") from err
         config, given = self.config[subcommand], self._given[subcommand]
         update: dict[str, Any] = {}
         model = _checkpoint_model(checkpoint.get("hyper_parameters") or {}, given.get("model"), config.get("model"),
@@ -253,6 +260,27 @@ def _default_run_folder(config: Namespace) -> None:
         init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
         if isinstance(init_args, Namespace) and "save_dir" in init_args and init_args.save_dir in (None, "."):
             init_args.save_dir = str(trainer.default_root_dir)
+
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+"""``--ckpt_path`` values Lightning resolves itself (``last``: the run's last checkpoint...)."""
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` that cannot be a checkpoint before anything is built: a folder (an export or a run
+    folder; the message gives the command that evaluates an export) or a path where nothing is.
+
+    Raises:
+        ValueError: a folder (:func:`~lightning_unlearn.models.files.refuse_export_as_checkpoint`).
+        FileNotFoundError: nothing at the path (Lightning's own names and URLs are left to Lightning).
+    """
+    if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES or ckpt_path.startswith(LIGHTNING_CKPT_NAMES[3] + ":") \
+            or "://" in ckpt_path:
+        return
+    refuse_export_as_checkpoint(ckpt_path)
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file. Give a checkpoint written by fit "
+                                "(<run folder>/checkpoints/*.ckpt), or --ckpt_path last.")
 
 
 def mode_line(model: UnlearnModule) -> str:

@@ -9,8 +9,13 @@ Every stage is an ordinary command (printed before it runs) that works the same 
    ``--method EUL`` unlearning layers in the fine-tuned large model, ``configs/demo/eul.yaml``),
    evaluated every epoch (EUL: every 5);
 5. the selected epoch evaluated at each offset strength of :data:`ALPHAS` (EUL: the last epoch, once);
-6. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
-   and the forget quality vs model utility figures by epoch and by alpha (:func:`figures`).
+6. the selected epoch at the selected alpha written as an export, ``runs/demo/export`` (``lightning-unlearn export``:
+   ``offset.json`` with the alpha and dtypes, ``source.json`` with the checkpoint and epoch; model paths relative to
+   the export, so the ``runs`` folder can be moved);
+7. a before/after table (with the accuracy on the offline lm-eval tasks ``tofu_general``, general capability)
+   naming the selected epoch and alpha, the forget quality vs model utility figures by epoch and by alpha
+   (:func:`figures`), and the commands that ask the export a forget and a retain question, run the lm-eval tasks on
+   it and evaluate it again.
 
 The selection protocol: the epoch with the highest forget quality among those keeping model
 utility >= 0.9x the retain model's (``UtilityFloorCheckpoint``, ``lightning_unlearn/evaluation/selection.py``),
@@ -43,10 +48,13 @@ from transformers.utils import logging as hf_logging
 
 from .cli import main as cli_main
 from .atomic import atomic_write_json
+from .data.sources import BUNDLED, load_split
 from .evaluation.report import print_table, summary_table
 from .evaluation.tradeoff_plot import FLOOR, TradeoffFigure, save_tradeoff, series_figure
 from .sweep import main as sweep_main
+from .models.files import EXPORT_SOURCE, OFFSET_MANIFEST, evaluation_command
 from .models.tiny import make_tiny_pair
+from .modules.checkpoint_export import export_checkpoint
 from .modules.registry import UnknownMethod, resolve, unlearning_methods
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -218,21 +226,80 @@ def stages(root: Path, method: str, large: tuple[int, int], small: tuple[int, in
     ]
 
 
+def selected_alpha(folder: Path) -> float | None:
+    """The alpha an alpha sweep in ``folder`` selected (``ALPHA_SWEEP.json``), or None where no sweep ran there
+    (EUL, ``--quick``: the checkpoint's own alpha is the one evaluated)."""
+    selected = selected_alpha_dir(folder)
+    return None if selected == folder else float(selected.name.removeprefix("alpha_"))
+
+
+def export_stage(root: Path, method: str, quick: bool) -> Stage:
+    """The last stage: the checkpoint :func:`selected_checkpoint` names, at the alpha the sweep selected, written as
+    an export to ``root/export`` (built after ``eval_unlearned`` ran, since the alpha is its result)."""
+    r = str(root)
+    alpha = selected_alpha(root / "eval/unlearned")
+    checkpoint = f"{r}/logs/unlearn/checkpoints/{selected_checkpoint(method, quick)}"
+    return Stage("export", ["export", checkpoint, f"{r}/export", *(["--alpha", f"{alpha:g}"] if alpha is not None
+                                                                  else [])],
+                 root / "export", ["eval_unlearned"])
+
+
+def program() -> str:
+    """How to call ``lightning-unlearn`` so that a printed command works verbatim: by name where the command on the
+    ``PATH`` is this interpreter's (an activated environment), else by its path in this interpreter's environment
+    (``make demo`` runs ``.venv/bin/python`` without activating it), else ``python main.py`` from a checkout."""
+    bin_dir = Path(sys.executable).parent
+    on_path = shutil.which("lightning-unlearn")
+    if on_path and Path(on_path).resolve().parent == bin_dir.resolve():
+        return "lightning-unlearn"
+    beside = bin_dir / "lightning-unlearn"
+    if beside.is_file():
+        relative = os.path.relpath(beside)
+        return relative if not relative.startswith("..") else str(beside)
+    return f"{shlex.quote(os.path.relpath(sys.executable))} main.py"
+
+
+def demo_questions() -> tuple[dict, dict]:
+    """A forget question (``forget01``, the author the demo unlearns) and a retain question (``retain_perturbed``,
+    an author the models were fine-tuned on and the retain term keeps), each with its TOFU answer."""
+    return load_split(BUNDLED, "forget01")[0], load_split(BUNDLED, "retain_perturbed")[0]
+
+
+def next_steps(root: Path, prog: str | None = None) -> list[str]:
+    """The commands printed at the end: ask the export a forget and a retain question, run the offline lm-eval tasks
+    on it, and evaluate it again on TOFU from its checkpoint (:func:`~lightning_unlearn.models.files.evaluation_command`)."""
+    prog = prog or program()
+    export = shlex.quote(str(root / "export"))
+    forget, retain = demo_questions()
+    lines = ["# ask it a forget question, then a retain question (TOFU's answers: "
+             f"{forget['answer'][:60]!r}..., {retain['answer'][:60]!r}...)",
+             f"{prog} generate {export} --prompt {shlex.quote(forget['question'])} "
+             f"--prompt {shlex.quote(retain['question'])} --max-new-tokens 48",
+             "# general capability: the offline lm-eval tasks (world facts, real authors; chance 0.25)",
+             f"{prog} lm-eval {export} --tasks tofu_general"]
+    command = evaluation_command(root / "export")
+    if command:
+        lines += ["# evaluate it on TOFU again, from its checkpoint at its alpha", command.replace(
+            "lightning-unlearn", prog, 1)]
+    return lines
+
+
 def run_stage(stage: Stage, upstream: dict[str, str], force: bool) -> bool:
     """Run a stage unless its recorded key matches; returns whether it ran."""
     key = stage.key(upstream)
     upstream[stage.name] = key
-    stamp = stage.output / ".stage"
-    if not force and stamp.is_file() and stamp.read_text() == key:
+    # An export holds only what the export command writes: its stamp sits beside it, not in it.
+    stamp = stage.output / ".stage" if stage.args[0] != "export" else stage.output.parent / f".{stage.name}.stage"
+    if not force and stamp.is_file() and stamp.read_text() == key and stage.output.is_dir():
         print(f"[demo] {stage.name}: up to date, skipped")
         return False
     if stage.output.exists():
         shutil.rmtree(stage.output)
-    tool = stage.args[0] if stage.args[0] in ("tiny", "sweep") else None
-    args = stage.args if tool == "tiny" or not sys.stdout.isatty() else [*stage.args, "--trainer.enable_progress_bar",
-                                                                           "true"]
+    tool = stage.args[0] if stage.args[0] in ("tiny", "sweep", "export") else None
+    plain = tool in ("tiny", "export") or not sys.stdout.isatty()  # no progress bar to ask for
+    args = stage.args if plain else [*stage.args, "--trainer.enable_progress_bar", "true"]
     command = {"tiny": "python -m lightning_unlearn.models.tiny ", "sweep": "python -m lightning_unlearn.sweep ",
-               None: "python main.py "}[tool]
+               "export": f"{program()} export ", None: "python main.py "}[tool]
     print(f"\n[demo] {stage.name}: {command}{shlex.join(args[1:] if tool else args)}", flush=True)
     start = time.perf_counter()
     if tool == "tiny":
@@ -241,6 +308,8 @@ def run_stage(stage: Stage, upstream: dict[str, str], force: bool) -> bool:
                        seed=int(opts[7]))
     elif tool == "sweep":
         sweep_main(args[1:])
+    elif tool == "export":
+        export_checkpoint(args[1], args[2], float(args[4]) if args[3:4] == ["--alpha"] else None)
     else:
         cli_main(args)
     stage.output.mkdir(parents=True, exist_ok=True)
@@ -308,21 +377,45 @@ def selected_alpha_dir(folder: Path) -> Path:
     return folder / f"alpha_{chosen[0]['alpha']:g}"
 
 
+REFERENCE_ROWS = {"forget_quality": "(reference)", "privleak": "(reference)"}
+"""The retain model's cells of the metrics measured *against* it (forget quality: the KS test of forget truth ratios
+against the retain model's; privleak: the AUC gap relative to the retain model's): it is their reference."""
+
+
+def export_summary(export: Path) -> dict | None:
+    """The export's method, epoch and alpha (``offset.json``, ``source.json``) and a label for the table, or None
+    where the demo wrote no export."""
+    source_file, manifest_file = export / EXPORT_SOURCE, export / OFFSET_MANIFEST
+    if not source_file.is_file():
+        return None
+    source = json.loads(source_file.read_text(encoding="utf-8"))
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else {}
+    parts = [f"{manifest['method']} offset" if manifest.get("method") else "direct",
+             f"epoch={source['epoch']}" if source.get("epoch") is not None else None,
+             f"alpha={source['alpha']:g}" if source.get("alpha") is not None else None]
+    return {"export": str(export), "method": manifest.get("method"), "epoch": source.get("epoch"),
+            "alpha": source.get("alpha"), "alpha_from": source.get("alpha_from"),
+            "label": ", ".join(p for p in parts if p)}
+
+
 def report(root: Path, retain_rows: int) -> dict[str, dict]:
     """Print the before/after table and gather the summaries into ``DEMO_SUMMARY.json``.
 
     Each model's column is its ``TOFU_SUMMARY.json`` plus :func:`selectivity` of its ``TOFU_EVAL.json``.
     """
     columns = {}
-    for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), ("unlearned", "unlearned")):
+    selected = export_summary(root / "export")
+    unlearned = f"unlearned ({selected['label']})" if selected else "unlearned"
+    for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), (unlearned, "unlearned")):
         results = selected_alpha_dir(root / "eval" / folder)
         columns[name] = {**json.loads((results / "TOFU_SUMMARY.json").read_text()),
                          **selectivity(json.loads((results / "TOFU_EVAL.json").read_text()), retain_rows)}
     history = root / "logs/unlearn/TOFU_HISTORY.json"
-    atomic_write_json(root / "DEMO_SUMMARY.json", {"models": columns,
+    atomic_write_json(root / "DEMO_SUMMARY.json", {"models": columns, "selected": selected,
                                                    "epochs": json.loads(history.read_text()) if history.is_file() else []})
     plots = figures(root, columns)
-    print_table(summary_table(columns, TABLE_KEYS, "TOFU, tiny world: before and after offset unlearning"))
+    print_table(summary_table(columns, TABLE_KEYS, "TOFU, tiny world: before and after offset unlearning",
+                              missing={"retain model": REFERENCE_ROWS}))
     print(f"[demo] summaries: {root / 'DEMO_SUMMARY.json'}; plots: {', '.join(map(str, plots)) or 'none'}")
     return columns
 
@@ -361,8 +454,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for stage in stages(root, args.method, tuple(args.large), tuple(args.small), args.epochs, args.quick,
                             args.seed):
             run_stage(stage, upstream, args.force)
+        if args.method != "EUL":  # EUL's unlearning layers are not an export generate reads (not yet)
+            run_stage(export_stage(root, args.method, args.quick), upstream, args.force)
     columns = report(root, retain_term_rows(args.method, args.quick))
     print(f"[demo] total {time.perf_counter() - start:.0f} s")
+    selected = export_summary(root / "export")
+    if selected:
+        print(f"\n[demo] the unlearned model: {root / 'export'} ({selected['label']}). Next, from this folder:")
+        print("\n".join(f"  {line}" for line in next_steps(root)))
     return columns
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from .atomic import atomic_write_json
@@ -79,6 +80,9 @@ def sweep(config: str, alphas: list[float], out_dir: str | Path, ckpt_path: str 
         if r.get("selected"):
             print(f"selected: alpha={r['alpha']:g} (best forget quality with model utility >= {floor:g}x the retain "
                   "model's, or the closest to that floor)")
+            if ckpt_path:  # the checkpoint at that alpha as a model to ask: the checkpoint records its trained alpha
+                print(f"  as an export: lightning-unlearn export {shlex.quote(str(ckpt_path))} EXPORT_DIR "
+                      f"--alpha {r['alpha']:g}")
     return results
 
 

@@ -106,11 +106,13 @@ def test_an_unknown_subcommand_names_the_closest(capsys: pytest.CaptureFixture) 
 
 
 def test_export_refuses_what_is_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit, match="is a folder"):
+    with pytest.raises(ValueError, match="a folder: give a checkpoint file"):
         command(["export", str(tmp_path), str(tmp_path / "out")])
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(SystemExit, match="not a checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint"):
         command(["export", str(tmp_path / "notes.txt"), str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        command(["export", str(tmp_path / "gone.ckpt"), str(tmp_path / "out")])
 
 
 def test_export_a_checkpoint_then_generate_from_it_after_moving_the_runs(tiny_world: dict, tmp_cwd: Path,
@@ -125,10 +127,17 @@ def test_export_a_checkpoint_then_generate_from_it_after_moving_the_runs(tiny_wo
     target = command(["export", "runs/npo.ckpt", "runs/export"])
     manifest = json.loads((target / "offset.json").read_text())
     assert manifest["alpha"] == 0.7 and manifest["method"] == "NPO", "the checkpoint's alpha"
+    source = json.loads((target / "source.json").read_text())
+    assert source == {"checkpoint": "../npo.ckpt", "epoch": trained.trainer.current_epoch,
+                      "global_step": trained.trainer.global_step, "alpha": 0.7, "alpha_from": "checkpoint"}
+    assert "alpha 0.7 (the checkpoint's" in capsys.readouterr().out
     assert manifest["large_model"] == "../models/large" and manifest["reference_model"] == "../models/small"
     assert (target / "config.json").is_file() and (target / "tokenizer.json").is_file()
     assert command(["export", "runs/npo.ckpt", "runs/export2", "--alpha", "1.25"]) and json.loads(
         (runs / "export2" / "offset.json").read_text())["alpha"] == 1.25
+    assert json.loads((runs / "export2" / "source.json").read_text())["alpha_from"] == "--alpha"
+    printed = capsys.readouterr().out
+    assert "alpha 1.25 (given)" in printed and "test --ckpt_path runs/npo.ckpt --model.alpha 1.25" in printed
 
     shutil.move(runs, tmp_cwd / "moved")  # the export names its models relative to itself: they move together
     capsys.readouterr()
@@ -164,7 +173,8 @@ def test_export_writes_what_fit_export_dir_writes(extra: list[str], offset: bool
     trained = command(["fit", *common, "--model.export_dir", "by_fit"])
     trained.trainer.save_checkpoint(tmp_cwd / "run.ckpt")
     target = command(["export", "run.ckpt", "by_export"])
-    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in (tmp_cwd / "by_fit").iterdir())
+    assert sorted(p.name for p in target.iterdir()) == sorted([*(p.name for p in (tmp_cwd / "by_fit").iterdir()),
+                                                               "source.json"])
     assert (target / "offset.json").is_file() == offset
     weights = [p.name for p in target.glob("*.safetensors")]
     assert weights and all(filecmp.cmp(target / w, tmp_cwd / "by_fit" / w, shallow=False) for w in weights)

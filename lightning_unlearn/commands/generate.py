@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from ..data.formatting import DEFAULT_TEMPLATE
 from ..numbers import finite_float
+from ..deploy.manifest import compose
 from ..deploy.unlearned import UnlearnedModel
+from ..models.files import looks_local
 from ..offset.vllm_client import ServerError
 
 
@@ -59,6 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_named_models(exports: Sequence[str], large_model: str | None, reference_model: str | None) -> None:
+    """Refuse, before loading anything, exports whose large or reference model (as ``offset.json`` names it, or as
+    ``--large-model``/``--reference-model`` give it) is a local path with nothing at it: loading would report a
+    tokenizer that cannot be loaded, or look the path up on the hub.
+
+    Raises:
+        FileNotFoundError: naming the model, the export and the flag that gives its new place.
+        ValueError, OSError: the exports themselves do not read (:func:`~lightning_unlearn.deploy.manifest.compose`).
+    """
+    composition = compose(list(exports))
+    for name, given, flag in (("large model", large_model, "--large-model"),
+                              ("reference model", reference_model, "--reference-model")):
+        path = given or getattr(composition, name.replace(" ", "_"))
+        if path is None or os.path.exists(path) or not looks_local(path):
+            continue
+        source = f"{flag} gives" if given else f"{' + '.join(exports)} names (offset.json)"
+        raise FileNotFoundError(f"The {name} that {source} is {path!r}, and nothing is there (from {os.getcwd()}): "
+                                f"pass where it is now with {flag} PATH.")
+
+
 def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str]:
     """Questions from ``--prompt``, else the non-empty lines of standard input."""
     if args.prompt:
@@ -74,6 +97,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     if not prompts:
         raise SystemExit("No question given: pass --prompt or write questions on standard input, one per line.")
     try:
+        check_named_models(args.exports, args.large_model, args.reference_model)
         model = UnlearnedModel.from_export(
             args.exports, args.alpha, large_model=args.large_model, reference_model=args.reference_model,
             large_dtype=args.large_dtype, small_dtype=args.small_dtype, device=args.device, template=args.template,

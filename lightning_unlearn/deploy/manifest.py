@@ -33,7 +33,7 @@ from typing import Any
 from ..data.tokenizer import check_tokenizer_files
 from ..models.files import (
     ADAPTER_CONFIG, COMPOSITION_MANIFEST, MODEL_CONFIG, OFFSET_MANIFEST, check_adapter_files, check_model_files,
-    resolve_beside,
+    not_an_export, resolve_beside,
 )
 from ..numbers import finite, in_range
 
@@ -230,6 +230,8 @@ def read_export(path: PathLike) -> Composition:
 
 def _read_export(path: Path) -> Composition:
     if path.is_file():
+        if path.suffix != ".json":  # a checkpoint or weights file, not a composition manifest
+            raise ValueError(not_an_export(path))
         return _read_composition_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"No export at {str(path)!r}: give a directory written by `fit` with "
@@ -251,8 +253,7 @@ def _read_export(path: Path) -> Composition:
         return Composition((Offset(str(path), 1.0, None),), small_dtype=_saved_dtype(path))
     if (path / ADAPTER_CONFIG).is_file():
         return Composition((Offset(str(path), 1.0, None, "lora"),))
-    raise ValueError(f"{str(path)!r} holds neither a model (config.json), a LoRA adapter ({ADAPTER_CONFIG}), an "
-                     f"{OFFSET_MANIFEST} nor a {COMPOSITION_MANIFEST}.")
+    raise ValueError(not_an_export(path))
 
 
 def compose(

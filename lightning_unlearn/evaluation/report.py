@@ -35,15 +35,20 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}"
 
 
-def summary_table(columns: Mapping[str, Mapping[str, float | None]], keys: Sequence[str], title: str) -> Table:
-    """A table with one row per metric and one column per evaluated model."""
+def summary_table(columns: Mapping[str, Mapping[str, float | None]], keys: Sequence[str], title: str,
+                  missing: Mapping[str, Mapping[str, str]] | None = None) -> Table:
+    """A table with one row per metric and one column per evaluated model.
+
+    ``missing[column][key]``: the text of a cell with no value that has a reason (the retain model's forget quality
+    is ``"(reference)"``: it is what the others are measured against); other empty cells read ``missing``."""
     table = Table(title=title)
     table.add_column("metric")
     for name in columns:
         table.add_column(name, justify="right")
     for key in keys:
         if any(key in col for col in columns.values()):
-            table.add_row(key, *(_fmt(col.get(key)) for col in columns.values()))
+            table.add_row(key, *(_fmt(col.get(key)) if col.get(key) is not None else
+                                 (missing or {}).get(name, {}).get(key, "missing") for name, col in columns.items()))
     return table
 
 

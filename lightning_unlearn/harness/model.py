@@ -44,6 +44,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..models.files import looks_local
 from ..offset.generation import StopFn
 from ..offset.sources import ServedLargeModel, check_served_context
 from ..deploy.manifest import compose
@@ -411,7 +412,7 @@ def load_unlearned(
         FileNotFoundError: an export is missing, or the large or reference model an offset export names.
     """
     exports = [exports] if isinstance(exports, str) else list(exports)
-    if len(exports) == 1 and not os.path.exists(exports[0]) and alpha is None:
+    if len(exports) == 1 and not os.path.exists(exports[0]) and not looks_local(exports[0]) and alpha is None:
         return _hub_model(exports[0], options.get("small_dtype") or "float32", options.get("device", "cpu"))
     alphas: list[float] | None = None
     if alpha is not None:

@@ -18,12 +18,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "MANIFEST_MODELS", "MODEL_CONFIG", "OFFSET_MANIFEST",
-           "check_adapter_files", "check_model_files", "portable_models", "refuse_offset_export", "resolve_beside"]
+__all__ = ["ADAPTER_CONFIG", "COMPOSITION_MANIFEST", "EXPORT_SOURCE", "MANIFEST_MODELS", "MODEL_CONFIG",
+           "OFFSET_MANIFEST", "check_adapter_files", "check_model_files", "check_model_path", "looks_local", "export_source", "portable_models",
+           "not_an_export", "refuse_export_as_checkpoint", "refuse_offset_export", "resolve_beside", "evaluation_command"]
 
 OFFSET_MANIFEST = "offset.json"
 COMPOSITION_MANIFEST = "composition.json"
 ADAPTER_CONFIG = "adapter_config.json"
+EXPORT_SOURCE = "source.json"
+"""Written by ``lightning-unlearn export`` beside the model: the checkpoint it came from (a path relative to the
+export when both sit in one runs folder), its epoch (counted from 0, as ``TOFU_HISTORY.json`` and checkpoint names
+count) and step, and the alpha recorded with where it came from, so that an export can be traced back and evaluated
+again from its checkpoint (:func:`evaluation_command`)."""
 MODEL_CONFIG = "config.json"
 
 # Weight files, whole or sharded (an index names its shards), in the order ``save_pretrained`` prefers them.
@@ -104,9 +110,66 @@ def refuse_offset_export(path: str | os.PathLike, role: str) -> None:
         manifest = target
     if manifest is None:
         return
+    command = evaluation_command(target) if manifest.name == OFFSET_MANIFEST and target.is_dir() else None
+    evaluate = f" Evaluate it on TOFU with `{command}`." if command else ""
     raise ValueError(f"{role} is {str(path)!r}, an offset export ({manifest.name}): its weights are only the trained "
                      "small model S of z_L + alpha (z_S - z_S0), so using it as a plain model would evaluate the bare "
-                     f"small model. To use the unlearned model, {RIGHT_USE}.")
+                     f"small model. To use the unlearned model, {RIGHT_USE}.{evaluate}")
+
+
+def export_source(path: str | os.PathLike) -> dict[str, Any] | None:
+    """An export folder's :data:`EXPORT_SOURCE` with its checkpoint made a usable path (relative entries are taken
+    relative to the export), or None where the folder has none (``fit --model.export_dir`` writes none) or it is
+    unreadable."""
+    directory = Path(path)
+    try:
+        source = json.loads((directory / EXPORT_SOURCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(source, dict):
+        return None
+    checkpoint = source.get("checkpoint")
+    if isinstance(checkpoint, str) and not os.path.isabs(checkpoint):
+        source["checkpoint"] = os.path.normpath(directory / checkpoint)  # as the export was named: no link resolved
+    return source
+
+
+def evaluation_command(export: str | os.PathLike) -> str | None:
+    """The ``test`` command that evaluates an export again from its checkpoint at its alpha (the checkpoint stores
+    the model's and the data's settings), or None where the export names no checkpoint that exists."""
+    import shlex
+
+    source = export_source(export)
+    checkpoint = source.get("checkpoint") if source else None
+    if not isinstance(checkpoint, str) or not os.path.isfile(checkpoint):
+        return None
+    alpha = source.get("alpha")
+    at_alpha = f" --model.alpha {alpha:g}" if isinstance(alpha, (int, float)) else ""
+    named = Path(os.path.normpath(Path(export).absolute()))  # as given: a runs folder behind a link stays named so
+    out = named.parent / f"eval_{named.name}"
+    return (f"lightning-unlearn test --ckpt_path {shlex.quote(checkpoint)}{at_alpha} "
+            f"--trainer.default_root_dir {shlex.quote(os.path.relpath(out))}")
+
+
+def refuse_export_as_checkpoint(path: str | os.PathLike, flag: str = "--ckpt_path") -> None:
+    """Refuse a folder where a checkpoint file is expected (an export folder, a run folder), naming what to give.
+
+    Raises:
+        ValueError: ``path`` is a directory; the message gives the export's ``test`` command where it names its
+            checkpoint (:func:`evaluation_command`), else says where fit writes checkpoints.
+    """
+    target = Path(path)
+    if not target.is_dir():
+        return
+    is_export = any((target / m).is_file() for m in (OFFSET_MANIFEST, MODEL_CONFIG, ADAPTER_CONFIG))
+    if not is_export:
+        raise ValueError(f"{flag} is {str(path)!r}, a folder: give a checkpoint file written by fit "
+                         "(<run folder>/checkpoints/*.ckpt).")
+    command = evaluation_command(target)
+    how = (f"evaluate it with `{command}`" if command else
+           "give the checkpoint it was exported from (<run folder>/checkpoints/*.ckpt), or evaluate the export itself "
+           "with `lightning-unlearn lm-eval EXPORT`")
+    raise ValueError(f"{flag} is {str(path)!r}, an export folder, not a checkpoint file: {how}.")
 
 
 MANIFEST_MODELS = ("large_model", "reference_model")
@@ -139,3 +202,65 @@ def resolve_beside(name: str | None, export_dir: str | os.PathLike) -> str | Non
         return name
     beside = Path(export_dir) / name
     return str(beside.resolve()) if beside.is_dir() else name
+
+
+def not_an_export(path: str | os.PathLike) -> str:
+    """What to do with a path given where an export is expected that is none: a checkpoint file (export it), a run
+    folder (export one of its checkpoints, or use the export inside it), anything else (what an export is).
+
+    Returns the sentence to add to the error; the caller raises.
+    """
+    target = Path(path)
+    export = "`lightning-unlearn export CKPT OUT [--alpha A]`"
+    if target.is_file():
+        return (f"{str(path)!r} is a file, not an export: an export is a folder. If it is a checkpoint written by fit, "
+                f"make an export of it with `lightning-unlearn export {target} OUT [--alpha A]`.")
+    checkpoints = sorted(target.glob("**/checkpoints/*.ckpt"))[:3] if target.is_dir() else []
+    exports = sorted(p.parent for p in target.glob("*/" + OFFSET_MANIFEST))[:3] if target.is_dir() else []
+    hint = ""
+    if exports:
+        hint += f" It holds the export {', '.join(map(str, exports))}: give that."
+    if checkpoints:
+        hint += (f" It holds checkpoints ({', '.join(map(str, checkpoints))}): make an export of one with "
+                 f"`lightning-unlearn export {checkpoints[-1]} OUT [--alpha A]`.")
+    return (f"{str(path)!r} holds neither a model ({MODEL_CONFIG}), a LoRA adapter ({ADAPTER_CONFIG}), an "
+            f"{OFFSET_MANIFEST} nor a {COMPOSITION_MANIFEST}: give an export folder (fit --model.export_dir, or "
+            f"{export}).{hint}")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name is meant as a local path rather than a hub id (``org/name``) or a served model's URL: it
+    starts with ``/``,
+    ``.`` or ``~``, has more than one ``/``, or its first part is a folder here (``runs/large`` beside a ``runs``
+    folder). Such a name is never looked up on the hub, where a missing folder would be retried for a minute and
+    then reported as a tokenizer that cannot be loaded."""
+    if "://" in name:  # a served model's address
+        return False
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        return True
+    head, slash, _ = name.partition("/")
+    return bool(slash) and os.path.isdir(head)
+
+
+def check_model_path(path: str | os.PathLike, role: str) -> None:
+    """Refuse, before anything is loaded, a path given where one plain model is expected (``role``: the option it
+    came from, e.g. ``--model.small_model``) that cannot be one: an offset export (:func:`refuse_offset_export`), a
+    file (a checkpoint: the message says how to use it), or a local path where nothing is.
+
+    Raises:
+        ValueError: an offset export or composition, or a file.
+        FileNotFoundError: a local path (:func:`looks_local`) with nothing at it.
+    """
+    refuse_offset_export(path, role)
+    target = Path(path)
+    if target.is_file():
+        use = (f"evaluate a checkpoint with `lightning-unlearn test --ckpt_path {target}`, or make a model folder "
+               f"of it with `lightning-unlearn export {target} OUT`" if target.suffix == ".ckpt" else
+               "give the folder that holds config.json")
+        raise ValueError(f"{role} is {str(path)!r}, a file: a model is a folder saved with save_pretrained() (or a "
+                         f"hub id); {use}.")
+    if target.is_dir():
+        check_model_files(target)
+    elif looks_local(str(path)):
+        raise FileNotFoundError(f"{role} is {str(path)!r}: no such folder (from {os.getcwd()}). Give a model folder "
+                                "saved with save_pretrained(), or a hub id (org/name).")

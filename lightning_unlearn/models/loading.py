@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from .files import check_model_files, refuse_offset_export
+from .files import check_model_files, check_model_path
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -47,11 +47,13 @@ def load_causal_lm(
 
     Raises:
         FileNotFoundError: a local folder lacks ``config.json``, its weights or a shard (named).
-        ValueError: ``role`` is given and the folder is an offset export or a composition.
+        ValueError: ``role`` is given and the path is an offset export, a composition or a file
+            (:func:`~lightning_unlearn.models.files.check_model_path`).
+        FileNotFoundError: ``role`` is given and nothing is at a local path.
         OSError: the model cannot be loaded otherwise.
     """
     if role is not None:
-        refuse_offset_export(name_or_path, role)
+        check_model_path(name_or_path, role)
     check_model_files(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
