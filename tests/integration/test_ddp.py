@@ -22,18 +22,12 @@ import torch
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.models.loading import load_causal_lm
+from probes import ThreadProbe
 
 pytestmark = pytest.mark.timeout(900)
 
 TESTS = Path(__file__).resolve().parents[1]
 STEPS = 3  # one epoch of 3 batches, then the TOFU validation (which once hung DDP: a collective on rank 0 only)
-
-
-class ThreadProbe(L.Callback):
-    """Prints the intra-op thread count each rank trains with (the DDP child process is a fresh interpreter)."""
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        print(f"THREADS rank={trainer.global_rank} threads={torch.get_num_threads()}", flush=True)
 
 
 def args(world: dict, root: Path, batch_size: int) -> list[str]:
@@ -85,7 +79,7 @@ def test_two_processes_train_what_one_trains_with_the_same_global_batch(tiny_wor
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "lightning_unlearn.cli", *args(tiny_world, tmp_path / "ddp", batch_size=2),
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.callbacks+=test_ddp.ThreadProbe",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.callbacks+=probes.ThreadProbe",
     ]
     out = run_ddp(command, tmp_path, env)
     share = max(1, len(os.sched_getaffinity(0)) // 2)

@@ -14,24 +14,11 @@ import torch
 
 from lightning_unlearn.cli import main
 from tests.integration.test_ddp import run_ddp
+from probes import DualProbe
 
 pytestmark = pytest.mark.timeout(600)
 TESTS = Path(__file__).resolve().parents[1]
 STEP, EPS = 0.05, 5.0
-
-
-class DualProbe(L.Callback):
-    """Records, per optimizer step: lambda used in the loss, the retain loss, lambda after the step; prints it."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, int, float, float, float]] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        losses = pl_module.last_losses
-        row = (trainer.current_epoch, trainer.global_step, float(losses["dual"]), float(losses["retain_loss"]),
-               pl_module.dual)
-        self.rows.append(row)
-        print(f"DUAL rank={trainer.global_rank} step={trainer.global_step} after={pl_module.dual!r}", flush=True)
 
 
 def pdu_args(world: dict, root: Path, *extra: str, batch_size: int = 2) -> list[str]:
@@ -48,7 +35,7 @@ def pdu_args(world: dict, root: Path, *extra: str, batch_size: int = 2) -> list[
 
 
 def probed(world: dict, root: Path, *extra: str) -> tuple[L.LightningModule, list[tuple[int, int, float, float, float]]]:
-    cli = main([*pdu_args(world, root, *extra), "--trainer.callbacks+=test_pdu.DualProbe"])
+    cli = main([*pdu_args(world, root, *extra), "--trainer.callbacks+=probes.DualProbe"])
     (probe,) = [c for c in cli.trainer.callbacks if isinstance(c, DualProbe)]
     return cli.model, probe.rows
 
@@ -86,7 +73,7 @@ def test_dual_survives_a_checkpoint_and_a_killed_run_resumes_to_it(tiny_world: d
     full = run(tmp_path / "full")
     killed = tmp_path / "killed"
     with pytest.raises(RuntimeError, match="killed at step"):
-        run(killed, "--trainer.callbacks+=test_resume.KillAt", "--trainer.callbacks.step", "2")
+        run(killed, "--trainer.callbacks+=probes.KillAt", "--trainer.callbacks.step", "2")
     saved = torch.load(killed / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2 and saved["pdu_dual"] not in (0.5, full.dual), "lambda of step 2 is saved"
     resumed = run(killed, "--ckpt_path", "last")
@@ -100,7 +87,7 @@ def test_two_processes_hold_one_dual_value_equal_to_one_process(tiny_world: dict
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "lightning_unlearn.cli", *pdu_args(tiny_world, tmp_path / "ddp"),
-               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.callbacks+=test_pdu.DualProbe"]
+               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.callbacks+=probes.DualProbe"]
     out = run_ddp(command, tmp_path, env)
     seen: dict[int, dict[int, float]] = {}
     for rank, step, value in re.findall(r"DUAL rank=(\d) step=(\d+) after=([0-9.e+-]+)", out):

@@ -14,23 +14,13 @@ import torch
 from lightning_unlearn.cli import main
 from lightning_unlearn.data.datasets import PairingSampler
 from lightning_unlearn.modules.rng import rng_state, set_rng_state
+from probes import KillAt
 
 # forget01 has 40 examples: 5 batches of 8 per epoch; runs end with the second epoch and its validation.
 BATCH, STEPS = 8, 10
 # Three in-process runs per case, about 20 s on one thread: a resumption that hangs (a DataLoader worker waiting
 # on a sampler, a collective) fails here instead of stalling the suite.
 pytestmark = pytest.mark.timeout(300)
-
-
-class KillAt(L.Callback):
-    """Stands in for a crash: fails the run as step ``step`` starts, after the checkpoint of the step before."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"killed at step {self.step}")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +75,7 @@ def test_killed_run_resumes_exactly(
 
     killed = tmp_path / "killed"
     with pytest.raises(RuntimeError, match="killed at step"):
-        fit(tiny_world, dropout_small, killed, "--trainer.callbacks+=test_resume.KillAt",
+        fit(tiny_world, dropout_small, killed, "--trainer.callbacks+=probes.KillAt",
             "--trainer.callbacks.step", str(kill_at), num_workers=num_workers)
     assert torch.load(killed / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == kill_at
     resumed = fit(tiny_world, dropout_small, killed, "--ckpt_path", "last", num_workers=num_workers)
