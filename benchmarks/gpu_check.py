@@ -3,8 +3,8 @@
 Four stages, each printed with its wall time and PASS/FAIL; the whole run is meant to take under 8 minutes on one
 H100:
 
-1. **CUDA tests**: the test suite's CUDA-only tests (``tests/test_placement.py``: the large model on the GPU, the
-   module elsewhere) and the FSDP2 sharding tests (gloo processes, CPU: they check the sharding the GPU run uses).
+1. **CUDA tests**: the test suite's CUDA-only tests (``tests/unit/evaluation/test_placement.py``: the large model on
+   the GPU, the module elsewhere) and the FSDP2 sharding tests (gloo processes, CPU: they check the sharding the GPU run uses).
 2. **bf16 end to end**: ``fit`` then ``test`` of the tiny offset pair on the GPU with both models in bfloat16 and
    bf16-true precision; the run must finish with finite losses and an export.
 3. **fsdp2 on one GPU**: the same ``fit`` under ``--trainer.strategy fsdp2`` with one device (NCCL, bf16 gathered
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(tmp)
         if not args.cpu_smoke:
             stage("cuda tests", results, lambda: run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                       "tests/test_placement.py", "tests/test_fsdp2_sharding.py"],
+                                                       "tests/unit/evaluation/test_placement.py",
+                                                       "tests/unit/distributed/test_fsdp2_sharding.py"],
                                                       420)[-300:])
         pair = tiny_pair(root / "world")
         stage("bf16 end to end", results, lambda: bf16_end_to_end(pair, root / "bf16", accelerator))

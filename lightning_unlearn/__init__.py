@@ -2,8 +2,9 @@
 
 The package is built in layers. Each name below is a subpackage or module of ``lightning_unlearn``; a layer imports
 only from the layers under it (names on one line are peers: they may import each other, never in a circle), so a
-reader can start at the bottom and meet nothing that is explained later. ``tests/test_layers.py`` reads this list
-and every import in the package, function-level ones included, and fails on an import that runs up or goes round.
+reader can start at the bottom and meet nothing that is explained later. ``tests/integration/test_layers.py`` reads
+this list and every import in the package, function-level ones included, and fails on an import that runs up or goes
+round.
 
 Layers, from the top down:
 

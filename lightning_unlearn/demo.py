@@ -113,7 +113,7 @@ world's selection rule does not carry over: its 10-row retain term does not hold
 facts at lr 1e-3 (model utility 0.54-0.68 after the first epoch at retain weight 10, seed 0), so the rule falls
 back to the first epoch, which has hardly forgotten yet. At lr 3e-4 the last epoch forgets (forget NLL +4.1
 nats, seed 0) and keeps model utility at 0.83x the fine-tuned model's (0.29x with the earlier retain weight 1
-at lr 1e-3); ``tests/test_end_to_end.py`` has the measured spread."""
+at lr 1e-3); ``tests/end_to_end/test_end_to_end.py`` has the measured spread."""
 
 
 def selected_checkpoint(method: str, quick: bool = False) -> str:

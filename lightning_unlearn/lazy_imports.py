@@ -23,8 +23,8 @@ and any error while preparing a deferred package puts the ordinary import back.
 :func:`collector_paused` keeps the garbage collector out of the imports of :mod:`lightning_unlearn.cli`.
 
 ``lightning_unlearn/__init__.py`` defers all three, so every entry point (``main.py``, the demo, the compare and
-sweep commands) starts without them; ``tests/test_import_diet.py`` checks what ``import lightning_unlearn.cli``
-leaves out.
+sweep commands) starts without them; ``tests/integration/test_import_diet.py`` checks what
+``import lightning_unlearn.cli`` leaves out.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def quick_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def offset_models() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
     """Random tiny Llamas ``(large, small, reference)``: the small one a strong perturbation of the reference, so
     the offset is far from zero (for tests of the scoring and decoding paths, not of learning)."""
-    from tests.test_generation import perturbed_copy, tiny_llama
+    from tests.unit.offset.test_generation import perturbed_copy, tiny_llama
 
     large = tiny_llama(0, hidden=48, layers=3)
     reference = tiny_llama(1)

@@ -4,7 +4,7 @@
 tools on exports, plans and worlds, each a ``main(argv)``: here (``export``, ``generate``, ``memory``, ``fuse``,
 ``methods``) or in the module that owns the work (``lm-eval``, ``compare``, ``demo``...). This package sits above every
 other: it imports each subcommand's module only when that subcommand runs (``--help`` imports none of them), and no
-library module imports it (``tests/test_command.py`` checks).
+library module imports it (``tests/integration/test_command.py`` checks).
 """
 
 from __future__ import annotations

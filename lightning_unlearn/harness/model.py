@@ -290,7 +290,7 @@ class UnlearnedLM(TemplateLM):
         dropped here, since :attr:`prefix_token_id` (the same BOS) already conditions ``t_1``. lm-eval 0.4's
         ``hf`` model keeps it, scoring ``BOS t_1 ... t_n`` after a second BOS: ``log p(BOS | BOS)`` too, and every
         token after two BOS (lm-evaluation-harness issue #3333), several nats per document. On the Llama-3-style
-        tiny model of ``tests/test_lm_eval.py`` one sentence gives -251.06 here, -256.87 there. Without a
+        tiny model of ``tests/unit/harness/test_lm_eval.py`` one sentence gives -251.06 here, -256.87 there. Without a
         BOS-adding tokenizer the two agree.
         """
         windows: list[LLRequest] = []

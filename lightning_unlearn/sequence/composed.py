@@ -8,7 +8,8 @@ built from the step's ``data`` options), the TOFU or MUSE metric objects fed bat
 greedy generation cut at the model's stop ids, and the lm-eval tasks through
 :class:`~lightning_unlearn.harness.model.UnlearnedLM`. It writes ``<BENCHMARK>_SUMMARY.json`` and
 ``<BENCHMARK>_EVAL.json`` in ``test``'s layout, so a composition's results read like any step's.
-``tests/test_sequence.py`` checks that one export evaluated here gives ``test``'s numbers for its checkpoint.
+``tests/unit/sequence/test_sequence.py`` checks that one export evaluated here gives ``test``'s numbers for its
+checkpoint.
 """
 
 from __future__ import annotations
