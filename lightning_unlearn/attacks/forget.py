@@ -68,15 +68,20 @@ def _answer_scores(model: UnlearnedModel, logits_fn: LogitsFn, questions: Sequen
         batch = model.encode(questions[start:start + batch_size], answers[start:start + batch_size])
         ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
         labels = batch["labels"].to(model.device)
+        # open-unlearning's token-wise log-probs (Min-K%, Min-K%++, GradNorm) leave the final answer token (the
+        # end of turn or EOS) out; LOSS, ZLib and Reference keep it (``functional.drop_last_answer_token``).
+        trimmed = F.drop_last_answer_token(labels)
         with torch.set_grad_enabled(gradnorm is not None):
             logits = logits_fn(ids, mask)
             stats = F.answer_token_stats(logits, labels)
+            if gradnorm is not None:
+                params, p = gradnorm
+                grad_losses = F.answer_token_stats(logits, trimmed).mean_nll
         part = {"nll": stats.mean_nll.detach(),
-                "min_k": F.min_k_score(stats.token_logprobs.detach(), stats.mask, min_k),
-                "min_k_plus_plus": F.min_k_plus_plus_score(logits.detach(), labels, min_k)}
+                "min_k": F.min_k_score(stats.token_logprobs.detach(), trimmed[:, 1:] != F.IGNORE_INDEX, min_k),
+                "min_k_plus_plus": F.min_k_plus_plus_score(logits.detach(), trimmed, min_k)}
         if gradnorm is not None:
-            params, p = gradnorm
-            part["gradnorm"] = gradnorm_scores(list(stats.mean_nll), params, p)
+            part["gradnorm"] = gradnorm_scores(list(grad_losses), params, p)
         if reference is not None:
             with torch.no_grad():
                 ref_logits = reference(input_ids=ids, attention_mask=mask).logits[..., :model.vocab_size]
