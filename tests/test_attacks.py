@@ -206,3 +206,31 @@ def test_attack_command_writes_attack_json_with_before_and_after(offset_export: 
                 ("offset", 1), ("offset", 3), ("combined", 1), ("combined", 3)]
             assert report["data"]["forget_rows"] == 8  # measured on the rows not trained on
             assert report["after"][-1]["metrics"]["forget_nll"] < before["forget_nll"]
+
+
+def test_forget_scores_leave_the_final_answer_token_out_of_min_k_and_gradnorm_only(tiny_world: dict) -> None:
+    """open-unlearning's token-wise log-probs (Min-K%, GradNorm) drop each answer's final token; LOSS keeps it."""
+    from lightning_unlearn.attacks.forget import _answer_scores
+    from lightning_unlearn.data.sources import load_split
+    from lightning_unlearn.deploy.unlearned import UnlearnedModel
+
+    model = UnlearnedModel.from_export(tiny_world["small"])
+    net = model.offsets[0]
+    rows = load_split("bundled", "forget01")[:3]
+    qs, ans = [r["question"] for r in rows], [r["answer"] for r in rows]
+    params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    scores = _answer_scores(model, lambda i, m: model.combined(i, m), qs, ans, 2, 0.4, None, (params, 2.0))
+    for b in range(3):
+        batch = model.encode(qs[b:b + 1], ans[b:b + 1])
+        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :model.vocab_size]
+        full = F.answer_token_stats(logits, batch["labels"])
+        trimmed = F.drop_last_answer_token(batch["labels"])
+        assert scores["nll"][b].item() == pytest.approx(full.mean_nll.item(), rel=1e-5)
+        assert scores["min_k"][b].item() == pytest.approx(
+            F.min_k_score(full.token_logprobs, trimmed[:, 1:] != F.IGNORE_INDEX).item(), rel=1e-5)
+        net.zero_grad()
+        F.answer_token_stats(logits, trimmed).mean_nll[0].backward()
+        expected = torch.stack([p.grad.norm() for p in params if p.grad is not None]).mean().item()
+        assert scores["gradnorm"][b].item() == pytest.approx(expected, rel=1e-4)
