@@ -234,3 +234,13 @@ def test_forget_scores_leave_the_final_answer_token_out_of_min_k_and_gradnorm_on
         F.answer_token_stats(logits, trimmed).mean_nll[0].backward()
         expected = torch.stack([p.grad.norm() for p in params if p.grad is not None]).mean().item()
         assert scores["gradnorm"][b].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_attack_command_says_what_to_change(tiny_world: dict, tmp_path: Path) -> None:
+    from lightning_unlearn.commands import main
+
+    with pytest.raises(ValueError, match="--relearn-rows must be between 1 and 4"):
+        main(["attack", "relearn", tiny_world["small"], "--limit", "5", "--relearn-rows", "5", "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        main(["attack", "mia", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert not (tmp_path / "ATTACK.json").exists()

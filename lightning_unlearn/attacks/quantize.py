@@ -56,12 +56,11 @@ def quantize_weights(model: nn.Module, bits: str, group_size: int = 32) -> dict[
         raise ValueError(f"bits must be one of {BITS}, got {bits!r}.")
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}.")
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize.")
     q = _torchao()
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize.")
     counts: Counter[str] = Counter()
     seen: set[int] = set()
 
