@@ -24,7 +24,8 @@ def _toy() -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
             nn.Parameter(torch.tensor([5.0])))
 
 
-@pytest.mark.parametrize(("p", "expected"), [(2.0, (5.0 + 2.0) / 2), (1.0, (7.0 + 2.0) / 2), (math.inf, (4.0 + 2.0) / 2)])
+@pytest.mark.parametrize(("p", "expected"),
+                         [(2.0, (5.0 + 2.0) / 2), (1.0, (7.0 + 2.0) / 2), (math.inf, (4.0 + 2.0) / 2)])
 def test_gradnorm_is_the_mean_over_parameter_tensors_of_each_gradient_norm(p: float, expected: float) -> None:
     w, v, unused = _toy()
     # d/dw 0.5 ||w||^2 = w = [3, 4]; d/dv 2 v_0 = [2, 0, 0]; ``unused`` gets no gradient and does not count
@@ -224,7 +225,8 @@ def test_forget_scores_leave_the_final_answer_token_out_of_min_k_and_gradnorm_on
     scores = _answer_scores(model, lambda i, m: model.combined(i, m), qs, ans, 2, 0.4, None, (params, 2.0))
     for b in range(3):
         batch = model.encode(qs[b:b + 1], ans[b:b + 1])
-        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :model.vocab_size]
+        out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[..., :model.vocab_size]
         full = F.answer_token_stats(logits, batch["labels"])
         trimmed = F.drop_last_answer_token(batch["labels"])
         assert scores["nll"][b].item() == pytest.approx(full.mean_nll.item(), rel=1e-5)

@@ -6,8 +6,8 @@ and the AUC is taken with forget labelled 0 and holdout 1 (:func:`~lightning_unl
 Definitions (open-unlearning, ``src/evals/metrics/mia/gradnorm.py`` and ``reference.py``):
 
 * GradNorm (Maini et al. 2024, "LLM Dataset Inference", arXiv:2402.17012): the per-sample loss is the mean answer
-  NLL (without the final answer token, as open-unlearning's token-wise log-probs and Min-K%); its gradient is taken with respect to every parameter that receives one; the score is the *mean over those
-  parameter tensors* of each tensor's p-norm (p = 2 by default; 1 and inf allowed). Members sit near a minimum of
+  NLL (without the final answer token, as open-unlearning's token-wise log-probs and Min-K%); its gradient is
+  taken with respect to every parameter that receives one; the score is the *mean over those parameter tensors* of each tensor's p-norm (p = 2 by default; 1 and inf allowed). Members sit near a minimum of
   the loss, so their gradients are small.
 * Reference (Carlini et al. 2021, "difficulty calibration"): ``mean NLL under the target - mean NLL under a
   reference model`` (open-unlearning's reference is the retain model). A sample the target finds easy only because
