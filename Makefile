@@ -89,7 +89,11 @@ serve: $(VLLM_STAMP)
 # The served-model tests need vLLM: installed first; where it cannot be, they are skipped with the reason.
 test: $(STAMP)
 	-$(MAKE) vllm
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -m "slow or not slow"
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -m "(slow or not slow) and not long"
+
+# The whole tiny-world protocols (tests marked long: the sequence of deletion requests), tens of minutes.
+test-long: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -m long
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest

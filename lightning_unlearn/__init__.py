@@ -15,6 +15,7 @@ Layers, from the top down:
     sweep -- the offset strength alpha swept at test time (runs ``test`` once per alpha)
     cli -- the training command line (LightningCLI: ``fit``, ``test``, ``validate``); no library code imports it
     modules -- the unlearning methods as LightningModules: the base, one small class per method, their callbacks
+    attacks -- attacks on an unlearned export: relearning, weight quantization, membership inference
     harness -- lm-evaluation-harness over any model the framework makes (named so as not to shadow ``lm_eval``)
     deploy -- what a run leaves behind and how it is used without the trainer: exports, composition, generation, serving
     evaluation -- the TOFU, MUSE and loss evaluations, their teacher-forced passes, references, reports

@@ -48,6 +48,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         "serve exports with vLLM's OpenAI-compatible server, the offset inside the engine"),
     "lm-eval": Subcommand("lightning_unlearn.harness.__main__:main",
                           "evaluate exports (or any Hugging Face model) with lm-evaluation-harness"),
+    "attack": Subcommand("lightning_unlearn.commands.attack:main",
+                         "attack an unlearned model: relearn, quantize (int8, 4-bit), membership inference"),
     "compare": Subcommand("lightning_unlearn.compare.main:main", "the offset vs direct table of several methods"),
     "sequence": Subcommand("lightning_unlearn.sequence.main:main",
                            "a stream of deletion requests: continue, compose, fuse and all-at-once, request by request"),

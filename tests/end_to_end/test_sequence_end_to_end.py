@@ -74,6 +74,7 @@ rows also unlearns its other rows (measured: fold 2 falls to 0.28 when fold 1 is
 requested" is asserted only for a fold whose author no request so far has touched."""
 
 
+@pytest.mark.long
 def test_composed_offsets_and_fused_layers_keep_each_request_forgotten(tmp_path: Path) -> None:
     """The tiny world's three requests (folds of forget01's 40 rows), compose and fuse: after request k, folds 1..k
     stay forgotten; with compose a pending fold of an author not yet requested keeps its answers."""
