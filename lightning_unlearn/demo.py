@@ -405,8 +405,7 @@ def report(root: Path, retain_rows: int) -> dict[str, dict]:
     """
     columns = {}
     selected = export_summary(root / "export")
-    unlearned = f"unlearned ({selected['label']})" if selected else "unlearned"
-    for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), (unlearned, "unlearned")):
+    for name, folder in (("fine-tuned", "finetuned"), ("retain model", "retain"), ("unlearned", "unlearned")):
         results = selected_alpha_dir(root / "eval" / folder)
         columns[name] = {**json.loads((results / "TOFU_SUMMARY.json").read_text()),
                          **selectivity(json.loads((results / "TOFU_EVAL.json").read_text()), retain_rows)}
@@ -414,7 +413,10 @@ def report(root: Path, retain_rows: int) -> dict[str, dict]:
     atomic_write_json(root / "DEMO_SUMMARY.json", {"models": columns, "selected": selected,
                                                    "epochs": json.loads(history.read_text()) if history.is_file() else []})
     plots = figures(root, columns)
-    print_table(summary_table(columns, TABLE_KEYS, "TOFU, tiny world: before and after offset unlearning",
+    # The printed column names the selected epoch and alpha; the returned and saved columns keep the plain names.
+    label = f"unlearned ({selected['label']})" if selected else "unlearned"
+    printed = {(label if name == "unlearned" else name): column for name, column in columns.items()}
+    print_table(summary_table(printed, TABLE_KEYS, "TOFU, tiny world: before and after offset unlearning",
                               missing={"retain model": REFERENCE_ROWS}))
     print(f"[demo] summaries: {root / 'DEMO_SUMMARY.json'}; plots: {', '.join(map(str, plots)) or 'none'}")
     return columns

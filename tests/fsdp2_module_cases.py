@@ -33,6 +33,7 @@ CASES: dict[str, tuple[type, bool, dict[str, Any]]] = {
     "GD/direct": (GD, False, {}),
     "KL/direct": (KL, False, {}),
     "NPO/offset/lora": (NPO, True, {"lora_rank": 4}),
+    "NPO/offset/cache": (NPO, True, {"logit_cache": "memory"}),  # the frozen models kept whole on every rank
 }
 
 
@@ -88,4 +89,5 @@ if __name__ == "__main__":  # python fsdp2_module_cases.py WORLD_JSON DATA OUT [
         if outcome is not None:
             results[name] = outcome[1]
     if results:
+        out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(results, out_dir / "updates.pt")

@@ -133,7 +133,7 @@ class CombinedModule(L.LightningModule):
         if self.model is None and self._trainer is not None:  # the plan before any weight is loaded; every rank checks
             training = stage == "fit"
             batch = data.get("batch_size", 8) if training else data.get("eval_batch_size") or data.get("batch_size", 8)
-            sequences = len(getattr(datamodule, "forget", [])) * len(self.parts) * (self.trainer.max_epochs or 1)
+            sequences = len(getattr(datamodule, "forget", [])) * len(self.parts) * max(self.trainer.max_epochs or 1, 1)
             memory.report({"hparams": h, "stage": stage, "batch_size": batch, "max_length": data.get("max_length", 512),
                            "parts": len(self.parts), "device": str(self.trainer.strategy.root_device),
                            "cache_sequences": sequences, "uses_reference": self.uses_reference,

@@ -154,18 +154,21 @@ def test_device_configs_stack_on_the_paper_configs(devices: str, nodes: int, bat
 
 @pytest.mark.slow
 def test_two_sharded_processes_evaluate_what_one_process_evaluates(tiny_world: dict, tmp_path: Path) -> None:
-    """``test`` (TOFU, with generation) under fsdp2 on 2 processes: the same report as one process, each sample once
-    (generation stops at different steps on the two ranks: the models are gathered whole for evaluation)."""
+    """``test`` (TOFU, with generation, and an offline lm-eval task) under fsdp2 on 2 processes: the same report as
+    one process, each sample once (generation stops at different steps on the two ranks: the models are gathered
+    whole for evaluation; lm-eval runs on rank 0 inside that window)."""
     from tests.integration.test_ddp import assert_same_report, eval_args
 
     main(eval_args(tiny_world, tmp_path / "reference", "--model.large_model", "null"))
-    reference = ["--model.retain_reference", str(tmp_path / "reference" / "TOFU_EVAL.json")]
+    reference = ["--model.retain_reference", str(tmp_path / "reference" / "TOFU_EVAL.json"),
+                 "--data.lm_eval_tasks", "[tofu_world_facts_mc]", "--data.lm_eval_limit", "8"]
     main(eval_args(tiny_world, tmp_path / "single", *reference))
     run_ddp([sys.executable, "-m", "lightning_unlearn.cli", *eval_args(tiny_world, tmp_path / "fsdp2", *reference),
              "--trainer.strategy", "fsdp2", "--trainer.devices", "2"], tmp_path, env(), timeout=600)
     one = json.loads((tmp_path / "single" / "TOFU_SUMMARY.json").read_text())
     two = json.loads((tmp_path / "fsdp2" / "TOFU_SUMMARY.json").read_text())
     assert 0.0 < one["forget_quality"] < 1.0
+    assert {"tofu_world_facts_mc/acc", "tofu_world_facts_mc/acc_norm"} <= set(one), sorted(one)
     assert_same_report(two, one)
     assert_same_report(json.loads((tmp_path / "fsdp2" / "TOFU_EVAL.json").read_text()),
                        json.loads((tmp_path / "single" / "TOFU_EVAL.json").read_text()))
