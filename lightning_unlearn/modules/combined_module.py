@@ -20,7 +20,7 @@ from ..data.formatting import stop_token_ids
 from ..distributed.strategy import plan_sharding, shard_unlearn_models
 from ..models import memory
 from ..models.build import checked_tokenizer, frozen_logit_cache, training_combined
-from ..models.files import check_model_path
+from ..models.files import refuse_offset_export
 from ..numbers import finite
 from ..offset.combined import CombinedModel
 from ..offset.generation import StopFn
@@ -61,7 +61,7 @@ class CombinedModule(L.LightningModule):
         self.alpha = alpha
         for name, path in (("small_model", small_model), ("large_model", large_model)):
             if path is not None:  # before any data or evaluation is built: a plain model is expected there
-                check_model_path(path, f"--model.{name}")
+                refuse_offset_export(path, f"--model.{name}")
         if logit_cache == "disk" and not logit_cache_dir:
             raise ValueError("logit_cache: disk needs a folder: set model.logit_cache_dir.")
         if is_served(large_model) and large_device is not None:

@@ -64,9 +64,13 @@ def test_unknown_loss_is_refused(capsys: pytest.CaptureFixture) -> None:
 STACKED = ("tofu", "muse", "method")
 """Folders of configs that run only stacked (base, mode, method): tested as the stacks in ``PAPER_STACKS``."""
 
+OTHER_COMMANDS = ("devices", "sequence")
+"""Folders of configs that are not ``main.py`` configs on their own: the device overlays (GPUs, stacked last on a
+paper stack: ``test_fsdp2_module.py`` resolves them) and the ``sequence`` command's (``test_sequence.py`` runs the tiny one)."""
+
 MAIN_CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")
                       if "methods" not in (yaml.safe_load(p.read_text()) or {})
-                      and p.relative_to(ROOT / "configs").parts[0] not in STACKED)
+                      and p.relative_to(ROOT / "configs").parts[0] not in STACKED + OTHER_COMMANDS)
 """Every other ``main.py`` config; compare configs (a top-level ``methods``) are tested in ``test_compare.py``."""
 
 PAPER_STACKS = paper_stacks()
