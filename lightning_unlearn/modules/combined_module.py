@@ -9,6 +9,7 @@ and the export. Everything used here is defined here.
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import lightning as L
@@ -20,7 +21,7 @@ from ..data.formatting import stop_token_ids
 from ..distributed.strategy import plan_sharding, shard_unlearn_models
 from ..models import memory
 from ..models.build import checked_tokenizer, frozen_logit_cache, training_combined
-from ..models.files import refuse_offset_export
+from ..models.files import check_model_path
 from ..numbers import finite
 from ..offset.combined import CombinedModel
 from ..offset.generation import StopFn
@@ -60,8 +61,10 @@ class CombinedModule(L.LightningModule):
         self.combined: CombinedModel | None = None
         self.alpha = alpha
         for name, path in (("small_model", small_model), ("large_model", large_model)):
-            if path is not None:  # before any data or evaluation is built: a plain model is expected there
-                refuse_offset_export(path, f"--model.{name}")
+            # Before any data or evaluation is built: what is there must be a plain model (not an offset export, a
+            # checkpoint file...); a folder not made yet (by an earlier stage of the demo, say) is named at loading.
+            if path is not None and os.path.exists(path):
+                check_model_path(path, f"--model.{name}")
         if logit_cache == "disk" and not logit_cache_dir:
             raise ValueError("logit_cache: disk needs a folder: set model.logit_cache_dir.")
         if is_served(large_model) and large_device is not None:
@@ -119,6 +122,9 @@ class CombinedModule(L.LightningModule):
         data module, build and check the evaluation, and print the memory plan."""
         h = self.hparams
         if self.tokenizer is None:
+            for name in ("small_model", "large_model"):  # a local folder not there: named, not looked up on the hub
+                if h.get(name) is not None:
+                    check_model_path(h[name], f"--model.{name}")
             self.tokenizer, served = checked_tokenizer(h)
             self.large = served if served is not None else self.large
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
