@@ -216,7 +216,11 @@ def doc_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"root": str(world), **{k: v for k, v in env.items() if isinstance(v, str)}}
 
 
+# long (make test-long), not in make test: the documented commands were added to by several parts in one day and
+# have not yet run whole in the final tree (one block takes up to minutes); their extraction and skips are checked
+# above in every run.
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_documented_commands_run(block: Block, doc_world: dict[str, str]) -> None:
     if block.skip:
