@@ -67,7 +67,8 @@ def rows(results: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[
     return out
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: empty for None, small floats in scientific notation, others to 3 decimals."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -80,7 +81,7 @@ def markdown(table: Sequence[Mapping[str, Any]], header: str) -> str:
     names = ["method", "mode", *(label for _, label in COLUMNS), "train time (s)"]
     lines = [header, "", "| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
     for r in table:
-        cells = [r["method"], r["mode"], *(_fmt(r[k]) for k, _ in COLUMNS),
+        cells = [r["method"], r["mode"], *(format_cell(r[k]) for k, _ in COLUMNS),
                  "FAILED" if r["error"] else "" if r["train_s"] is None else f"{r['train_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in table if r["error"]]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json, atomic_write_text
-from ..compare.table import general_accuracy
+from ..compare.table import format_cell, general_accuracy
 from ..evaluation.report import save_figure
 
 TOFU_COLUMNS = (("requested_rouge", "requested forget ROUGE"), ("pending_rouge", "pending forget ROUGE"),
@@ -62,14 +62,6 @@ def rows(before: Mapping[str, Any] | None, series: Mapping[str, Sequence[Mapping
     return out
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.2e}" if value != 0 and abs(value) < 1e-2 else f"{value:.3f}"
-    return str(value)
-
-
 def markdown(table: Sequence[Mapping[str, Any]], header: str, benchmark: str = "TOFU") -> str:
     """The table as Markdown (per-fold forget ROUGE in the last column), failed steps listed below it."""
     cols = columns(benchmark)
@@ -79,9 +71,9 @@ def markdown(table: Sequence[Mapping[str, Any]], header: str, benchmark: str = "
     names.append("train time (s)")
     lines = [header, "", "| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
     for r in table:
-        cells = [r["series"], str(r["k"]), *(_fmt(r[k]) for k, _ in cols)]
+        cells = [r["series"], str(r["k"]), *(format_cell(r[k]) for k, _ in cols)]
         if benchmark == "TOFU":
-            cells.append(" / ".join(_fmt(v) for v in r["fold_rouge"] or []))
+            cells.append(" / ".join(format_cell(v) for v in r["fold_rouge"] or []))
         late = r.get("status") == "missing"  # --table-only before the step ran
         cells.append("not run" if late else "FAILED" if r["error"] else "" if r["train_s"] is None
                      else f"{r['train_s']:.0f}")
